@@ -1,0 +1,255 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated before anything runs.
+
+The schema is the dataclasses below; the ``model:`` section is checked against the registered constructor's
+signature (``models.model_parameters``), so a model's keyword arguments are its config keys. Every error is one
+line naming the key: an unknown key with the nearest valid one, a wrong type with the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+import models
+from dynsila.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    name: Literal["digits", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
+    root: str = "data"  # folder holding the dataset (the .npz file itself for ``npz``)
+    image_size: int | None = None  # None: the dataset's usual size (digits 32, CIFAR 32, ImageNet 224)
+    num_classes: int | None = None  # None: known for named datasets, read from the data for npz/imagefolder
+    val_size: float = 0.1  # held out of train for model selection and threshold fitting: fraction, or count if >= 1
+    split_seed: int = 0  # fixes the train/val(/test) split independently of the run's seed
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    augment: Literal["auto", "none", "crop", "crop_flip", "rrc_flip"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 20  # steps between progress lines
+    eval_test_every_epoch: bool = True  # test top-1 per epoch in metrics.jsonl (logged only, never used to select)
+
+
+@dataclass
+class SiLaConfig:
+    enabled: bool = True
+    attach: Literal["features", "logits"] = "features"
+    softmax: Literal["separate", "joint"] = "separate"
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = 256  # width of the mlp head
+    weight: float = 1.0  # lambda: the twin head's loss
+    consistency: float = 0.0  # mu: KL(twin || main) at temperature T
+    temperature: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    exit_weights: list[float] | None = None  # w_k per exit; None: all 1
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    resume: bool = False
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "msdnet"})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sila: SiLaConfig = field(default_factory=SiLaConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The ``model:`` section minus ``name``: keyword arguments for ``models.build``."""
+        return {k: v for k, v in self.model.items() if k != "name"}
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply ``key.sub=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass the path of a YAML file such as "
+                              "configs/msdnet_sila.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(raw).__name__}")
+        raw.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``2``, ``false``, ``[1,2]``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=2)")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build_dataclass(Config, raw, prefix="")
+    cfg.model = _validate_model_section(cfg.model)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_from_yaml(text: str) -> Config:
+    return config_from_dict(yaml.safe_load(text))
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+
+def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    hint = f"; did you mean '{prefix}{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
+                          f"got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise _unknown_key(str(key), names, prefix)
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build_dataclass(hint, raw[name], f"{prefix}{name}.")
+        else:
+            values[name] = check_type(raw[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _validate_model_section(section: dict[str, Any]) -> dict[str, Any]:
+    name = section.get("name", "msdnet")
+    if name not in models.list_models():
+        near = difflib.get_close_matches(str(name), models.list_models(), n=1, cutoff=0.0)
+        raise ConfigError(f"unknown model '{name}' in model.name; did you mean '{near[0]}'? "
+                          f"(registered: {', '.join(models.list_models())})")
+    params = models.model_parameters(name)
+    params.pop("num_classes", None)  # comes from the data
+    resolved: dict[str, Any] = {"name": name}
+    hints = typing.get_type_hints(models.model_constructor(name))
+    for key in section:
+        if key != "name" and key not in params:
+            raise _unknown_key(str(key), ["name", *params], "model.")
+    for key, param in params.items():
+        if key in section:
+            resolved[key] = check_type(section[key], hints.get(key, Any), f"model.{key}")
+        elif param.default is not param.empty:
+            resolved[key] = list(param.default) if isinstance(param.default, tuple) else param.default
+        else:
+            raise ConfigError(f"config key 'model.{key}' is required for model '{name}'")
+    return resolved
+
+
+def type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(hint))
+    if origin is not None:
+        return f"list of {type_name(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return ``value`` (ints widened to float where a float is expected) or raise naming key and type."""
+    ok, converted = _match(value, hint)
+    if not ok:
+        raise ConfigError(f"config key '{key}' expects {type_name(hint)}, got {value!r}")
+    return converted
+
+
+def _match(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is Any:
+        return True, value
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            ok, converted = _match(value, arm)
+            if ok:
+                return True, converted
+        return False, value
+    if origin in (list, Sequence, tuple):
+        if not isinstance(value, list | tuple):
+            return False, value
+        (item_hint, *_) = typing.get_args(hint) or (Any,)
+        items = [_match(v, item_hint) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is float:
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        return numeric, float(value) if numeric else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, hint), value

@@ -1,0 +1,34 @@
+"""The training loss as a sum of named terms: exit cross-entropy, then whatever the config adds (SiLa, ...).
+
+Terms stay separate so progress lines and metrics.jsonl show each one, and a NaN names its term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dynsila.config import Config
+from dynsila.sila import SiLaOutput, sila_loss_terms
+
+
+def exit_weights(cfg: Config, num_exits: int) -> list[float]:
+    weights = cfg.loss.exit_weights or [1.0] * num_exits
+    if len(weights) != num_exits:
+        raise ValueError(f"loss.exit_weights has {len(weights)} entries but the model has {num_exits} exits")
+    return weights
+
+
+def exit_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """sum_k w_k CE(z_k, y), the anytime-prediction loss of MSDNet."""
+    return torch.stack([w * F.cross_entropy(z, labels) for w, z in zip(weights, logits)]).sum()
+
+
+def loss_terms(output: list[torch.Tensor] | SiLaOutput, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """All terms of one model's loss; their sum is what is minimised."""
+    logits = output.logits if isinstance(output, SiLaOutput) else output
+    weights = exit_weights(cfg, len(logits))
+    terms = {"ce": exit_cross_entropy(logits, labels, weights)}
+    if isinstance(output, SiLaOutput):
+        terms.update(sila_loss_terms(output, labels, cfg.sila, weights))
+    return terms

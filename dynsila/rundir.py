@@ -1,0 +1,64 @@
+"""The run directory: what a run writes, and how the evaluator and other tools rebuild a model from it.
+
+    runs/<name>/config.yaml          resolved config (rebuilds the model)
+    runs/<name>/metrics.jsonl        one line per epoch
+    runs/<name>/last.pt, best.pt     checkpoints (weights_only-loadable dicts)
+    runs/<name>/deploy.safetensors   pruned deploy weights, config in the metadata
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import models
+from dynsila.checkpoint import atomic_write_text, load_weights, read_deploy
+from dynsila.config import Config, config_from_yaml
+from dynsila.data import image_size_of, num_classes_of
+from dynsila.errors import ConfigError, DynsilaError
+
+CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
+
+
+def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
+    """The bare network the config describes (no SiLa heads)."""
+    num_classes = num_classes or num_classes_of(cfg.data)
+    if num_classes is None:
+        raise ConfigError(f"the number of classes of data.name={cfg.data.name} is unknown without the data; "
+                          "set data.num_classes")
+    return models.build(cfg.model["name"], num_classes=num_classes, **cfg.model_kwargs())
+
+
+def input_shape(cfg: Config) -> tuple[int, int, int]:
+    size = image_size_of(cfg.data)
+    return (cfg.model.get("in_chans", 3), size, size)
+
+
+def read_run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise DynsilaError(f"{run_dir} is not a dynsila run directory (no {CONFIG}); pass runs/<name>")
+    return config_from_yaml(path.read_text())
+
+
+def load_deploy_model(run_dir: Path) -> tuple[nn.Module, Config]:
+    """The pruned model of a finished run, in eval mode, with the config that built it."""
+    state, config_yaml = read_deploy(Path(run_dir) / DEPLOY)
+    cfg = config_from_yaml(config_yaml)
+    model = build_model(cfg)  # the saved config has data.num_classes resolved
+    load_weights(model, state, Path(run_dir) / DEPLOY)
+    return model.eval(), cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,250 @@
+"""Multi-Scale Dense Networks (Huang, Chen, Li, Wu, van der Maaten, Weinberger; ICLR 2018).
+
+The network keeps a feature map at several scales (finest first). Every layer adds ``growth_rate`` new
+channels at each scale (times that scale's ``gr_factor``), computed densely from the same scale and, through a
+strided conv, from the next finer one. Classifiers read the coarsest scale only. With ``prune: max`` the
+finest scale is dropped at regular intervals, each drop followed by a 1x1 transition that shrinks the channels
+by ``reduction``. The layers are grouped into ``n_blocks`` blocks; an exit follows every block.
+
+Faithful to the paper's CIFAR and ImageNet configurations: parameter counts and multiply-adds per exit equal
+those of the authors' public PyTorch implementation (see tests/test_msdnet.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from models._protocol import MultiExitNetwork
+from models._registry import register_model
+
+Features = list[torch.Tensor]  # one map per kept scale, finest first
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DenseConv(nn.Sequential):
+    """Optional 1x1 bottleneck (at most ``bn_width * c_out`` wide), then a 3x3 conv, stride 1 or 2."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, bottleneck: bool, bn_width: int) -> None:
+        layers: list[nn.Module] = []
+        c_inner = c_in
+        if bottleneck:
+            c_inner = min(c_in, bn_width * c_out)
+            layers.append(ConvBNReLU(c_in, c_inner, kernel=1))
+        layers.append(ConvBNReLU(c_inner, c_out, kernel=3, stride=stride))
+        super().__init__(*layers)
+
+
+# --- The first layer: build the multi-scale pyramid from the image -------------------------------------------
+
+
+class MultiScaleStem(nn.Module):
+    """CIFAR: one 3x3 conv at full resolution. ImageNet: 7x7 stride-2 conv + 3x3 stride-2 max-pool.
+    Every coarser scale is a stride-2 3x3 conv of the previous one."""
+
+    def __init__(self, widths: list[int], stem: Literal["cifar", "imagenet"], in_chans: int = 3) -> None:
+        super().__init__()
+        first: nn.Module
+        if stem == "cifar":
+            first = ConvBNReLU(in_chans, widths[0], kernel=3)
+        else:
+            first = nn.Sequential(
+                nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3),
+                nn.BatchNorm2d(widths[0]),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
+        self.scales = nn.ModuleList([first])
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            self.scales.append(ConvBNReLU(c_in, c_out, kernel=3, stride=2))
+
+    def forward(self, x: torch.Tensor) -> Features:
+        features = []
+        for conv in self.scales:
+            x = conv(x)
+            features.append(x)
+        return features
+
+
+# --- One multi-scale dense layer ------------------------------------------------------------------------------
+
+
+class ScaleUpdate(nn.Module):
+    """New features at one scale: a regular conv of that scale, plus (except at the finest kept scale) a strided
+    conv of the next finer scale, each giving half the growth. Concatenated to the scale's existing maps."""
+
+    def __init__(self, c_same: int, c_finer: int | None, growth: int, bottleneck: bool, bn_same: int,
+                 bn_finer: int) -> None:
+        super().__init__()
+        if c_finer is None:
+            self.down = None
+            self.same = DenseConv(c_same, growth, 1, bottleneck, bn_same)
+        else:
+            self.down = DenseConv(c_finer, growth // 2, 2, bottleneck, bn_finer)
+            self.same = DenseConv(c_same, growth // 2, 1, bottleneck, bn_same)
+
+    def forward(self, same: torch.Tensor, finer: torch.Tensor | None) -> torch.Tensor:
+        if self.down is None or finer is None:
+            return torch.cat([same, self.same(same)], dim=1)
+        return torch.cat([same, self.down(finer), self.same(same)], dim=1)
+
+
+class MultiScaleDenseLayer(nn.Module):
+    """Maps ``in_scales`` feature maps to ``out_scales`` (one fewer when the finest scale is dropped)."""
+
+    def __init__(self, width: int, growth_rate: int, gr_factor: list[int], bn_factor: list[int],
+                 bottleneck: bool, in_scales: int, out_scales: int) -> None:
+        super().__init__()
+        n_scales = len(gr_factor)
+        self.drops_finest = in_scales > out_scales
+        first = n_scales - out_scales  # index of the finest scale this layer outputs
+        self.updates = nn.ModuleList()
+        for s in range(first, n_scales):
+            has_finer = s > first or self.drops_finest
+            self.updates.append(ScaleUpdate(
+                c_same=width * gr_factor[s],
+                c_finer=width * gr_factor[s - 1] if has_finer else None,
+                growth=growth_rate * gr_factor[s],
+                bottleneck=bottleneck,
+                bn_same=bn_factor[s],
+                bn_finer=bn_factor[s - 1] if has_finer else 0,
+            ))
+
+    def forward(self, x: Features) -> Features:
+        if self.drops_finest:
+            return [update(x[i + 1], x[i]) for i, update in enumerate(self.updates)]
+        return [update(x[i], x[i - 1] if i > 0 else None) for i, update in enumerate(self.updates)]
+
+
+class Transition(nn.Module):
+    """1x1 conv per kept scale, shrinking ``width`` to ``floor(reduction * width)`` (times the scale factor)."""
+
+    def __init__(self, c_in: int, c_out: int, factors: list[int]) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([ConvBNReLU(c_in * f, c_out * f, kernel=1) for f in factors])
+
+    def forward(self, x: Features) -> Features:
+        return [conv(t) for conv, t in zip(self.convs, x)]
+
+
+# --- Classifier on the coarsest scale -------------------------------------------------------------------------
+
+
+class CoarsestScaleClassifier(nn.Module):
+    """Two stride-2 3x3 convs on the coarsest map, global average pool, then the linear ``fc``."""
+
+    def __init__(self, c_in: int, c_hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            ConvBNReLU(c_in, c_hidden, kernel=3, stride=2),
+            ConvBNReLU(c_hidden, c_hidden, kernel=3, stride=2),
+            nn.AdaptiveAvgPool2d(1),  # the paper's 2x2 average pool, for any input size
+            nn.Flatten(1),
+        )
+        self.fc = nn.Linear(c_hidden, num_classes)
+
+    def forward(self, x: Features) -> torch.Tensor:
+        return self.fc(self.features(x[-1]))
+
+
+# --- The network ----------------------------------------------------------------------------------------------
+
+
+def layers_per_block(n_blocks: int, step: int, base: int, stepmode: str) -> list[int]:
+    """Block 1 has ``base`` layers; later blocks ``step`` each (even) or ``step * i + 1`` (lin_grow)."""
+    return [base] + [step if stepmode == "even" else step * i + 1 for i in range(1, n_blocks)]
+
+
+def scales_of_layer(layer: int, n_layers: int, n_scales: int, prune: str) -> tuple[int, int]:
+    """(in_scales, out_scales) of the 1-based ``layer``. ``max``: drop the finest scale every
+    ``ceil(n_layers / n_scales)`` layers. ``min``: keep only the scales later layers still need."""
+    if prune == "max":
+        interval = math.ceil(n_layers / n_scales)
+        return (n_scales - max(0, layer - 2) // interval, n_scales - (layer - 1) // interval)
+    return (min(n_scales, n_layers - layer + 2), min(n_scales, n_layers - layer + 1))
+
+
+class MSDNet(MultiExitNetwork):
+    def __init__(self, num_classes: int, n_blocks: int, step: int, stepmode: str, base: int, n_channels: int,
+                 growth_rate: int, gr_factor: list[int], bn_factor: list[int], prune: str, reduction: float,
+                 bottleneck: bool, stem: Literal["cifar", "imagenet"], head_channels: int | None,
+                 in_chans: int) -> None:
+        super().__init__()
+        if len(bn_factor) != len(gr_factor):
+            raise ValueError(f"bn_factor {bn_factor} and gr_factor {gr_factor} need one entry per scale")
+        n_scales = len(gr_factor)
+        steps = layers_per_block(n_blocks, step, base, stepmode)
+        n_layers = sum(steps)
+
+        self.stem = MultiScaleStem([n_channels * f for f in gr_factor], stem, in_chans)
+        self.stages = nn.ModuleList()
+        self.exits = nn.ModuleList()
+        width, layer = n_channels, 0
+        for n_block_layers in steps:
+            block: list[nn.Module] = []
+            for _ in range(n_block_layers):
+                layer += 1
+                in_scales, out_scales = scales_of_layer(layer, n_layers, n_scales, prune)
+                block.append(MultiScaleDenseLayer(width, growth_rate, gr_factor, bn_factor, bottleneck,
+                                                  in_scales, out_scales))
+                width += growth_rate
+                transition_here = (in_scales > out_scales if prune == "max"
+                                   else layer in (n_layers // 3, 2 * n_layers // 3))
+                if transition_here and reduction > 0:
+                    reduced = math.floor(reduction * width)
+                    block.append(Transition(width, reduced, gr_factor[n_scales - out_scales:]))
+                    width = reduced
+            self.stages.append(nn.Sequential(*block))
+            c_coarsest = width * gr_factor[-1]
+            c_hidden = head_channels or (128 if stem == "cifar" else c_coarsest)
+            self.exits.append(CoarsestScaleClassifier(c_coarsest, c_hidden, num_classes))
+        self.exit_after = list(range(n_blocks))
+        self.apply(_init_weights)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """He-normal convs (fan-out), unit batch-norm, zero linear bias: the initialisation of the paper's code."""
+    if isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+@register_model("msdnet")
+def msdnet(
+    num_classes: int,
+    n_blocks: int = 5,
+    step: int = 4,
+    stepmode: Literal["even", "lin_grow"] = "even",
+    base: int = 4,
+    n_channels: int = 32,
+    growth_rate: int = 16,
+    gr_factor: Sequence[int] = (1, 2, 4, 4),
+    bn_factor: Sequence[int] = (1, 2, 4, 4),
+    prune: Literal["max", "min"] = "max",
+    reduction: float = 0.5,
+    bottleneck: bool = True,
+    stem: Literal["cifar", "imagenet"] = "imagenet",
+    head_channels: int | None = None,
+    in_chans: int = 3,
+) -> MSDNet:
+    """MSDNet; the defaults are the paper's ImageNet step-4 network. ``head_channels``: width of each exit's
+    convs (None: 128 on CIFAR, the coarsest scale's width on ImageNet, as in the paper)."""
+    return MSDNet(num_classes, n_blocks, step, stepmode, base, n_channels, growth_rate, list(gr_factor),
+                  list(bn_factor), prune, reduction, bottleneck, stem, head_channels, in_chans)

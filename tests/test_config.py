@@ -1,0 +1,86 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import models
+from dynsila.config import config_from_yaml, config_to_yaml, load_config
+from dynsila.errors import ConfigError
+from dynsila.rundir import build_model
+
+
+def test_defaults_and_overrides(tiny_config):
+    cfg = load_config(tiny_config(), ["train.epochs=7", "sila.enabled=false", "model.growth_rate=2",
+                                      "train.milestones=[0.3,0.6]", "train.lr=1"])
+    assert cfg.train.epochs == 7
+    assert cfg.sila.enabled is False
+    assert cfg.model["growth_rate"] == 2
+    assert cfg.train.milestones == [0.3, 0.6]
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # int widened to float
+    assert cfg.name == "tiny"
+    # defaults of the model constructor are filled in, so the saved config is complete
+    assert cfg.model["in_chans"] == 3
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lrr=0.1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    ("sila.wieght=2", "unknown config key 'sila.wieght'; did you mean 'sila.weight'?"),
+    ("model.growth=3", "unknown config key 'model.growth'; did you mean 'model.growth_rate'?"),
+    ("trian.epochs=3", "unknown config key 'trian'; did you mean 'train'?"),
+    ("train.epochs=ten", "config key 'train.epochs' expects int, got 'ten'"),
+    ("train.epochs=2.5", "config key 'train.epochs' expects int, got 2.5"),
+    ("sila.enabled=3", "config key 'sila.enabled' expects bool, got 3"),
+    ("sila.attach=pixels", "config key 'sila.attach' expects 'features' | 'logits', got 'pixels'"),
+    ("model.gr_factor=[1,x]", "config key 'model.gr_factor' expects list of int, got [1, 'x']"),
+    ("model.name=msdnt", "unknown model 'msdnt' in model.name; did you mean 'msdnet'?"),
+    ("train.epochs", "is not of the form key=value"),
+])
+def test_bad_keys_and_types_fail_with_one_line(tiny_config, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_config(), [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_resolved_config_round_trips_and_rebuilds_the_model(tiny_config):
+    cfg = load_config(tiny_config())
+    again = config_from_yaml(config_to_yaml(cfg))
+    assert again == cfg
+    a, b = build_model(cfg), build_model(again)
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert isinstance(a, models.MultiExitNetwork)
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+
+
+def test_every_shipped_config_validates():
+    paths = shipped_configs()
+    assert len(paths) >= 6
+    for path in paths:
+        load_config(path)
+
+
+def test_sila_and_baseline_twins_differ_only_in_sila_enabled():
+    for sila_path in [p for p in shipped_configs() if p.name.endswith("_sila.yaml")]:
+        base_path = sila_path.with_name(sila_path.name.replace("_sila", "_baseline"))
+        if not base_path.exists():
+            continue
+        a, b = load_config(sila_path), load_config(base_path)
+        assert a.sila.enabled and not b.sila.enabled
+        b = dataclasses.replace(b, name=a.name, sila=a.sila)
+        assert a == b, sila_path

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+import models
+from dynsila.flops import exit_params_cumulative
+
+CIFAR100_B7 = dict(num_classes=100, n_blocks=7, step=2, stepmode="even", base=4, n_channels=16, growth_rate=6,
+                   gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], prune="max", reduction=0.5, bottleneck=True,
+                   stem="cifar")
+IMAGENET_STEP4 = dict(num_classes=1000, n_blocks=5, step=4, stepmode="even", base=4, n_channels=32,
+                      growth_rate=16, gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4], prune="max", reduction=0.5,
+                      bottleneck=True, stem="imagenet")
+
+
+def test_cifar100_parameters_per_exit_match_the_paper_code():
+    model = models.build("msdnet", **CIFAR100_B7)
+    assert exit_params_cumulative(model) == [433876, 876792, 1274952, 1695548, 2178352, 2603252, 3067960]
+
+
+def test_imagenet_parameters_per_exit_match_the_paper_code():
+    model = models.build("msdnet", **IMAGENET_STEP4)
+    assert exit_params_cumulative(model) == [4238504, 8772240, 13073272, 16748416, 23958440]
+
+
+def test_output_shapes_on_cifar_input():
+    model = models.build("msdnet", **CIFAR100_B7).eval()
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert len(logits) == 7
+    assert all(z.shape == (2, 100) for z in logits)
+
+
+@pytest.mark.parametrize("upto", [0, 1, 2])
+def test_truncated_forward_computes_nothing_beyond_the_exit(tiny_model_kwargs, upto):
+    model = models.build("msdnet", num_classes=10, **tiny_model_kwargs).eval()
+    ran: list[str] = []
+    for i, stage in enumerate(model.stages):
+        stage.register_forward_hook(lambda *_, i=i: ran.append(f"stage{i}"))
+    for i, exit_module in enumerate(model.exits):
+        exit_module.register_forward_hook(lambda *_, i=i: ran.append(f"exit{i}"))
+    x = torch.randn(2, 3, 8, 8)
+    logits = model(x, upto=upto)
+    assert len(logits) == upto + 1
+    assert ran == [f"{kind}{i}" for i in range(upto + 1) for kind in ("stage", "exit")]
+    full = model(x)
+    for a, b in zip(logits, full):
+        assert torch.equal(a, b)
+
+
+def test_upto_out_of_range_is_an_error(tiny_model_kwargs):
+    model = models.build("msdnet", num_classes=10, **tiny_model_kwargs)
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.randn(1, 3, 8, 8), upto=3)
+
+
+@pytest.mark.parametrize("variant", [dict(prune="min"), dict(stepmode="lin_grow"), dict(bottleneck=False),
+                                     dict(reduction=0.0)])
+def test_variants_build_and_run(tiny_model_kwargs, variant):
+    model = models.build("msdnet", num_classes=5, **{**tiny_model_kwargs, **variant}).eval()
+    logits = model(torch.randn(2, 3, 8, 8))
+    assert [z.shape for z in logits] == [(2, 5)] * 3
+
+
+def test_every_exit_ends_in_a_linear_named_fc():
+    model = models.build("msdnet", **CIFAR100_B7)
+    assert all(isinstance(e.fc, torch.nn.Linear) for e in model.exits)
+    assert model.exit_after == list(range(7))

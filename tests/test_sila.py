@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from dynsila.config import SiLaConfig
+from dynsila.sila import SiLa, SiLaOutput, joint_siamese_cross_entropy, prune, sila_loss_terms
+
+VARIANTS = [
+    SiLaConfig(),
+    SiLaConfig(attach="logits"),
+    SiLaConfig(softmax="joint"),
+    SiLaConfig(head="mlp", hidden=16, consistency=0.5, temperature=2.0),
+]
+
+
+def build(kwargs, seed=0):
+    torch.manual_seed(seed)
+    return models.build("msdnet", num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_prune_gives_the_plain_model(tiny_model_kwargs, cfg):
+    plain = build(tiny_model_kwargs)
+    net = SiLa(build(tiny_model_kwargs), cfg)
+    assert sum(p.numel() for p in net.parameters()) > sum(p.numel() for p in plain.parameters())
+    deployed = prune(net)
+    assert type(deployed) is type(plain)
+    assert list(deployed.state_dict()) == list(plain.state_dict())
+    assert sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert all(not e.fc._forward_hooks for e in deployed.exits)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_pruned_logits_equal_the_wrappers_main_logits(tiny_model_kwargs, cfg):
+    net = SiLa(build(tiny_model_kwargs), cfg).eval()
+    x = torch.randn(4, 3, 8, 8)
+    out = net(x)
+    deployed = prune(net).eval()
+    for z_wrapped, z_deployed in zip(out.logits, deployed(x)):
+        assert torch.equal(z_wrapped, z_deployed)
+    assert len(out.twin_logits) == 3 and out.twin_logits[0].shape == (4, 10)
+    # the wrapper keeps working after pruning, and truncation applies to the twins too
+    assert len(net(x, upto=1).twin_logits) == 2
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+def test_sila_loss_gradients_reach_the_backbone(tiny_model_kwargs, cfg):
+    net = SiLa(build(tiny_model_kwargs), cfg)
+    out = net(torch.randn(4, 3, 8, 8))
+    terms = sila_loss_terms(out, torch.tensor([0, 1, 2, 3]), cfg, [1.0, 1.0, 1.0])
+    terms["sila"].backward()  # the twin term alone, without the main CE
+    stem_grad = net.model.stem.scales[0][0].weight.grad
+    assert stem_grad is not None and stem_grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.heads.parameters())
+
+
+def test_hooks_are_inert_outside_the_wrapper(tiny_model_kwargs):
+    net = SiLa(build(tiny_model_kwargs), SiLaConfig())
+    net.model(torch.randn(2, 3, 8, 8))  # evaluating the bare model through the wrapper's weights
+    assert net._captured == {}
+
+
+def test_joint_softmax_known_value():
+    # equal logits everywhere: softmax over 2C classes is uniform, so the loss is log(2C)
+    z = torch.zeros(3, 5)
+    loss = joint_siamese_cross_entropy(z, z.clone(), torch.tensor([0, 3, 4]))
+    assert loss.item() == pytest.approx(math.log(10))
+    # perfect agreement on the label in both halves: mass 1/2 on each -> loss log 2
+    z = torch.full((1, 5), -1e4)
+    z[0, 2] = 0
+    assert joint_siamese_cross_entropy(z, z.clone(), torch.tensor([2])).item() == pytest.approx(math.log(2))
+
+
+def test_separate_loss_terms_match_the_formula():
+    torch.manual_seed(0)
+    z, z2 = [torch.randn(6, 4)], [torch.randn(6, 4)]
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    cfg = SiLaConfig(weight=0.7, consistency=0.3, temperature=2.0)
+    terms = sila_loss_terms(SiLaOutput(z, z2), y, cfg, [2.0])
+    assert terms["sila"].item() == pytest.approx(2.0 * 0.7 * F.cross_entropy(z2[0], y).item(), rel=1e-6)
+    p_twin, p_main = F.softmax(z2[0] / 2, 1), F.softmax(z[0] / 2, 1)
+    kl = (p_twin * (p_twin.log() - p_main.log())).sum(1).mean()
+    assert terms["consistency"].item() == pytest.approx(2.0 * 0.3 * 4 * kl.item(), rel=1e-5)
