@@ -1,10 +1,12 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="dynsila",
     version="0.1.0",
     description="Dynamic (early-exit and input-adaptive) networks with Siamese Labels auxiliary learning",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dynsila", "dynsila.*", "models", "models.*"]),
     python_requires=">=3.10",
@@ -20,5 +22,5 @@ setup(
         "safetensors",  # deploy weights
         "matplotlib",  # benchmark plots
     ],
-    extras_require={"dev": ["pytest"]},
+    extras_require={"dev": ["pytest", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML"]},
 )

@@ -6,6 +6,7 @@ kill or a full disk during a save leaves the previous file intact.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -39,8 +40,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     except OSError as e:
         _remove_quietly(tmp)
         previous = "the previous file is intact" if path.exists() else "nothing was written"
-        raise CheckpointError(f"could not write {path} ({e.strerror or e}); {previous}; free disk space or "
-                              "choose another out_dir") from None
+        raise CheckpointError(
+            f"could not write {path} ({e.strerror or e}); {previous}; free disk space or choose another out_dir"
+        ) from None
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -51,10 +53,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _remove_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.remove(path)
-    except OSError:
-        pass
 
 
 def save_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
@@ -73,16 +73,23 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e) or "Weights only" in str(e):
-            raise CheckpointError(f"{path} needs pickle to load (it stores Python objects, not only tensors); "
-                                  "dynsila loads with weights_only=True only: re-save it as a dict of tensors") from None
-        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}); use another checkpoint (best.pt or "
-                              "last.pt) or retrain") from None
+            raise CheckpointError(
+                f"{path} needs pickle to load (it stores Python objects, not only tensors); "
+                "dynsila loads with weights_only=True only: re-save it as a dict of tensors"
+            ) from None
+        raise CheckpointError(
+            f"{path} is corrupt ({type(e).__name__}); use another checkpoint (best.pt or last.pt) or retrain"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another "
-                              "checkpoint (best.pt or last.pt) or retrain") from None
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another "
+            "checkpoint (best.pt or last.pt) or retrain"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a dynsila checkpoint (no format tag {CHECKPOINT_FORMAT!r}); "
-                              "pass a last.pt or best.pt written by dynsila.train")
+        raise CheckpointError(
+            f"{path} is not a dynsila checkpoint (no format tag {CHECKPOINT_FORMAT!r}); "
+            "pass a last.pt or best.pt written by dynsila.train"
+        )
     return checkpoint
 
 
@@ -97,8 +104,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str |
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", reshaped)):
             if keys:
                 parts.append(f"{label} {len(keys)} (e.g. {', '.join(keys[:3])})")
-        raise CheckpointError(f"{source} holds weights of another architecture: {'; '.join(parts)}; rebuild the "
-                              "model from the config saved with it (config.yaml in its run directory)")
+        raise CheckpointError(
+            f"{source} holds weights of another architecture: {'; '.join(parts)}; rebuild the "
+            "model from the config saved with it (config.yaml in its run directory)"
+        )
     model.load_state_dict(state)
 
 

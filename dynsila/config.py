@@ -100,8 +100,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pass the path of a YAML file such as "
-                              "configs/msdnet_sila.yaml")
+            raise ConfigError(
+                f"config file {path} not found; pass the path of a YAML file such as configs/msdnet_sila.yaml"
+            )
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -162,8 +163,9 @@ def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
 
 def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {type(raw).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -174,7 +176,7 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
         if name not in raw:
             continue
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             values[name] = _build_dataclass(hint, raw[name], f"{prefix}{name}.")
         else:
             values[name] = check_type(raw[name], hint, f"{prefix}{name}")
@@ -185,8 +187,10 @@ def _validate_model_section(section: dict[str, Any]) -> dict[str, Any]:
     name = section.get("name", "msdnet")
     if name not in models.list_models():
         near = difflib.get_close_matches(str(name), models.list_models(), n=1, cutoff=0.0)
-        raise ConfigError(f"unknown model '{name}' in model.name; did you mean '{near[0]}'? "
-                          f"(registered: {', '.join(models.list_models())})")
+        raise ConfigError(
+            f"unknown model '{name}' in model.name; did you mean '{near[0]}'? "
+            f"(registered: {', '.join(models.list_models())})"
+        )
     params = models.model_parameters(name)
     params.pop("num_classes", None)  # comes from the data
     resolved: dict[str, Any] = {"name": name}

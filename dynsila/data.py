@@ -12,8 +12,10 @@ early-exit thresholds, and never overlaps test. Test is never used for fitting a
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -30,8 +32,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 DEFAULT_IMAGE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "npz": 32, "imagefolder": 224}
-DEFAULT_AUGMENT = {"digits": "crop", "cifar10": "crop_flip", "cifar100": "crop_flip", "npz": "crop_flip",
-                   "imagefolder": "rrc_flip"}  # no flips for digits: a mirrored digit is another glyph
+DEFAULT_AUGMENT = {
+    "digits": "crop",
+    "cifar10": "crop_flip",
+    "cifar100": "crop_flip",
+    "npz": "crop_flip",
+    "imagefolder": "rrc_flip",
+}  # no flips for digits: a mirrored digit is another glyph
 
 
 @dataclass
@@ -59,6 +66,10 @@ class ArrayDataset(Dataset):
         return (self.transform(image) if self.transform else image), self.labels[i]
 
 
+def dataset_size(dataset: Dataset) -> int:
+    return len(cast(Sized, dataset))  # every dataset here is map-style and sized
+
+
 def image_size_of(cfg: DataConfig) -> int:
     return cfg.image_size or DEFAULT_IMAGE_SIZE[cfg.name]
 
@@ -84,15 +95,20 @@ def build_splits(cfg: DataConfig) -> Splits:
     num_classes = num_classes_of(cfg) or int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
     for split, lab in labels.items():
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
-            raise DataError(f"{cfg.name}: {split} labels span {int(lab.min())}..{int(lab.max())} but the data "
-                            f"has {num_classes} classes; fix the labels or set data.num_classes")
+            raise DataError(
+                f"{cfg.name}: {split} labels span {int(lab.min())}..{int(lab.max())} but the data "
+                f"has {num_classes} classes; fix the labels or set data.num_classes"
+            )
     mean, std = _stats(cfg.name, images["train"])
     augment = _train_transform(cfg, size)
     return Splits(
         train=ArrayDataset(images["train"], labels["train"], augment),
         val=ArrayDataset(images["val"], labels["val"]),
         test=ArrayDataset(images["test"], labels["test"]),
-        num_classes=num_classes, image_size=size, mean=mean, std=std,
+        num_classes=num_classes,
+        image_size=size,
+        mean=mean,
+        std=std,
     )
 
 
@@ -103,12 +119,20 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return (images.float().div_(255) - m) / s
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0, drop_last: bool = False
+) -> DataLoader:
     """A DataLoader whose shuffling order is a function of ``seed`` only (pass seed + epoch)."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, drop_last=drop_last, persistent_workers=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        persistent_workers=False,
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -117,8 +141,10 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
 def _holdout(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
     if not 0 < n_val < n:
-        raise DataError(f"data.val_size={val_size} leaves no train or no validation samples out of {n}; "
-                        "use a fraction in (0, 1) or a count below the train size")
+        raise DataError(
+            f"data.val_size={val_size} leaves no train or no validation samples out of {n}; "
+            "use a fraction in (0, 1) or a count below the train size"
+        )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -131,8 +157,9 @@ def _to_tensor_images(x: np.ndarray, size: int) -> torch.Tensor:
     if t.shape[1] == 1:
         t = t.expand(-1, 3, -1, -1)
     if t.shape[-1] != size or t.shape[-2] != size:
-        t = F.interpolate(t.float(), size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=t.shape[-1] > size)
+        t = F.interpolate(
+            t.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=t.shape[-1] > size
+        )
         t = t.round().clamp(0, 255).to(torch.uint8)
     return t.contiguous()
 
@@ -179,8 +206,9 @@ def _unpickle(path: Path) -> dict:
         try:
             return pickle.load(f, encoding="latin1")
         except Exception as e:
-            raise DataError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}); download the "
-                            "dataset again") from None
+            raise DataError(
+                f"{path} is not a readable CIFAR pickle ({type(e).__name__}); download the dataset again"
+            ) from None
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
@@ -191,8 +219,10 @@ def _cifar_images(batch: dict, path: Path) -> np.ndarray:
 
 
 def _cifar_missing(cfg: DataConfig, path: Path, archive: str) -> DataError:
-    return DataError(f"{cfg.name} not found: looked for {path}; download "
-                     f"https://www.cs.toronto.edu/~kriz/{archive} and extract it into {cfg.root}")
+    return DataError(
+        f"{cfg.name} not found: looked for {path}; download "
+        f"https://www.cs.toronto.edu/~kriz/{archive} and extract it into {cfg.root}"
+    )
 
 
 def _load_cifar10(cfg: DataConfig) -> Arrays:
@@ -205,8 +235,10 @@ def _load_cifar10(cfg: DataConfig) -> Arrays:
     x_train = np.concatenate([_cifar_images(b, p) for b, p in batches])
     y_train = np.concatenate([np.asarray(b["labels"]) for b, _ in batches])
     test = _unpickle(folder / "test_batch")
-    return {"train": (x_train, y_train),
-            "test": (_cifar_images(test, folder / "test_batch"), np.asarray(test["labels"]))}
+    return {
+        "train": (x_train, y_train),
+        "test": (_cifar_images(test, folder / "test_batch"), np.asarray(test["labels"])),
+    }
 
 
 def _load_cifar100(cfg: DataConfig) -> Arrays:
@@ -224,8 +256,10 @@ def _load_cifar100(cfg: DataConfig) -> Arrays:
 def _load_npz(cfg: DataConfig) -> Arrays:
     path = Path(cfg.root)
     if not path.is_file():
-        raise DataError(f"npz dataset not found: looked for {path}; set data.root to an .npz file with uint8 "
-                        "NHWC x_train/y_train and x_val/y_val or x_test/y_test")
+        raise DataError(
+            f"npz dataset not found: looked for {path}; set data.root to an .npz file with uint8 "
+            "NHWC x_train/y_train and x_val/y_val or x_test/y_test"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k.startswith(("x_", "y_"))}
@@ -240,8 +274,10 @@ def _load_npz(cfg: DataConfig) -> Arrays:
     for k, v in arrays.items():
         if k.startswith("x_") and (v.dtype != np.uint8 or v.ndim != 4):
             raise DataError(f"{path}: {k} must be uint8 N x H x W x C, got {v.dtype} {v.shape}")
-    return {"train": (arrays["x_train"], arrays["y_train"].astype(np.int64)),
-            "test": (arrays[f"x_{test_key}"], arrays[f"y_{test_key}"].astype(np.int64))}
+    return {
+        "train": (arrays["x_train"], arrays["y_train"].astype(np.int64)),
+        "test": (arrays[f"x_{test_key}"], arrays[f"y_{test_key}"].astype(np.int64)),
+    }
 
 
 def _imagefolder_splits(cfg: DataConfig) -> Splits:
@@ -250,8 +286,10 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
     root = Path(cfg.root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise DataError(f"imagefolder not found: looked for {root / split}; set data.root to a folder with "
-                            "train/<class>/ and val/<class>/ image folders (the ImageNet layout)")
+            raise DataError(
+                f"imagefolder not found: looked for {root / split}; set data.root to a folder with "
+                "train/<class>/ and val/<class>/ image folders (the ImageNet layout)"
+            )
     size = image_size_of(cfg)
     to_uint8 = [T.PILToTensor()]  # ImageFolder already converts every image to RGB
     kind = DEFAULT_AUGMENT[cfg.name] if cfg.augment == "auto" else cfg.augment
@@ -263,9 +301,15 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
     if test.classes != train_all.classes:
         raise DataError(f"{root}/val has classes {test.classes[:5]}... unlike train's; use the same class folders")
     train_idx, val_idx = _holdout(len(train_all), cfg.val_size, cfg.split_seed)
-    return Splits(train=Subset(train_all, train_idx.tolist()), val=Subset(val_all, val_idx.tolist()), test=test,
-                  num_classes=cfg.num_classes or len(train_all.classes), image_size=size,
-                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return Splits(
+        train=Subset(train_all, train_idx.tolist()),
+        val=Subset(val_all, val_idx.tolist()),
+        test=test,
+        num_classes=cfg.num_classes or len(train_all.classes),
+        image_size=size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
 
 
 def _imagefolder_train_augment(kind: str, size: int) -> list[T.Transform]:

@@ -11,8 +11,13 @@ from dynsila.data import normalize
 
 
 @torch.no_grad()
-def collect_logits(model: nn.Module, loader: DataLoader, mean: tuple[float, ...], std: tuple[float, ...],
-                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def collect_logits(
+    model: nn.Module,
+    loader: DataLoader,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` (bare, in eval mode) over ``loader``: logits ``N x K x C`` (float32, CPU) and labels ``N``."""
     was_training = model.training
     model.eval()

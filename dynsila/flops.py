@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from models import MultiExitNetwork
+
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def exit_params(model: nn.Module) -> list[int]:
+def exit_params(model: MultiExitNetwork) -> list[int]:
     """Parameters needed to reach exit k: stem + stages up to k + that exit's classifier (exit only)."""
     stem = count_params(model.stem)
     stage_cum, total = [], stem
@@ -19,7 +21,7 @@ def exit_params(model: nn.Module) -> list[int]:
     return [stage_cum[model.exit_after[k]] + count_params(e) for k, e in enumerate(model.exits)]
 
 
-def exit_params_cumulative(model: nn.Module) -> list[int]:
+def exit_params_cumulative(model: MultiExitNetwork) -> list[int]:
     """Parameters of everything up to exit k, classifiers 1..k included (what an early-exit run holds)."""
     only = exit_params(model)
     heads = [count_params(e) for e in model.exits]

@@ -21,7 +21,7 @@ def exit_weights(cfg: Config, num_exits: int) -> list[float]:
 
 def exit_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float]) -> torch.Tensor:
     """sum_k w_k CE(z_k, y), the anytime-prediction loss of MSDNet."""
-    return torch.stack([w * F.cross_entropy(z, labels) for w, z in zip(weights, logits)]).sum()
+    return torch.stack([w * F.cross_entropy(z, labels) for w, z in zip(weights, logits, strict=True)]).sum()
 
 
 def loss_terms(output: list[torch.Tensor] | SiLaOutput, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """The run directory: what a run writes, and how the evaluator and other tools rebuild a model from it.
 
-    runs/<name>/config.yaml          resolved config (rebuilds the model)
-    runs/<name>/metrics.jsonl        one line per epoch
-    runs/<name>/last.pt, best.pt     checkpoints (weights_only-loadable dicts)
-    runs/<name>/deploy.safetensors   pruned deploy weights, config in the metadata
+runs/<name>/config.yaml          resolved config (rebuilds the model)
+runs/<name>/metrics.jsonl        one line per epoch
+runs/<name>/last.pt, best.pt     checkpoints (weights_only-loadable dicts)
+runs/<name>/deploy.safetensors   pruned deploy weights, config in the metadata
 """
 
 from __future__ import annotations
@@ -12,24 +12,27 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 import models
 from dynsila.checkpoint import atomic_write_text, load_weights, read_deploy
 from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
+from models import MultiExitNetwork
 
 CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
 
 
-def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
+def build_model(cfg: Config, num_classes: int | None = None) -> MultiExitNetwork:
     """The bare network the config describes (no SiLa heads)."""
     num_classes = num_classes or num_classes_of(cfg.data)
     if num_classes is None:
-        raise ConfigError(f"the number of classes of data.name={cfg.data.name} is unknown without the data; "
-                          "set data.num_classes")
-    return models.build(cfg.model["name"], num_classes=num_classes, **cfg.model_kwargs())
+        raise ConfigError(
+            f"the number of classes of data.name={cfg.data.name} is unknown without the data; set data.num_classes"
+        )
+    model = models.build(cfg.model["name"], num_classes=num_classes, **cfg.model_kwargs())
+    if not isinstance(model, MultiExitNetwork):
+        raise TypeError(f"model {cfg.model['name']!r} does not follow the multi-exit protocol (MultiExitNetwork)")
+    return model
 
 
 def input_shape(cfg: Config) -> tuple[int, int, int]:
@@ -44,7 +47,7 @@ def read_run_config(run_dir: Path) -> Config:
     return config_from_yaml(path.read_text())
 
 
-def load_deploy_model(run_dir: Path) -> tuple[nn.Module, Config]:
+def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
     """The pruned model of a finished run, in eval mode, with the config that built it."""
     state, config_yaml = read_deploy(Path(run_dir) / DEPLOY)
     cfg = config_from_yaml(config_yaml)

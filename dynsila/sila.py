@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynsila.config import SiLaConfig
+from models import MultiExitNetwork
 
 
 class SiameseHead(nn.Module):
@@ -34,8 +35,9 @@ class SiameseHead(nn.Module):
         if kind == "linear":
             self.net: nn.Module = nn.Linear(in_features, num_classes)
         else:
-            self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                                     nn.Linear(hidden, num_classes))
+            self.net = nn.Sequential(
+                nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -49,7 +51,7 @@ class SiLaOutput(NamedTuple):
 class SiLa(nn.Module):
     """Training wrapper: ``SiLa(model, cfg)(x, upto)`` returns main and twin logits of exits ``0..upto``."""
 
-    def __init__(self, model: nn.Module, cfg: SiLaConfig) -> None:
+    def __init__(self, model: MultiExitNetwork, cfg: SiLaConfig) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -86,47 +88,55 @@ class SiLa(nn.Module):
         self._captured.clear()  # hold no activations between steps
         return SiLaOutput(logits, twins)
 
-    def bare_model(self) -> nn.Module:
+    def bare_model(self) -> MultiExitNetwork:
         """A copy of the wrapped model without the siamese hooks: the deploy network."""
         bare = copy.deepcopy(self.model)
-        for exit_module, handle in zip(bare.exits, self._handles):
-            exit_module.fc._forward_hooks.pop(handle.id, None)
+        for exit_module, handle in zip(bare.exits, self._handles, strict=True):
+            fc = exit_module.fc
+            assert isinstance(fc, nn.Module)
+            fc._forward_hooks.pop(handle.id, None)
         return bare
 
 
-def unwrap(net: nn.Module) -> nn.Module:
-    """The bare network inside DDP / torch.compile / SiLa wrappers, sharing its weights (no copy)."""
+def _strip_wrappers(net: nn.Module) -> nn.Module:
     net = getattr(net, "_orig_mod", net)  # torch.compile
-    net = getattr(net, "module", net)  # DistributedDataParallel
-    return net.model if isinstance(net, SiLa) else net
+    return getattr(net, "module", net)  # DistributedDataParallel
 
 
-def prune(net: nn.Module) -> nn.Module:
+def unwrap(net: nn.Module) -> MultiExitNetwork:
+    """The bare network inside DDP / torch.compile / SiLa wrappers, sharing its weights (no copy)."""
+    net = _strip_wrappers(net)
+    bare = net.model if isinstance(net, SiLa) else net
+    if not isinstance(bare, MultiExitNetwork):
+        raise TypeError(f"{type(bare).__name__} does not follow the multi-exit protocol (models.MultiExitNetwork)")
+    return bare
+
+
+def prune(net: nn.Module) -> MultiExitNetwork:
     """The deployable network: a copy with SiLa heads dropped and DDP / compile wrappers removed.
 
     Returns a model of the same class, state-dict keys and parameter count as one built without SiLa."""
-    net = getattr(net, "_orig_mod", net)
-    net = getattr(net, "module", net)
-    if isinstance(net, SiLa):
-        return net.bare_model()
-    return copy.deepcopy(net)
+    net = _strip_wrappers(net)
+    return net.bare_model() if isinstance(net, SiLa) else copy.deepcopy(unwrap(net))
 
 
-def sila_loss_terms(output: SiLaOutput, labels: torch.Tensor, cfg: SiLaConfig,
-                    exit_weights: list[float]) -> dict[str, torch.Tensor]:
+def sila_loss_terms(
+    output: SiLaOutput, labels: torch.Tensor, cfg: SiLaConfig, exit_weights: list[float]
+) -> dict[str, torch.Tensor]:
     """The twin-label terms of the SiLa loss, summed over exits with weights w_k (the main CE is not here).
 
     Returns ``{"sila": lambda * twin CE, "consistency": mu * T^2 * KL}`` (the latter only when mu > 0)."""
     twin_terms, kl_terms = [], []
-    for w, z, z_twin in zip(exit_weights, output.logits, output.twin_logits):
+    for w, z, z_twin in zip(exit_weights, output.logits, output.twin_logits, strict=True):
         if cfg.softmax == "separate":
             twin_terms.append(w * F.cross_entropy(z_twin, labels))
         else:
             twin_terms.append(w * joint_siamese_cross_entropy(z, z_twin, labels))
         if cfg.consistency > 0:
             t = cfg.temperature
-            kl = F.kl_div(F.log_softmax(z / t, dim=1), F.log_softmax(z_twin / t, dim=1), reduction="batchmean",
-                          log_target=True)  # KL(p_twin || p_main), as in DESIGN.md
+            kl = F.kl_div(
+                F.log_softmax(z / t, dim=1), F.log_softmax(z_twin / t, dim=1), reduction="batchmean", log_target=True
+            )  # KL(p_twin || p_main), as in DESIGN.md
             kl_terms.append(w * kl * t * t)
     terms = {"sila": cfg.weight * torch.stack(twin_terms).sum()}
     if kl_terms:

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from dynsila.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint, save_deploy
 from dynsila.config import Config, TrainConfig, config_to_yaml, load_config
-from dynsila.data import build_splits, make_loader, normalize
+from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.errors import DynsilaError, TrainingError
 from dynsila.evaluate import collect_logits, topk_accuracy
 from dynsila.flops import exit_params_cumulative
@@ -47,8 +47,10 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     run_dir = cfg.run_dir
     resuming = cfg.resume and (run_dir / LAST).exists()
     if run_dir.exists() and any(run_dir.iterdir()) and not (cfg.resume or force):
-        raise DynsilaError(f"run directory {run_dir} already exists; pass resume=true to continue it, --force to "
-                           "overwrite it, or another name=...")
+        raise DynsilaError(
+            f"run directory {run_dir} already exists; pass resume=true to continue it, --force to "
+            "overwrite it, or another name=..."
+        )
 
     seed_everything(cfg.seed)
     device = select_device(cfg.train.device)
@@ -59,12 +61,11 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     net.to(device)
     optimizer = build_optimizer(cfg.train, net)
 
-    batch_size = min(cfg.data.batch_size, len(splits.train))
-    steps_per_epoch = len(splits.train) // batch_size  # drop_last: no 1-sample batch-norm batches
+    batch_size = min(cfg.data.batch_size, dataset_size(splits.train))
+    steps_per_epoch = dataset_size(splits.train) // batch_size  # drop_last: no 1-sample batch-norm batches
     total_steps = steps_per_epoch * cfg.train.epochs
     val_loader = make_loader(splits.val, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    test_loader = make_loader(splits.test, cfg.data.eval_batch_size, shuffle=False,
-                              num_workers=cfg.data.num_workers)
+    test_loader = make_loader(splits.test, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
     start_epoch, best_score, best_epoch, metrics = 0, -math.inf, -1, []
     if resuming:
@@ -78,15 +79,24 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = config_to_yaml(cfg)
     atomic_write_text(run_dir / CONFIG, config_yaml)
-    print(f"{cfg.name}: {cfg.model['name']} on {cfg.data.name} ({len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test, {splits.num_classes} classes), sila={'on' if cfg.sila.enabled else 'off'}, "
-          f"device {device}, {cfg.train.epochs} epochs x {steps_per_epoch} steps")
+    sizes = " / ".join(f"{dataset_size(getattr(splits, s))} {s}" for s in ("train", "val", "test"))
+    print(
+        f"{cfg.name}: {cfg.model['name']} on {cfg.data.name} ({sizes}, {splits.num_classes} classes), "
+        f"sila={'on' if cfg.sila.enabled else 'off'}, "
+        f"device {device}, {cfg.train.epochs} epochs x {steps_per_epoch} steps"
+    )
 
     clock = Clock(total_steps - start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, cfg.train.epochs):
         epoch_start = time.perf_counter()
-        loader = make_loader(splits.train, batch_size, shuffle=True, seed=cfg.seed * 100_003 + epoch,
-                             num_workers=cfg.data.num_workers, drop_last=True)
+        loader = make_loader(
+            splits.train,
+            batch_size,
+            shuffle=True,
+            seed=cfg.seed * 100_003 + epoch,
+            num_workers=cfg.data.num_workers,
+            drop_last=True,
+        )
         net.train()
         sums: dict[str, float] = {}
         train_hits: torch.Tensor | None = None
@@ -115,14 +125,20 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
             clock.tick(len(y))
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps_per_epoch:
                 parts = ", ".join(f"{k} {v / seen:.3f}" for k, v in sums.items() if k != "loss")
-                print(f"epoch {epoch + 1}/{cfg.train.epochs}  step {step + 1}/{steps_per_epoch}  "
-                      f"loss {sums['loss'] / seen:.4f} ({parts})  lr {lr:.4g}  {clock.images_per_second():.0f} img/s  "
-                      f"eta {clock.eta()}", flush=True)
+                print(
+                    f"epoch {epoch + 1}/{cfg.train.epochs}  step {step + 1}/{steps_per_epoch}  "
+                    f"loss {sums['loss'] / seen:.4f} ({parts})  lr {lr:.4g}  {clock.images_per_second():.0f} img/s  "
+                    f"eta {clock.eta()}",
+                    flush=True,
+                )
 
         bare = unwrap(net)
         val_top1 = topk_accuracy(*collect_logits(bare, val_loader, splits.mean, splits.std, device)).tolist()
-        test_top1 = (topk_accuracy(*collect_logits(bare, test_loader, splits.mean, splits.std, device)).tolist()
-                     if cfg.train.eval_test_every_epoch else None)
+        test_top1 = (
+            topk_accuracy(*collect_logits(bare, test_loader, splits.mean, splits.std, device)).tolist()
+            if cfg.train.eval_test_every_epoch
+            else None
+        )
         assert train_hits is not None
         row: dict[str, Any] = {
             "epoch": epoch + 1,
@@ -138,24 +154,36 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
         improved = score > best_score
         if improved:
             best_score, best_epoch = score, epoch + 1
-        checkpoint = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                      "step": (epoch + 1) * steps_per_epoch, "best_score": best_score, "best_epoch": best_epoch,
-                      "rng": rng_state(), "config": config_yaml}
+        checkpoint = {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "step": (epoch + 1) * steps_per_epoch,
+            "best_score": best_score,
+            "best_epoch": best_epoch,
+            "rng": rng_state(),
+            "config": config_yaml,
+        }
         write_metrics(run_dir, metrics)
         save_checkpoint(run_dir / LAST, checkpoint)
         if improved:
             save_checkpoint(run_dir / BEST, checkpoint)
-        print(f"epoch {epoch + 1}: val top-1 per exit {format_row(val_top1)}"
-              + (f"  test {format_row(test_top1)}" if test_top1 else "")
-              + ("  (best)" if improved else ""), flush=True)
+        print(
+            f"epoch {epoch + 1}: val top-1 per exit {format_row(val_top1)}"
+            + (f"  test {format_row(test_top1)}" if test_top1 else "")
+            + ("  (best)" if improved else ""),
+            flush=True,
+        )
 
     best = load_checkpoint(run_dir / BEST)
     load_weights(net, best["model"], run_dir / BEST)
     deploy = prune(net).cpu().eval()
     save_deploy(run_dir / DEPLOY, deploy, config_yaml)
     best_row = metrics[best_epoch - 1]
-    test_top1 = best_row["test_top1"] or topk_accuracy(
-        *collect_logits(unwrap(net), test_loader, splits.mean, splits.std, device)).tolist()
+    test_top1 = (
+        best_row["test_top1"]
+        or topk_accuracy(*collect_logits(unwrap(net), test_loader, splits.mean, splits.std, device)).tolist()
+    )
     result = TrainResult(run_dir, best_epoch, best_row["val_top1"], test_top1, exit_params_cumulative(deploy))
     print(exit_table(result))
     print(f"deploy weights (training-only heads pruned): {run_dir / DEPLOY}")
@@ -168,8 +196,9 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
 def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in net.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -193,8 +222,10 @@ def check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], epoch: int,
         return
     bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
     kept = f"last good checkpoint kept at {run_dir / LAST}" if (run_dir / LAST).exists() else "no checkpoint yet"
-    raise TrainingError(f"loss term '{bad}' is {float(terms.get(bad, loss))} at epoch {epoch + 1} step {step + 1}; "
-                        f"{kept}; lower train.lr or check the data")
+    raise TrainingError(
+        f"loss term '{bad}' is {float(terms.get(bad, loss))} at epoch {epoch + 1} step {step + 1}; "
+        f"{kept}; lower train.lr or check the data"
+    )
 
 
 def select_device(name: str) -> torch.device:
@@ -211,12 +242,17 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the run draws from, as tensors and numbers (``weights_only``-loadable)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    _, keys, pos, has_gauss, cached = legacy
     version, py_state, gauss = random.getstate()
     return {
         "python": [version, list(py_state), gauss],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                  "cached": cached},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -256,9 +292,11 @@ def format_row(values: list[float]) -> str:
 
 
 def exit_table(result: TrainResult) -> str:
-    lines = [f"best epoch {result.best_epoch} (mean val top-1 over exits); deploy model (training-only heads pruned)",
-             f"{'exit':>4}  {'params (cum.)':>13}  {'val top-1':>9}  {'test top-1':>10}"]
-    for k, (p, v, t) in enumerate(zip(result.params, result.val_top1, result.test_top1)):
+    lines = [
+        f"best epoch {result.best_epoch} (mean val top-1 over exits); deploy model (training-only heads pruned)",
+        f"{'exit':>4}  {'params (cum.)':>13}  {'val top-1':>9}  {'test top-1':>10}",
+    ]
+    for k, (p, v, t) in enumerate(zip(result.params, result.val_top1, result.test_top1, strict=True)):
         lines.append(f"{k + 1:>4}  {p:>13,}  {v:>9.2f}  {t:>10.2f}")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ those of the authors' public PyTorch implementation (see tests/test_msdnet.py).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -67,7 +68,7 @@ class MultiScaleStem(nn.Module):
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         self.scales = nn.ModuleList([first])
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             self.scales.append(ConvBNReLU(c_in, c_out, kernel=3, stride=2))
 
     def forward(self, x: torch.Tensor) -> Features:
@@ -85,8 +86,9 @@ class ScaleUpdate(nn.Module):
     """New features at one scale: a regular conv of that scale, plus (except at the finest kept scale) a strided
     conv of the next finer scale, each giving half the growth. Concatenated to the scale's existing maps."""
 
-    def __init__(self, c_same: int, c_finer: int | None, growth: int, bottleneck: bool, bn_same: int,
-                 bn_finer: int) -> None:
+    def __init__(
+        self, c_same: int, c_finer: int | None, growth: int, bottleneck: bool, bn_same: int, bn_finer: int
+    ) -> None:
         super().__init__()
         if c_finer is None:
             self.down = None
@@ -104,8 +106,16 @@ class ScaleUpdate(nn.Module):
 class MultiScaleDenseLayer(nn.Module):
     """Maps ``in_scales`` feature maps to ``out_scales`` (one fewer when the finest scale is dropped)."""
 
-    def __init__(self, width: int, growth_rate: int, gr_factor: list[int], bn_factor: list[int],
-                 bottleneck: bool, in_scales: int, out_scales: int) -> None:
+    def __init__(
+        self,
+        width: int,
+        growth_rate: int,
+        gr_factor: list[int],
+        bn_factor: list[int],
+        bottleneck: bool,
+        in_scales: int,
+        out_scales: int,
+    ) -> None:
         super().__init__()
         n_scales = len(gr_factor)
         self.drops_finest = in_scales > out_scales
@@ -113,14 +123,16 @@ class MultiScaleDenseLayer(nn.Module):
         self.updates = nn.ModuleList()
         for s in range(first, n_scales):
             has_finer = s > first or self.drops_finest
-            self.updates.append(ScaleUpdate(
-                c_same=width * gr_factor[s],
-                c_finer=width * gr_factor[s - 1] if has_finer else None,
-                growth=growth_rate * gr_factor[s],
-                bottleneck=bottleneck,
-                bn_same=bn_factor[s],
-                bn_finer=bn_factor[s - 1] if has_finer else 0,
-            ))
+            self.updates.append(
+                ScaleUpdate(
+                    c_same=width * gr_factor[s],
+                    c_finer=width * gr_factor[s - 1] if has_finer else None,
+                    growth=growth_rate * gr_factor[s],
+                    bottleneck=bottleneck,
+                    bn_same=bn_factor[s],
+                    bn_finer=bn_factor[s - 1] if has_finer else 0,
+                )
+            )
 
     def forward(self, x: Features) -> Features:
         if self.drops_finest:
@@ -136,7 +148,7 @@ class Transition(nn.Module):
         self.convs = nn.ModuleList([ConvBNReLU(c_in * f, c_out * f, kernel=1) for f in factors])
 
     def forward(self, x: Features) -> Features:
-        return [conv(t) for conv, t in zip(self.convs, x)]
+        return [conv(t) for conv, t in zip(self.convs, x, strict=True)]
 
 
 # --- Classifier on the coarsest scale -------------------------------------------------------------------------
@@ -177,10 +189,24 @@ def scales_of_layer(layer: int, n_layers: int, n_scales: int, prune: str) -> tup
 
 
 class MSDNet(MultiExitNetwork):
-    def __init__(self, num_classes: int, n_blocks: int, step: int, stepmode: str, base: int, n_channels: int,
-                 growth_rate: int, gr_factor: list[int], bn_factor: list[int], prune: str, reduction: float,
-                 bottleneck: bool, stem: Literal["cifar", "imagenet"], head_channels: int | None,
-                 in_chans: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        n_blocks: int,
+        step: int,
+        stepmode: str,
+        base: int,
+        n_channels: int,
+        growth_rate: int,
+        gr_factor: list[int],
+        bn_factor: list[int],
+        prune: str,
+        reduction: float,
+        bottleneck: bool,
+        stem: Literal["cifar", "imagenet"],
+        head_channels: int | None,
+        in_chans: int,
+    ) -> None:
         super().__init__()
         if len(bn_factor) != len(gr_factor):
             raise ValueError(f"bn_factor {bn_factor} and gr_factor {gr_factor} need one entry per scale")
@@ -197,14 +223,16 @@ class MSDNet(MultiExitNetwork):
             for _ in range(n_block_layers):
                 layer += 1
                 in_scales, out_scales = scales_of_layer(layer, n_layers, n_scales, prune)
-                block.append(MultiScaleDenseLayer(width, growth_rate, gr_factor, bn_factor, bottleneck,
-                                                  in_scales, out_scales))
+                block.append(
+                    MultiScaleDenseLayer(width, growth_rate, gr_factor, bn_factor, bottleneck, in_scales, out_scales)
+                )
                 width += growth_rate
-                transition_here = (in_scales > out_scales if prune == "max"
-                                   else layer in (n_layers // 3, 2 * n_layers // 3))
+                transition_here = (
+                    in_scales > out_scales if prune == "max" else layer in (n_layers // 3, 2 * n_layers // 3)
+                )
                 if transition_here and reduction > 0:
                     reduced = math.floor(reduction * width)
-                    block.append(Transition(width, reduced, gr_factor[n_scales - out_scales:]))
+                    block.append(Transition(width, reduced, gr_factor[n_scales - out_scales :]))
                     width = reduced
             self.stages.append(nn.Sequential(*block))
             c_coarsest = width * gr_factor[-1]
@@ -246,5 +274,20 @@ def msdnet(
 ) -> MSDNet:
     """MSDNet; the defaults are the paper's ImageNet step-4 network. ``head_channels``: width of each exit's
     convs (None: 128 on CIFAR, the coarsest scale's width on ImageNet, as in the paper)."""
-    return MSDNet(num_classes, n_blocks, step, stepmode, base, n_channels, growth_rate, list(gr_factor),
-                  list(bn_factor), prune, reduction, bottleneck, stem, head_channels, in_chans)
+    return MSDNet(
+        num_classes,
+        n_blocks,
+        step,
+        stepmode,
+        base,
+        n_channels,
+        growth_rate,
+        list(gr_factor),
+        list(bn_factor),
+        prune,
+        reduction,
+        bottleneck,
+        stem,
+        head_channels,
+        in_chans,
+    )

@@ -8,9 +8,20 @@ import pytest
 import yaml
 
 TINY_MSDNET = {
-    "name": "msdnet", "stem": "cifar", "n_blocks": 3, "step": 1, "stepmode": "even", "base": 1, "n_channels": 4,
-    "growth_rate": 4, "gr_factor": [1, 2], "bn_factor": [1, 2], "prune": "max", "reduction": 0.5,
-    "bottleneck": True, "head_channels": 8,
+    "name": "msdnet",
+    "stem": "cifar",
+    "n_blocks": 3,
+    "step": 1,
+    "stepmode": "even",
+    "base": 1,
+    "n_channels": 4,
+    "growth_rate": 4,
+    "gr_factor": [1, 2],
+    "bn_factor": [1, 2],
+    "prune": "max",
+    "reduction": 0.5,
+    "bottleneck": True,
+    "head_channels": 8,
 }
 
 

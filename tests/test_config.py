@@ -10,8 +10,10 @@ from dynsila.rundir import build_model
 
 
 def test_defaults_and_overrides(tiny_config):
-    cfg = load_config(tiny_config(), ["train.epochs=7", "sila.enabled=false", "model.growth_rate=2",
-                                      "train.milestones=[0.3,0.6]", "train.lr=1"])
+    cfg = load_config(
+        tiny_config(),
+        ["train.epochs=7", "sila.enabled=false", "model.growth_rate=2", "train.milestones=[0.3,0.6]", "train.lr=1"],
+    )
     assert cfg.train.epochs == 7
     assert cfg.sila.enabled is False
     assert cfg.model["growth_rate"] == 2
@@ -22,19 +24,22 @@ def test_defaults_and_overrides(tiny_config):
     assert cfg.model["in_chans"] == 3
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("train.lrr=0.1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
-    ("sila.wieght=2", "unknown config key 'sila.wieght'; did you mean 'sila.weight'?"),
-    ("model.growth=3", "unknown config key 'model.growth'; did you mean 'model.growth_rate'?"),
-    ("trian.epochs=3", "unknown config key 'trian'; did you mean 'train'?"),
-    ("train.epochs=ten", "config key 'train.epochs' expects int, got 'ten'"),
-    ("train.epochs=2.5", "config key 'train.epochs' expects int, got 2.5"),
-    ("sila.enabled=3", "config key 'sila.enabled' expects bool, got 3"),
-    ("sila.attach=pixels", "config key 'sila.attach' expects 'features' | 'logits', got 'pixels'"),
-    ("model.gr_factor=[1,x]", "config key 'model.gr_factor' expects list of int, got [1, 'x']"),
-    ("model.name=msdnt", "unknown model 'msdnt' in model.name; did you mean 'msdnet'?"),
-    ("train.epochs", "is not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=0.1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+        ("sila.wieght=2", "unknown config key 'sila.wieght'; did you mean 'sila.weight'?"),
+        ("model.growth=3", "unknown config key 'model.growth'; did you mean 'model.growth_rate'?"),
+        ("trian.epochs=3", "unknown config key 'trian'; did you mean 'train'?"),
+        ("train.epochs=ten", "config key 'train.epochs' expects int, got 'ten'"),
+        ("train.epochs=2.5", "config key 'train.epochs' expects int, got 2.5"),
+        ("sila.enabled=3", "config key 'sila.enabled' expects bool, got 3"),
+        ("sila.attach=pixels", "config key 'sila.attach' expects 'features' | 'logits', got 'pixels'"),
+        ("model.gr_factor=[1,x]", "config key 'model.gr_factor' expects list of int, got [1, 'x']"),
+        ("model.name=msdnt", "unknown model 'msdnt' in model.name; did you mean 'msdnet'?"),
+        ("train.epochs", "is not of the form key=value"),
+    ],
+)
 def test_bad_keys_and_types_fail_with_one_line(tiny_config, override, message):
     with pytest.raises(ConfigError) as err:
         load_config(tiny_config(), [override])

@@ -58,8 +58,11 @@ def test_cifar100_pickle_folder(tmp_path):
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name, n in (("train", 30), ("test", 12)):
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "fine_labels": list(rng.integers(0, 100, n)), "coarse_labels": [0] * n}
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": list(rng.integers(0, 100, n)),
+            "coarse_labels": [0] * n,
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
     s = build_splits(DataConfig(name="cifar100", root=str(tmp_path), val_size=0.2))
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (24, 6, 12, 100)
@@ -67,8 +70,12 @@ def test_cifar100_pickle_folder(tmp_path):
 
 def test_npz_with_and_without_a_test_split(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {"x_train": rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8), "y_train": np.arange(40) % 4,
-              "x_val": rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8), "y_val": np.arange(8) % 4}
+    arrays = {
+        "x_train": rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8),
+        "y_train": np.arange(40) % 4,
+        "x_val": rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8),
+        "y_val": np.arange(8) % 4,
+    }
     np.savez(tmp_path / "a.npz", **arrays)
     s = build_splits(DataConfig(name="npz", root=str(tmp_path / "a.npz"), val_size=0.25, image_size=12))
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (30, 10, 8, 4)
@@ -80,11 +87,20 @@ def test_npz_with_and_without_a_test_split(tmp_path):
 
 def test_npz_problems_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "no_train.npz", x_val=np.zeros((2, 4, 4, 3), np.uint8), y_val=np.zeros(2))
-    np.savez(tmp_path / "floats.npz", x_train=np.zeros((4, 4, 4, 3)), y_train=np.zeros(4),
-             x_val=np.zeros((2, 4, 4, 3), np.uint8), y_val=np.zeros(2))
+    np.savez(
+        tmp_path / "floats.npz",
+        x_train=np.zeros((4, 4, 4, 3)),
+        y_train=np.zeros(4),
+        x_val=np.zeros((2, 4, 4, 3), np.uint8),
+        y_val=np.zeros(2),
+    )
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    for name, message in (("missing.npz", "npz dataset not found"), ("no_train.npz", "no x_train"),
-                          ("floats.npz", "must be uint8"), ("junk.npz", "not a readable .npz")):
+    for name, message in (
+        ("missing.npz", "npz dataset not found"),
+        ("no_train.npz", "no x_train"),
+        ("floats.npz", "must be uint8"),
+        ("junk.npz", "not a readable .npz"),
+    ):
         with pytest.raises(DataError, match=message):
             build_splits(DataConfig(name="npz", root=str(tmp_path / name)))
 
@@ -104,8 +120,10 @@ def test_imagefolder(tmp_path):
     assert s.test[0][0].shape == (3, 16, 16)
 
 
-@pytest.mark.parametrize(("name", "path_part"), [("cifar10", "cifar-10-batches-py"),
-                                                 ("cifar100", "cifar-100-python"), ("imagefolder", "train")])
+@pytest.mark.parametrize(
+    ("name", "path_part"),
+    [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"), ("imagefolder", "train")],
+)
 def test_missing_dataset_names_the_path_and_the_fix(tmp_path, name, path_part):
     with pytest.raises(DataError) as err:
         build_splits(DataConfig(name=name, root=str(tmp_path / "nowhere")))

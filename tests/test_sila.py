@@ -39,7 +39,7 @@ def test_pruned_logits_equal_the_wrappers_main_logits(tiny_model_kwargs, cfg):
     x = torch.randn(4, 3, 8, 8)
     out = net(x)
     deployed = prune(net).eval()
-    for z_wrapped, z_deployed in zip(out.logits, deployed(x)):
+    for z_wrapped, z_deployed in zip(out.logits, deployed(x), strict=True):
         assert torch.equal(z_wrapped, z_deployed)
     assert len(out.twin_logits) == 3 and out.twin_logits[0].shape == (4, 10)
     # the wrapper keeps working after pruning, and truncation applies to the twins too

@@ -84,10 +84,8 @@ def test_bad_config_fails_before_anything_runs(tiny_config, capsys):
 
 def test_learning_rate_schedules():
     cfg = load_config(None, ["train.epochs=4", "train.lr=1", "train.milestones=[0.5,0.75]"]).train
-    assert [learning_rate(cfg, s, 10) for s in (0, 19, 20, 29, 30, 39)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01, 0.01])
-    cos = load_config(None, ["train.epochs=2", "train.lr=1", "train.schedule=cosine",
-                             "train.warmup_epochs=1"]).train
+    assert [learning_rate(cfg, s, 10) for s in (0, 19, 20, 29, 30, 39)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = load_config(None, ["train.epochs=2", "train.lr=1", "train.schedule=cosine", "train.warmup_epochs=1"]).train
     assert learning_rate(cos, 0, 10) == pytest.approx(0.1)
     assert learning_rate(cos, 10, 10) == pytest.approx(1.0)
     assert learning_rate(cos, 15, 10) == pytest.approx(0.5)
