@@ -1,10 +1,143 @@
-"""Costs of the deploy model, per exit: parameters (and, with the evaluator, multiply-adds)."""
+"""Costs of the deploy model, per exit: multiply-accumulates (fvcore) and parameters.
+
+The model is pruned first (SiLa heads and wrappers removed), then fvcore's ``FlopCountAnalysis`` counts each
+truncated forward ``forward(x, upto=k)`` at batch 1. Units are multiply-accumulates (one multiply-add = 1), as
+in the MSDNet and SkipNet papers.
+
+Two columns per exit:
+- ``conv+linear``: the field's convention (convolutions and fully connected layers only);
+- fvcore ``total``: also batch-norm and the pooling ops fvcore knows.
+
+Two readings per exit k:
+- *exit only*: stem + stages up to exit k + exit k's classifier;
+- *as evaluated*: the same plus classifiers 1..k-1, which an early-exit run also computes (``_cumulative``).
+
+fvcore traces the model with the JIT, which drops ops whose results are unused: in a truncated MSDNet the finer
+scales computed for later exits would vanish from the count although ``forward`` computes them. The counted
+forward therefore also returns every stage's output, so the count is what actually runs.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+import argparse
+import json
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from dynsila.config import load_config
+from dynsila.errors import DynsilaError
+from dynsila.rundir import build_model, input_shape
+from dynsila.sila import SiLa, prune
 from models import MultiExitNetwork
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # fvcore's import-time torch.jit.script deprecation notices
+    from fvcore.nn import FlopCountAnalysis
+
+# fvcore operator keys that are convolutions or fully connected layers (the "conv+linear" column)
+CONV_LINEAR_OPS = frozenset({"conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum"})
+
+# Ops fvcore has no handler for and we knowingly count as free (elementwise, shape and indexing ops, activations,
+# poolings without a handler). Any other unsupported op is reported once per process.
+KNOWN_FREE_OPS = frozenset(
+    {
+        "aten::add",
+        "aten::add_",
+        "aten::sub",
+        "aten::mul",
+        "aten::mul_",
+        "aten::div",
+        "aten::div_",
+        "aten::cat",
+        "aten::relu",
+        "aten::relu_",
+        "aten::relu6",
+        "aten::hardtanh",
+        "aten::hardtanh_",
+        "aten::sigmoid",
+        "aten::sigmoid_",
+        "aten::hardsigmoid",
+        "aten::hardsigmoid_",
+        "aten::hardswish",
+        "aten::hardswish_",
+        "aten::silu",
+        "aten::silu_",
+        "aten::gelu",
+        "aten::tanh",
+        "aten::softmax",
+        "aten::max_pool2d",
+        "aten::avg_pool2d",
+        "aten::mean",
+        "aten::flatten",
+        "aten::dropout",
+        "aten::clone",
+        "aten::contiguous",
+        "aten::permute",
+        "aten::reshape",
+        "aten::view",
+        "aten::index",
+        "aten::index_select",
+        "aten::scatter",
+        "aten::index_put_",
+        "aten::zeros",
+        "aten::zeros_like",
+        "aten::ones_like",
+        "aten::new_zeros",
+        "aten::expand",
+        "aten::gt",
+        "aten::ge",
+        "aten::lt",
+        "aten::where",
+        "aten::pad",
+        "aten::constant_pad_nd",
+        "aten::sum",
+        "aten::rsub",
+        "aten::neg",
+        "aten::exp",
+        "aten::log",
+        "aten::sqrt",
+        "aten::pow",
+        "aten::to",
+        "aten::type_as",
+    }
+)
+_REPORTED_OPS: set[str] = set()
+
+
+@dataclass
+class ExitCost:
+    exit: int  # 1-based
+    macs: int  # conv+linear MACs, exit only
+    macs_cumulative: int  # conv+linear MACs as evaluated (earlier classifiers included)
+    fvcore_total: int  # all ops fvcore counts, exit only
+    fvcore_total_cumulative: int
+    params: int  # exit only
+    params_cumulative: int  # earlier classifiers included
+
+
+class _CountedForward(nn.Module):
+    """``model(x, upto=k)`` that also returns every stage's output, so the JIT trace keeps all computed ops."""
+
+    def __init__(self, model: MultiExitNetwork, upto: int) -> None:
+        super().__init__()
+        self.model, self.upto = model, upto
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        states: list[Any] = []
+        handles = [s.register_forward_hook(lambda m, i, out: states.append(out)) for s in self.model.stages]
+        try:
+            logits = self.model(x, upto=self.upto)
+        finally:
+            for h in handles:
+                h.remove()
+        return (*logits, *tree_leaves(states))
 
 
 def count_params(module: nn.Module) -> int:
@@ -26,3 +159,107 @@ def exit_params_cumulative(model: MultiExitNetwork) -> list[int]:
     only = exit_params(model)
     heads = [count_params(e) for e in model.exits]
     return [only[k] + sum(heads[:k]) for k in range(len(only))]
+
+
+def exit_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ExitCost]:
+    """MACs and parameters of every exit of the pruned ``model`` for one ``C x H x W`` input (batch 1)."""
+    bare = prune(model).eval()  # the deploy model: never count SiLa heads
+    params, params_cum = exit_params(bare), exit_params_cumulative(bare)
+    x = torch.zeros(1, *input_shape)
+    costs = []
+    for k in range(bare.num_exits):
+        by_module = _count(_CountedForward(bare, k), x)
+        total = by_module[""]
+        earlier = [by_module.get(f"model.exits.{j}", Counter()) for j in range(k)]
+        conv_linear = _conv_linear(total)
+        costs.append(
+            ExitCost(
+                exit=k + 1,
+                macs=conv_linear - sum(_conv_linear(c) for c in earlier),
+                macs_cumulative=conv_linear,
+                fvcore_total=sum(total.values()) - sum(sum(c.values()) for c in earlier),
+                fvcore_total_cumulative=sum(total.values()),
+                params=params[k],
+                params_cumulative=params_cum[k],
+            )
+        )
+    return costs
+
+
+def module_macs(module: nn.Module, *inputs: Any) -> tuple[int, int]:
+    """(conv+linear, fvcore total) MACs of one call ``module(*inputs)``: for blocks and gates of gated nets."""
+    counts = _count(module.eval(), inputs)[""]
+    return _conv_linear(counts), sum(counts.values())
+
+
+def _count(module: nn.Module, inputs: Any) -> dict[str, Counter[str]]:
+    """fvcore counts per module name ("" is the whole), each a Counter of operator -> MACs."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter; unsupported ops are reported below
+        analysis = FlopCountAnalysis(module, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        counts = {name: Counter(ops) for name, ops in analysis.by_module_and_operator().items()}
+        unsupported = analysis.unsupported_ops()
+    for op in sorted(set(unsupported) - KNOWN_FREE_OPS - _REPORTED_OPS):
+        _REPORTED_OPS.add(op)
+        warnings.warn(f"fvcore has no cost handler for {op}; it is counted as 0 MACs", stacklevel=3)
+    return counts
+
+
+def _conv_linear(ops: Counter[str]) -> int:
+    return sum(v for k, v in ops.items() if k in CONV_LINEAR_OPS)
+
+
+def format_cost_table(costs: list[ExitCost]) -> str:
+    """A plain-text table; MACs in millions (multiply-accumulates), parameters in millions."""
+    lines = [
+        "MACs = multiply-accumulates (1 multiply-add = 1), batch 1, deploy model (training-only heads pruned)",
+        f"{'exit':>4}  {'MACs conv+linear':>16}  {'as evaluated':>12}  {'MACs fvcore total':>17}  "
+        f"{'as evaluated':>12}  {'params':>9}  {'as evaluated':>12}",
+    ]
+    for c in costs:
+        lines.append(
+            f"{c.exit:>4}  {c.macs / 1e6:>15.2f}M  {c.macs_cumulative / 1e6:>11.2f}M  "
+            f"{c.fvcore_total / 1e6:>16.2f}M  {c.fvcore_total_cumulative / 1e6:>11.2f}M  "
+            f"{c.params / 1e6:>8.3f}M  {c.params_cumulative / 1e6:>11.3f}M"
+        )
+    return "\n".join(lines)
+
+
+def costs_as_json(costs: list[ExitCost]) -> list[dict[str, int]]:
+    """The CLI's ``--json`` rows: conv+linear MACs, cumulative = as evaluated."""
+    return [
+        {
+            "exit": c.exit,
+            "macs": c.macs,
+            "macs_cumulative": c.macs_cumulative,
+            "params": c.params,
+            "params_cumulative": c.params_cumulative,
+        }
+        for c in costs
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dynsila.flops", description="Per-exit MACs and parameters of the model a config describes."
+    )
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_blocks=3")
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        model: nn.Module = build_model(cfg)
+        if cfg.sila.enabled:
+            model = SiLa(build_model(cfg), cfg.sila)  # counted after pruning, like every trained model
+        costs = exit_costs(model, input_shape(cfg))
+    except DynsilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(costs_as_json(costs), indent=1) if args.json else format_cost_table(costs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,8 +25,7 @@ from dynsila.checkpoint import atomic_write_text, load_checkpoint, load_weights,
 from dynsila.config import Config, TrainConfig, config_to_yaml, load_config
 from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.errors import DynsilaError, TrainingError
-from dynsila.evaluate import collect_logits, topk_accuracy
-from dynsila.flops import exit_params_cumulative
+from dynsila.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
 from dynsila.losses import loss_terms
 from dynsila.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
 from dynsila.sila import SiLa, SiLaOutput, prune, unwrap
@@ -179,14 +178,18 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     load_weights(net, best["model"], run_dir / BEST)
     deploy = prune(net).cpu().eval()
     save_deploy(run_dir / DEPLOY, deploy, config_yaml)
-    best_row = metrics[best_epoch - 1]
-    test_top1 = (
-        best_row["test_top1"]
-        or topk_accuracy(*collect_logits(unwrap(net), test_loader, splits.mean, splits.std, device)).tolist()
+    report = evaluate_run(run_dir, device=str(device))  # writes eval.json: costs, anytime, budgeted
+    exits = report["exits"]
+    result = TrainResult(
+        run_dir,
+        best_epoch,
+        [e["val_top1"] for e in exits],
+        [e["test_top1"] for e in exits],
+        [e["params_cumulative"] for e in exits],
     )
-    result = TrainResult(run_dir, best_epoch, best_row["val_top1"], test_top1, exit_params_cumulative(deploy))
-    print(exit_table(result))
-    print(f"deploy weights (training-only heads pruned): {run_dir / DEPLOY}")
+    print(f"\nbest epoch {best_epoch} (selected by mean val top-1 over exits)")
+    print(format_report(report, criteria=["max_prob"]))
+    print(f"\ndeploy weights (training-only heads pruned): {run_dir / DEPLOY}; all criteria in {run_dir / EVAL_FILE}")
     return result
 
 
@@ -289,16 +292,6 @@ class Clock:
 
 def format_row(values: list[float]) -> str:
     return " ".join(f"{v:.1f}" for v in values)
-
-
-def exit_table(result: TrainResult) -> str:
-    lines = [
-        f"best epoch {result.best_epoch} (mean val top-1 over exits); deploy model (training-only heads pruned)",
-        f"{'exit':>4}  {'params (cum.)':>13}  {'val top-1':>9}  {'test top-1':>10}",
-    ]
-    for k, (p, v, t) in enumerate(zip(result.params, result.val_top1, result.test_top1, strict=True)):
-        lines.append(f"{k + 1:>4}  {p:>13,}  {v:>9.2f}  {t:>10.2f}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

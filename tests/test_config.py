@@ -87,5 +87,5 @@ def test_sila_and_baseline_twins_differ_only_in_sila_enabled():
             continue
         a, b = load_config(sila_path), load_config(base_path)
         assert a.sila.enabled and not b.sila.enabled
-        b = dataclasses.replace(b, name=a.name, sila=a.sila)
+        b = dataclasses.replace(b, name=a.name, sila=a.sila)  # run names differ on purpose
         assert a == b, sila_path

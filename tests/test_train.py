@@ -18,10 +18,10 @@ def test_one_epoch_run_writes_every_file(tiny_config, capsys):
     out = capsys.readouterr().out
     cfg = load_config(path)
     run = cfg.run_dir
-    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"):
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors", "eval.json"):
         assert (run / name).is_file(), name
     assert "epoch 1/1  step" in out and "img/s" in out and "eta" in out and "sila" in out
-    assert "params (cum.)" in out and "test top-1" in out
+    assert "anytime prediction" in out and "test top-1" in out and "budgeted (max_prob)" in out
 
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1

@@ -1,0 +1,207 @@
+"""Accuracy versus MACs for trained runs: anytime exits (markers) and budgeted curves (lines).
+
+    python benchmarks/flops_vs_acc.py                      # every run under runs/; trains the digits pair if none
+    python benchmarks/flops_vs_acc.py --runs runs/a runs/b --out flops_vs_acc_cifar10_dev
+
+Writes benchmarks/results/<out>.{json,md,png}. Each run is evaluated from its deploy weights (training-only
+heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run directory is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynsila.checkpoint import atomic_write, atomic_write_text
+from dynsila.config import load_config
+from dynsila.errors import DynsilaError
+from dynsila.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run, json_safe
+from dynsila.rundir import DEPLOY, read_run_config
+from dynsila.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_CONFIGS = ("configs/msdnet_baseline.yaml", "configs/msdnet_sila.yaml")
+PLOTTED_CRITERION = "max_prob"
+
+
+def find_runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob(f"*/{DEPLOY}"))
+
+
+def report_for(run_dir: Path) -> dict[str, Any]:
+    """The run's evaluation, recomputed unless eval.json is newer than the deploy weights."""
+    eval_path, deploy = run_dir / EVAL_FILE, run_dir / DEPLOY
+    if eval_path.exists() and eval_path.stat().st_mtime >= deploy.stat().st_mtime:
+        return json.loads(eval_path.read_text())
+    return evaluate_run(run_dir)
+
+
+def run_setup(run_dir: Path) -> dict[str, Any]:
+    cfg = read_run_config(run_dir)
+    return {
+        "model": cfg.model,
+        "data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size},
+        "seed": cfg.seed,
+        "epochs": cfg.train.epochs,
+        "schedule": f"{cfg.train.optimizer} lr {cfg.train.lr} {cfg.train.schedule} {cfg.train.milestones}, "
+        f"batch {cfg.data.batch_size}, wd {cfg.train.weight_decay}",
+        "sila": vars(cfg.sila),
+    }
+
+
+def interpolate_accuracy(report: dict[str, Any], macs: float) -> float | None:
+    points = next(c["points"] for c in report["curves"] if c.get("criterion") == PLOTTED_CRITERION)
+    xs, ys = np.array([p["avg_macs"] for p in points]), np.array([p["test_top1"] for p in points])
+    order = np.argsort(xs)
+    xs, ys = xs[order], ys[order]
+    if macs < xs[0] or macs > xs[-1]:
+        return None
+    return float(np.interp(macs, xs, ys))
+
+
+def markdown(command: str, entries: list[dict[str, Any]], environment: dict[str, str]) -> str:
+    lines = [
+        "# Accuracy versus MACs",
+        "",
+        f"Command: `{command}`  ",
+        f"Date: {environment['date']}; {environment['platform']}; torch {environment['torch']}  ",
+        f"Units: {MACS_UNITS}. Test top-1 in %. Budgeted rows: thresholds fitted on the validation split "
+        f"({PLOTTED_CRITERION} criterion), applied to test.",
+        "",
+        "## Runs",
+        "",
+        "| run | model | data | seed | epochs | schedule | SiLa |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for e in entries:
+        s = e["setup"]
+        sila = (
+            "off" if not s["sila"]["enabled"] else ", ".join(f"{k}={v}" for k, v in s["sila"].items() if k != "enabled")
+        )
+        lines.append(
+            f"| {e['report']['run']} | {s['model']['name']} | {s['data']['name']} | {s['seed']} | "
+            f"{s['epochs']} | {s['schedule']} | {sila} |"
+        )
+    lines += ["", "## Anytime prediction (test top-1 per exit)", ""]
+    names = [e["report"]["run"] for e in entries]
+    first = entries[0]["report"]["exits"]
+    lines += ["| exit | MACs (as evaluated) | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
+    for k, exit_row in enumerate(first):
+        accs = []
+        for e in entries:
+            exits = e["report"]["exits"]
+            accs.append(f"{exits[k]['test_top1']:.2f}" if k < len(exits) else "-")
+        lines.append(f"| {k + 1} | {exit_row['macs_cumulative'] / 1e6:.2f}M | " + " | ".join(accs) + " |")
+    lines += ["", "## Budgeted batch classification at matched budgets (interpolated)", ""]
+    lo = max(min(p["avg_macs"] for p in _plotted(e)) for e in entries)
+    hi = min(max(p["avg_macs"] for p in _plotted(e)) for e in entries)
+    lines += ["| avg MACs | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
+    for macs in np.linspace(lo, hi, 5) if hi > lo else []:
+        accs = [interpolate_accuracy(e["report"], macs) for e in entries]
+        lines.append(f"| {macs / 1e6:.2f}M | " + " | ".join(f"{a:.2f}" if a is not None else "-" for a in accs) + " |")
+    for e in entries:
+        lines += [
+            "",
+            f"## {e['report']['run']}: budgeted sweep ({PLOTTED_CRITERION})",
+            "",
+            "| q | avg MACs | test top-1 | val top-1 | exit fractions (test) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for p in _plotted(e)[::2]:
+            fractions = " ".join(f"{f:.2f}" for f in p["exit_fractions"])
+            lines.append(
+                f"| {p['q']:.2f} | {p['avg_macs'] / 1e6:.2f}M | {p['test_top1']:.2f} | "
+                f"{p['val_top1']:.2f} | {fractions} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plotted(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return next(c["points"] for c in entry["report"]["curves"] if c.get("criterion") == PLOTTED_CRITERION)
+
+
+def plot(entries: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, e in enumerate(entries):
+        color = f"C{i}"
+        report = e["report"]
+        exits = report["exits"]
+        ax.plot(
+            [x["macs_cumulative"] / 1e6 for x in exits],
+            [x["test_top1"] for x in exits],
+            "o",
+            color=color,
+            markersize=6,
+            label=f"{report['run']}: anytime exits",
+        )
+        for curve in report["curves"]:
+            if curve.get("kind") == "budgeted" and curve.get("criterion") != PLOTTED_CRITERION:
+                continue
+            pts = sorted(curve["points"], key=lambda p: p["avg_macs"])
+            ax.plot(
+                [p["avg_macs"] / 1e6 for p in pts],
+                [p["test_top1"] for p in pts],
+                "-",
+                color=color,
+                linewidth=1.5,
+                label=f"{report['run']}: {curve['name']}",
+            )
+    ax.set_xlabel("MACs per image (millions, multiply-accumulates, conv+linear)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", type=Path, help="run directories (default: every run under runs/)")
+    parser.add_argument("--out", default="flops_vs_acc", help="result name under benchmarks/results/")
+    parser.add_argument("--title", default="Accuracy vs MACs (deploy models)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    command = "python benchmarks/flops_vs_acc.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    try:
+        runs = args.runs or find_runs(Path("runs"))
+        if not runs:
+            print("no runs under runs/: training the embedded-data pair first (about 2 minutes)", flush=True)
+            runs = [train(load_config(REPO / c)).run_dir for c in DEFAULT_CONFIGS]
+        entries = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
+    except DynsilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    environment = {
+        "date": datetime.date.today().isoformat(),
+        "platform": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
+    out = args.results_dir / args.out
+    payload = {"command": command, "environment": environment, "units": MACS_UNITS, "runs": entries}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(json_safe(payload), indent=1))
+    atomic_write_text(out.with_suffix(".md"), markdown(command, entries, environment))
+    plot(entries, out.with_suffix(".png"), args.title)
+    print(markdown(command, entries, environment))
+    print(f"wrote {out}.json, .md and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
