@@ -1,39 +1,22 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 import models
+from dynsila.config import load_config
 from dynsila.flops import exit_params_cumulative
 
-CIFAR100_B7 = dict(
-    num_classes=100,
-    n_blocks=7,
-    step=2,
-    stepmode="even",
-    base=4,
-    n_channels=16,
-    growth_rate=6,
-    gr_factor=[1, 2, 4],
-    bn_factor=[1, 2, 4],
-    prune="max",
-    reduction=0.5,
-    bottleneck=True,
-    stem="cifar",
-)
-IMAGENET_STEP4 = dict(
-    num_classes=1000,
-    n_blocks=5,
-    step=4,
-    stepmode="even",
-    base=4,
-    n_channels=32,
-    growth_rate=16,
-    gr_factor=[1, 2, 4, 4],
-    bn_factor=[1, 2, 4, 4],
-    prune="max",
-    reduction=0.5,
-    bottleneck=True,
-    stem="imagenet",
-)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def paper_model_kwargs(preset: str, num_classes: int) -> dict:
+    """The model section of a shipped paper-scale preset: the acceptance tests check the presets themselves."""
+    return {"num_classes": num_classes, **load_config(REPO / "configs" / preset).model_kwargs()}
+
+
+CIFAR100_B7 = paper_model_kwargs("cifar100/msdnet_baseline.yaml", 100)
+IMAGENET_STEP4 = paper_model_kwargs("imagenet/msdnet_baseline.yaml", 1000)
 
 
 def test_cifar100_parameters_per_exit_match_the_paper_code():
