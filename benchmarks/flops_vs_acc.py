@@ -35,7 +35,8 @@ PLOTTED_CRITERION = "max_prob"
 
 
 def find_runs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.glob(f"*/{DEPLOY}"))
+    """Every deploy model under ``root``: runs, and each peer of a DML run (runs/<name>/peer<i>/)."""
+    return sorted(p.parent for p in root.rglob(DEPLOY))
 
 
 def report_for(run_dir: Path) -> dict[str, Any]:

@@ -66,6 +66,15 @@ class SiLaConfig:
 
 
 @dataclass
+class DMLConfig:
+    peers: int = 1  # models trained jointly; 1 = no mutual learning
+    weight: float = 1.0  # each peer adds weight / (N - 1) * sum_j KL(p_j || p_i) per exit
+    temperature: float = 1.0
+    align: Literal["strict", "tail"] = "strict"  # peers' exits: equal counts, or matched from the last backwards
+    models: list[dict[str, Any]] | None = None  # one model section per peer (heterogeneous); None: copies of model
+
+
+@dataclass
 class LossConfig:
     exit_weights: list[float] | None = None  # w_k per exit; None: all 1
 
@@ -80,6 +89,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sila: SiLaConfig = field(default_factory=SiLaConfig)
+    dml: DMLConfig = field(default_factory=DMLConfig)
     loss: LossConfig = field(default_factory=LossConfig)
 
     @property
@@ -136,7 +146,16 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build_dataclass(Config, raw, prefix="")
-    cfg.model = _validate_model_section(cfg.model)
+    cfg.model = _validate_model_section(cfg.model, "model")
+    if cfg.dml.peers < 1:
+        raise ConfigError(f"config key 'dml.peers' must be at least 1, got {cfg.dml.peers}")
+    if cfg.dml.models is not None:
+        if len(cfg.dml.models) != cfg.dml.peers:
+            raise ConfigError(
+                f"dml.models has {len(cfg.dml.models)} model sections for dml.peers={cfg.dml.peers}; "
+                "give one per peer or drop dml.models to copy model"
+            )
+        cfg.dml.models = [_validate_model_section(m, f"dml.models[{i}]") for i, m in enumerate(cfg.dml.models)]
     return cfg
 
 
@@ -183,12 +202,14 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def _validate_model_section(section: dict[str, Any]) -> dict[str, Any]:
+def _validate_model_section(section: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(section).__name__}")
     name = section.get("name", "msdnet")
     if name not in models.list_models():
         near = difflib.get_close_matches(str(name), models.list_models(), n=1, cutoff=0.0)
         raise ConfigError(
-            f"unknown model '{name}' in model.name; did you mean '{near[0]}'? "
+            f"unknown model '{name}' in {where}.name; did you mean '{near[0]}'? "
             f"(registered: {', '.join(models.list_models())})"
         )
     params = models.model_parameters(name)
@@ -197,14 +218,14 @@ def _validate_model_section(section: dict[str, Any]) -> dict[str, Any]:
     hints = typing.get_type_hints(models.model_constructor(name))
     for key in section:
         if key != "name" and key not in params:
-            raise _unknown_key(str(key), ["name", *params], "model.")
+            raise _unknown_key(str(key), ["name", *params], f"{where}.")
     for key, param in params.items():
         if key in section:
-            resolved[key] = check_type(section[key], hints.get(key, Any), f"model.{key}")
+            resolved[key] = check_type(section[key], hints.get(key, Any), f"{where}.{key}")
         elif param.default is not param.empty:
             resolved[key] = list(param.default) if isinstance(param.default, tuple) else param.default
         else:
-            raise ConfigError(f"config key 'model.{key}' is required for model '{name}'")
+            raise ConfigError(f"config key '{where}.{key}' is required for model '{name}'")
     return resolved
 
 

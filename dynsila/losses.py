@@ -5,10 +5,13 @@ Terms stay separate so progress lines and metrics.jsonl show each one, and a NaN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from dynsila.config import Config
+from dynsila.dml import dml_loss
 from dynsila.sila import SiLaOutput, sila_loss_terms
 
 
@@ -31,4 +34,19 @@ def loss_terms(output: list[torch.Tensor] | SiLaOutput, labels: torch.Tensor, cf
     terms = {"ce": exit_cross_entropy(logits, labels, weights)}
     if isinstance(output, SiLaOutput):
         terms.update(sila_loss_terms(output, labels, cfg.sila, weights))
+    return terms
+
+
+def ensemble_loss_terms(
+    outputs: Sequence[list[torch.Tensor] | SiLaOutput], labels: torch.Tensor, cfg: Config
+) -> dict[str, torch.Tensor]:
+    """Terms of all DML peers summed by name, plus the mutual-learning term when there are several peers."""
+    terms: dict[str, torch.Tensor] = {}
+    for output in outputs:
+        for name, value in loss_terms(output, labels, cfg).items():
+            terms[name] = terms[name] + value if name in terms else value
+    if len(outputs) > 1:
+        logits = [o.logits if isinstance(o, SiLaOutput) else o for o in outputs]
+        weights = [exit_weights(cfg, len(z)) for z in logits]
+        terms["dml"] = dml_loss(logits, cfg.dml, weights)
     return terms

@@ -18,6 +18,7 @@ from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
 from models import MultiExitNetwork
+from models.timm_exits import PretrainedWeightsUnavailable
 
 CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
 
@@ -29,7 +30,10 @@ def build_model(cfg: Config, num_classes: int | None = None) -> MultiExitNetwork
         raise ConfigError(
             f"the number of classes of data.name={cfg.data.name} is unknown without the data; set data.num_classes"
         )
-    model = models.build(cfg.model["name"], num_classes=num_classes, **cfg.model_kwargs())
+    try:
+        model = models.build(cfg.model["name"], num_classes=num_classes, **cfg.model_kwargs())
+    except (ValueError, PretrainedWeightsUnavailable) as e:  # bad values in the model section
+        raise ConfigError(f"model.name={cfg.model['name']}: {e}") from None
     if not isinstance(model, MultiExitNetwork):
         raise TypeError(f"model {cfg.model['name']!r} does not follow the multi-exit protocol (MultiExitNetwork)")
     return model

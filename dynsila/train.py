@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import random
 import sys
@@ -22,11 +23,12 @@ import torch
 from torch import nn
 
 from dynsila.checkpoint import atomic_write_text, load_checkpoint, load_weights, save_checkpoint, save_deploy
-from dynsila.config import Config, TrainConfig, config_to_yaml, load_config
+from dynsila.config import Config, DMLConfig, TrainConfig, config_to_yaml, load_config
 from dynsila.data import build_splits, dataset_size, make_loader, normalize
+from dynsila.dml import exit_pairs
 from dynsila.errors import DynsilaError, TrainingError
 from dynsila.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
-from dynsila.losses import loss_terms
+from dynsila.losses import ensemble_loss_terms
 from dynsila.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
 from dynsila.sila import SiLa, SiLaOutput, prune, unwrap
 
@@ -35,9 +37,28 @@ from dynsila.sila import SiLa, SiLaOutput, prune, unwrap
 class TrainResult:
     run_dir: Path
     best_epoch: int
-    val_top1: list[float]  # per exit, best epoch
+    val_top1: list[float]  # per exit, best epoch (peer 0 when DML trains several)
     test_top1: list[float]
     params: list[int]  # deploy parameters per exit, cumulative (classifiers 1..k included)
+    peer_dirs: list[Path]  # where each peer's deploy weights and eval.json are (the run directory for one peer)
+
+
+@dataclass
+class PeerAccuracy:
+    train_top1: list[float]  # per exit, on the augmented training batches of the epoch
+    val_top1: list[float]
+    test_top1: list[float] | None  # logged only, never used to select
+
+
+def peer_configs(cfg: Config) -> list[Config]:
+    """One config per DML peer: its own model section, no DML, and its own directory inside the run's."""
+    if cfg.dml.peers == 1:
+        return [cfg]
+    sections = cfg.dml.models or [cfg.model] * cfg.dml.peers
+    return [
+        dataclasses.replace(cfg, name=f"peer{i}", out_dir=str(cfg.run_dir), model=dict(section), dml=DMLConfig())
+        for i, section in enumerate(sections)
+    ]
 
 
 def train(cfg: Config, force: bool = False) -> TrainResult:
@@ -55,10 +76,16 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     device = select_device(cfg.train.device)
     splits = build_splits(cfg.data)
     cfg.data.num_classes, cfg.data.image_size = splits.num_classes, splits.image_size  # config rebuilds the model
-    model = build_model(cfg, splits.num_classes)
-    net: nn.Module = SiLa(model, cfg.sila) if cfg.sila.enabled else model
-    net.to(device)
-    optimizer = build_optimizer(cfg.train, net)
+    peers_cfg = peer_configs(cfg)
+    nets: list[nn.Module] = []
+    for peer_cfg in peers_cfg:
+        model = build_model(peer_cfg, splits.num_classes)
+        nets.append(SiLa(model, cfg.sila) if cfg.sila.enabled else model)
+    exits_per_peer = [unwrap(net).num_exits for net in nets]
+    for i in range(1, len(nets)):
+        exit_pairs(exits_per_peer[0], exits_per_peer[i], cfg.dml.align)  # fails early on mismatched peers
+    ensemble = nn.ModuleList(nets).to(device)
+    optimizer = build_optimizer(cfg.train, ensemble)
 
     batch_size = min(cfg.data.batch_size, dataset_size(splits.train))
     steps_per_epoch = dataset_size(splits.train) // batch_size  # drop_last: no 1-sample batch-norm batches
@@ -69,7 +96,7 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     start_epoch, best_score, best_epoch, metrics = 0, -math.inf, -1, []
     if resuming:
         checkpoint = load_checkpoint(run_dir / LAST)
-        load_weights(net, checkpoint["model"], run_dir / LAST)
+        load_weights(ensemble, checkpoint["model"], run_dir / LAST)
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_state(checkpoint["rng"])
         start_epoch, best_score, best_epoch = checkpoint["epoch"], checkpoint["best_score"], checkpoint["best_epoch"]
@@ -80,8 +107,8 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     atomic_write_text(run_dir / CONFIG, config_yaml)
     sizes = " / ".join(f"{dataset_size(getattr(splits, s))} {s}" for s in ("train", "val", "test"))
     print(
-        f"{cfg.name}: {cfg.model['name']} on {cfg.data.name} ({sizes}, {splits.num_classes} classes), "
-        f"sila={'on' if cfg.sila.enabled else 'off'}, "
+        f"{cfg.name}: {', '.join(pc.model['name'] for pc in peers_cfg)} on {cfg.data.name} ({sizes}, "
+        f"{splits.num_classes} classes), sila={'on' if cfg.sila.enabled else 'off'}, dml peers {cfg.dml.peers}, "
         f"device {device}, {cfg.train.epochs} epochs x {steps_per_epoch} steps"
     )
 
@@ -96,9 +123,9 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
             num_workers=cfg.data.num_workers,
             drop_last=True,
         )
-        net.train()
+        ensemble.train()
         sums: dict[str, float] = {}
-        train_hits: torch.Tensor | None = None
+        train_hits = [torch.zeros(k) for k in exits_per_peer]
         seen = 0
         for step, (images, labels) in enumerate(loader):
             global_step = epoch * steps_per_epoch + step
@@ -107,17 +134,17 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
                 group["lr"] = lr
             x = normalize(images.to(device, non_blocking=True), splits.mean, splits.std)
             y = labels.to(device, non_blocking=True)
-            output = net(x)
-            terms = loss_terms(output, y, cfg)
+            outputs = [net(x) for net in nets]
+            terms = ensemble_loss_terms(outputs, y, cfg)
             loss = torch.stack(list(terms.values())).sum()
             check_finite(loss, terms, epoch, step, run_dir)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-            logits = output.logits if isinstance(output, SiLaOutput) else output
-            hits = (torch.stack(logits, dim=1).argmax(-1) == y[:, None]).sum(0).float().cpu()
-            train_hits = hits if train_hits is None else train_hits + hits
+            for hits, output in zip(train_hits, outputs, strict=True):
+                logits = output.logits if isinstance(output, SiLaOutput) else output
+                hits += (torch.stack(logits, dim=1).argmax(-1) == y[:, None]).sum(0).float().cpu()
             seen += len(y)
             for name, value in {"loss": loss, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + value.item() * len(y)
@@ -131,30 +158,32 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
                     flush=True,
                 )
 
-        bare = unwrap(net)
-        val_top1 = topk_accuracy(*collect_logits(bare, val_loader, splits.mean, splits.std, device)).tolist()
-        test_top1 = (
-            topk_accuracy(*collect_logits(bare, test_loader, splits.mean, splits.std, device)).tolist()
-            if cfg.train.eval_test_every_epoch
-            else None
-        )
-        assert train_hits is not None
+        accuracy: list[PeerAccuracy] = []
+        for net, hits in zip(nets, train_hits, strict=True):
+            bare = unwrap(net)
+            val_top1 = topk_accuracy(*collect_logits(bare, val_loader, splits.mean, splits.std, device)).tolist()
+            test_top1 = (
+                topk_accuracy(*collect_logits(bare, test_loader, splits.mean, splits.std, device)).tolist()
+                if cfg.train.eval_test_every_epoch
+                else None
+            )
+            accuracy.append(PeerAccuracy((hits / seen * 100).tolist(), val_top1, test_top1))
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             **{k: v / seen for k, v in sums.items()},
             "lr": lr,
-            "train_top1": (train_hits / seen * 100).tolist(),
-            "val_top1": val_top1,
-            "test_top1": test_top1,
+            **dataclasses.asdict(accuracy[0]),
             "seconds": time.perf_counter() - epoch_start,
         }
+        if len(nets) > 1:
+            row["peers"] = [dataclasses.asdict(a) for a in accuracy]
         metrics.append(row)
-        score = float(np.mean(val_top1))  # anytime quality: mean top-1 over exits
+        score = float(np.mean([np.mean(a.val_top1) for a in accuracy]))  # mean top-1 over exits (and peers)
         improved = score > best_score
         if improved:
             best_score, best_epoch = score, epoch + 1
         checkpoint = {
-            "model": net.state_dict(),
+            "model": ensemble.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps_per_epoch,
@@ -167,30 +196,36 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
         save_checkpoint(run_dir / LAST, checkpoint)
         if improved:
             save_checkpoint(run_dir / BEST, checkpoint)
-        print(
-            f"epoch {epoch + 1}: val top-1 per exit {format_row(val_top1)}"
-            + (f"  test {format_row(test_top1)}" if test_top1 else "")
-            + ("  (best)" if improved else ""),
-            flush=True,
-        )
+        for i, a in enumerate(accuracy):
+            who = f"epoch {epoch + 1}" + (f" peer {i}" if len(nets) > 1 else "")
+            print(
+                f"{who}: val top-1 per exit {format_row(a.val_top1)}"
+                + (f"  test {format_row(a.test_top1)}" if a.test_top1 else "")
+                + ("  (best)" if improved else ""),
+                flush=True,
+            )
 
     best = load_checkpoint(run_dir / BEST)
-    load_weights(net, best["model"], run_dir / BEST)
-    deploy = prune(net).cpu().eval()
-    save_deploy(run_dir / DEPLOY, deploy, config_yaml)
-    report = evaluate_run(run_dir, device=str(device))  # writes eval.json: costs, anytime, budgeted
-    exits = report["exits"]
-    result = TrainResult(
+    load_weights(ensemble, best["model"], run_dir / BEST)
+    print(f"\nbest epoch {best_epoch} (selected by mean val top-1 over exits{' and peers' if len(nets) > 1 else ''})")
+    reports = []
+    for net, peer_cfg in zip(nets, peers_cfg, strict=True):
+        peer_dir = peer_cfg.run_dir
+        peer_yaml = config_to_yaml(peer_cfg)
+        atomic_write_text(peer_dir / CONFIG, peer_yaml)
+        save_deploy(peer_dir / DEPLOY, prune(net).cpu().eval(), peer_yaml)
+        reports.append(evaluate_run(peer_dir, device=str(device)))  # writes eval.json: costs, anytime, budgeted
+        print(format_report(reports[-1], criteria=["max_prob"]))
+        print(f"\ndeploy weights (training-only heads pruned): {peer_dir / DEPLOY}; all criteria in {EVAL_FILE}")
+    exits = reports[0]["exits"]
+    return TrainResult(
         run_dir,
         best_epoch,
         [e["val_top1"] for e in exits],
         [e["test_top1"] for e in exits],
         [e["params_cumulative"] for e in exits],
+        [pc.run_dir for pc in peers_cfg],
     )
-    print(f"\nbest epoch {best_epoch} (selected by mean val top-1 over exits)")
-    print(format_report(report, criteria=["max_prob"]))
-    print(f"\ndeploy weights (training-only heads pruned): {run_dir / DEPLOY}; all criteria in {run_dir / EVAL_FILE}")
-    return result
 
 
 # --- pieces of the loop -------------------------------------------------------------------------------------

@@ -22,17 +22,9 @@ from torch import nn
 
 from models._protocol import MultiExitNetwork
 from models._registry import register_model
+from models.layers import ConvBNReLU, ConvClassifier
 
 Features = list[torch.Tensor]  # one map per kept scale, finest first
-
-
-class ConvBNReLU(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(c_in, c_out, kernel, stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
 
 
 class DenseConv(nn.Sequential):
@@ -154,21 +146,11 @@ class Transition(nn.Module):
 # --- Classifier on the coarsest scale -------------------------------------------------------------------------
 
 
-class CoarsestScaleClassifier(nn.Module):
+class CoarsestScaleClassifier(ConvClassifier):
     """Two stride-2 3x3 convs on the coarsest map, global average pool, then the linear ``fc``."""
 
-    def __init__(self, c_in: int, c_hidden: int, num_classes: int) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            ConvBNReLU(c_in, c_hidden, kernel=3, stride=2),
-            ConvBNReLU(c_hidden, c_hidden, kernel=3, stride=2),
-            nn.AdaptiveAvgPool2d(1),  # the paper's 2x2 average pool, for any input size
-            nn.Flatten(1),
-        )
-        self.fc = nn.Linear(c_hidden, num_classes)
-
-    def forward(self, x: Features) -> torch.Tensor:
-        return self.fc(self.features(x[-1]))
+    def forward(self, x: Features) -> torch.Tensor:  # type: ignore[override]  # reads the list of scales
+        return super().forward(x[-1])
 
 
 # --- The network ----------------------------------------------------------------------------------------------

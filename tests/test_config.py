@@ -81,11 +81,23 @@ def test_every_shipped_config_validates():
 
 
 def test_sila_and_baseline_twins_differ_only_in_sila_enabled():
-    for sila_path in [p for p in shipped_configs() if p.name.endswith("_sila.yaml")]:
-        base_path = sila_path.with_name(sila_path.name.replace("_sila", "_baseline"))
+    pairs = [
+        (p, p.with_name(p.name.replace("_sila.yaml", "_baseline.yaml")))
+        for p in shipped_configs()
+        if p.name.endswith("_sila.yaml")
+    ]
+    pairs += [
+        (p, p.with_name(p.name.replace("_sila_dml", "_dml")))
+        for p in shipped_configs()
+        if p.name.endswith("_sila_dml.yaml")
+    ]
+    checked = 0
+    for sila_path, base_path in pairs:
         if not base_path.exists():
             continue
+        checked += 1
         a, b = load_config(sila_path), load_config(base_path)
         assert a.sila.enabled and not b.sila.enabled
         b = dataclasses.replace(b, name=a.name, sila=a.sila)  # run names differ on purpose
         assert a == b, sila_path
+    assert checked >= 6
