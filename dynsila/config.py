@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -49,6 +50,12 @@ class TrainConfig:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, off on CPU
+    channels_last: bool = False  # NHWC memory layout for model and inputs
+    sync_bn: bool = False  # SyncBatchNorm across DDP ranks (CUDA only)
+    accumulate_steps: int = 1  # split each (global) batch into this many micro-batches, one optimizer step
+    stage: Literal["sp", "hrl"] = "sp"  # gated nets: supervised pre-training, or hybrid reinforcement learning
+    init_from: str | None = None  # a finished run directory whose deploy weights initialise the model (SP -> HRL)
     log_every: int = 20  # steps between progress lines
     eval_test_every_epoch: bool = True  # test top-1 per epoch in metrics.jsonl (logged only, never used to select)
 
@@ -77,6 +84,8 @@ class DMLConfig:
 @dataclass
 class LossConfig:
     exit_weights: list[float] | None = None  # w_k per exit; None: all 1
+    # gated nets: SP adds gate_cost x the expected share of gated-block MACs executed; HRL rewards each skip by it
+    gate_cost: float = 0.0
 
 
 @dataclass
@@ -248,6 +257,9 @@ def check_type(value: Any, hint: Any, key: str) -> Any:
     return converted
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _match(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is Any:
         return True, value
@@ -271,6 +283,8 @@ def _match(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is bool:
         return isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return True, float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         numeric = isinstance(value, int | float) and not isinstance(value, bool)
         return numeric, float(value) if numeric else value
     if hint is int:

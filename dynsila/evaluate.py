@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader
 from dynsila.checkpoint import atomic_write_text
 from dynsila.data import build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
-from dynsila.flops import ExitCost, exit_costs
+from dynsila.flops import ExitCost, GatedCosts, exit_costs, gated_costs
 from dynsila.rundir import input_shape, load_deploy_model
+from models import exit_logits, gated_body
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
 DEFAULT_QS = tuple(p / 20 for p in range(1, 40))  # 0.05, 0.10, ..., 1.95
@@ -87,7 +88,7 @@ def collect_logits(
     all_logits, all_labels = [], []
     for images, labels in loader:
         x = normalize(images.to(device, non_blocking=True), mean, std)
-        all_logits.append(torch.stack(model(x), dim=1).float().cpu())
+        all_logits.append(torch.stack(exit_logits(model(x)), dim=1).float().cpu())
         all_labels.append(labels)
     model.train(was_training)
     return torch.cat(all_logits), torch.cat(all_labels)
@@ -254,6 +255,96 @@ def thresholds_for_budget(
     return thresholds[best], float(spent[best])
 
 
+# --- gated networks: accuracy versus average per-sample MACs ------------------------------------------------
+
+GATE_THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 ... 0.9
+
+
+@dataclass
+class GatedPass:
+    logits: torch.Tensor  # N x C
+    labels: torch.Tensor  # N
+    executed: torch.Tensor  # N x G, 1 where the gated block ran
+    macs: torch.Tensor  # N, per-sample MACs
+
+
+@torch.no_grad()
+def gated_pass(
+    model: nn.Module,
+    loader: DataLoader,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device | str,
+    costs: GatedCosts,
+) -> GatedPass:
+    """One pass of a gated network (eval mode: skipped blocks are not computed) at its current threshold."""
+    model.eval()
+    logits, labels, executed = [], [], []
+    for images, y in loader:
+        out = model(normalize(images.to(device), mean, std))
+        logits.append(out.logits[-1].float().cpu())
+        executed.append(torch.stack(out.gate_actions, dim=1).cpu())
+        labels.append(y)
+    run = torch.cat(executed)
+    return GatedPass(torch.cat(logits), torch.cat(labels), run, costs.per_sample(run))
+
+
+def gated_results(
+    model: nn.Module,
+    val: GatedPass,
+    test: GatedPass,
+    loaders: tuple[DataLoader, DataLoader],
+    splits: Any,
+    device: str,
+    costs: GatedCosts,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The exit entry (at the model's threshold) and the threshold-sweep curve, in the evaluator's schema."""
+    body = gated_body(model)
+    assert body is not None
+    params = sum(p.numel() for p in model.parameters())
+    n_classes = test.logits.shape[-1]
+    exit_row = {
+        "exit": 1,
+        "macs": float(test.macs.mean()),
+        "macs_cumulative": float(test.macs.mean()),
+        "fvcore_total": None,
+        "fvcore_total_cumulative": None,
+        "params": params,
+        "params_cumulative": params,
+        "val_top1": _top1(val),
+        "test_top1": _top1(test),
+        "test_top5": float(topk_accuracy(test.logits[:, None], test.labels, 5)[0]) if n_classes >= 10 else None,
+        "macs_all_blocks": costs.full,
+        "macs_plain_resnet": costs.plain,
+        "executed_fraction": float(test.executed.mean()),
+    }
+    points = []
+    default = body.threshold
+    try:
+        for t in GATE_THRESHOLDS:
+            body.threshold = t
+            v, s = (gated_pass(model, loader, splits.mean, splits.std, device, costs) for loader in loaders)
+            points.append(
+                {
+                    "threshold": t,
+                    "avg_macs": float(s.macs.mean()),
+                    "test_top1": _top1(s),
+                    "val_top1": _top1(v),
+                    "val_avg_macs": float(v.macs.mean()),
+                    "executed_fraction": float(s.executed.mean()),  # SkipNet's "computation %": blocks run
+                    "macs_fraction": float(s.macs.mean()) / costs.plain,  # true MACs against the plain ResNet
+                }
+            )
+    finally:
+        body.threshold = default
+    curve = {"name": "gated (threshold sweep)", "kind": "gated", "criterion": "gate_threshold", "points": points}
+    return [exit_row], [curve]
+
+
+def _top1(p: GatedPass) -> float:
+    return float((p.logits.argmax(-1) == p.labels).double().mean() * 100) if len(p.labels) else 0.0
+
+
 # --- a run directory ----------------------------------------------------------------------------------------
 
 
@@ -263,25 +354,35 @@ def evaluate_run(
     """Evaluate a finished run's deploy model: costs, anytime and budgeted results; writes ``eval.json``."""
     run_dir = Path(run_dir)
     model, cfg = load_deploy_model(run_dir)
-    model.to(device)
     splits = build_splits(cfg.data)
-    costs = exit_costs(model.cpu(), input_shape(cfg))
-    model.to(device)
-    val = collect_logits(model, make_loader(splits.val, batch_size, False), splits.mean, splits.std, device)
-    test = collect_logits(model, make_loader(splits.test, batch_size, False), splits.mean, splits.std, device)
-    exits = anytime(val, test, costs)
-    cumulative = [c.macs_cumulative for c in costs]
-    curves = []
-    for criterion in criteria:
-        rows = budgeted_sweep(*val, *test, cumulative, criterion=criterion)
-        curves.append(
-            {
-                "name": f"budgeted ({criterion})",
-                "kind": "budgeted",
-                "criterion": criterion,
-                "points": [asdict(r) for r in rows],
-            }
-        )
+    val_loader = make_loader(splits.val, batch_size, False)
+    test_loader = make_loader(splits.test, batch_size, False)
+    if gated_body(model) is not None:  # gated network: one exit, cost per sample
+        gated = gated_costs(model, input_shape(cfg))
+        model.to(device)
+        val_pass = gated_pass(model, val_loader, splits.mean, splits.std, device, gated)
+        test_pass = gated_pass(model, test_loader, splits.mean, splits.std, device, gated)
+        sizes = {"val": len(val_pass.labels), "test": len(test_pass.labels)}
+        exits, curves = gated_results(model, val_pass, test_pass, (val_loader, test_loader), splits, device, gated)
+    else:
+        costs = exit_costs(model, input_shape(cfg))
+        model.to(device)
+        val = collect_logits(model, val_loader, splits.mean, splits.std, device)
+        test = collect_logits(model, test_loader, splits.mean, splits.std, device)
+        sizes = {"val": len(val[1]), "test": len(test[1])}
+        exits = [asdict(e) for e in anytime(val, test, costs)]
+        cumulative = [c.macs_cumulative for c in costs]
+        curves = []
+        for criterion in criteria:
+            rows = budgeted_sweep(*val, *test, cumulative, criterion=criterion)
+            curves.append(
+                {
+                    "name": f"budgeted ({criterion})",
+                    "kind": "budgeted",
+                    "criterion": criterion,
+                    "points": [asdict(r) for r in rows],
+                }
+            )
     report = {
         "run": cfg.name,
         "run_dir": str(run_dir),
@@ -290,8 +391,8 @@ def evaluate_run(
         "sila": cfg.sila.enabled,
         "seed": cfg.seed,
         "units": MACS_UNITS,
-        "splits": {"val": len(val[1]), "test": len(test[1])},
-        "exits": [asdict(e) for e in exits],
+        "splits": sizes,
+        "exits": exits,
         "curves": curves,
     }
     atomic_write_text(run_dir / EVAL_FILE, json.dumps(json_safe(report), indent=1, allow_nan=False))
@@ -326,6 +427,18 @@ def format_report(report: dict[str, Any], criteria: Sequence[str] | None = None)
             f"{e['val_top1']:>9.2f}  {e['test_top1']:>10.2f}  {top5}"
         )
     for curve in report["curves"]:
+        if curve["kind"] == "gated":
+            lines += [
+                "",
+                f"{curve['name']}: per-sample MACs, skipped blocks not computed",
+                f"{'threshold':>9}  {'avg MACs':>10}  {'test top-1':>10}  {'blocks run':>10}  {'MACs vs ResNet':>14}",
+            ]
+            lines += [
+                f"{p['threshold']:>9.1f}  {p['avg_macs'] / 1e6:>9.2f}M  {p['test_top1']:>10.2f}  "
+                f"{p['executed_fraction']:>10.2f}  {p['macs_fraction']:>14.2f}"
+                for p in curve["points"]
+            ]
+            continue
         if criteria is not None and curve.get("criterion") not in criteria:
             continue
         lines += [

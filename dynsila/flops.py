@@ -20,6 +20,7 @@ forward therefore also returns every stage's output, so the count is what actual
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -35,14 +36,15 @@ from dynsila.config import load_config
 from dynsila.errors import DynsilaError
 from dynsila.rundir import build_model, input_shape
 from dynsila.sila import SiLa, prune
-from models import MultiExitNetwork
+from models import MultiExitNetwork, exit_logits, gated_body
+from models.skipnet import RecurrentGate, skip
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # fvcore's import-time torch.jit.script deprecation notices
     from fvcore.nn import FlopCountAnalysis
 
 # fvcore operator keys that are convolutions or fully connected layers (the "conv+linear" column)
-CONV_LINEAR_OPS = frozenset({"conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum"})
+CONV_LINEAR_OPS = frozenset({"conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum", "lstm"})
 
 # Ops fvcore has no handler for and we knowingly count as free (elementwise, shape and indexing ops, activations,
 # poolings without a handler). Any other unsupported op is reported once per process.
@@ -137,7 +139,7 @@ class _CountedForward(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return (*logits, *tree_leaves(states))
+        return (*exit_logits(logits), *tree_leaves(states))
 
 
 def count_params(module: nn.Module) -> int:
@@ -192,11 +194,25 @@ def module_macs(module: nn.Module, *inputs: Any) -> tuple[int, int]:
     return _conv_linear(counts), sum(counts.values())
 
 
+def lstm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for aten::lstm (fvcore has none): 4 gates x hidden x (input + hidden) per step and sample,
+    for a single-layer, one-directional LSTM (the SkipNet recurrent gate)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    steps, batch, in_features = get_shape(inputs[0])
+    hidden = get_shape(outputs[0])[-1]
+    return int(steps * batch * 4 * hidden * (in_features + hidden))
+
+
+# Cost handles dynsila adds to fvcore's table (fvcore's own design: one small function per op).
+EXTRA_OP_HANDLES = {"aten::lstm": lstm_macs}
+
+
 def _count(module: nn.Module, inputs: Any) -> dict[str, Counter[str]]:
     """fvcore counts per module name ("" is the whole), each a Counter of operator -> MACs."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter; unsupported ops are reported below
-        analysis = FlopCountAnalysis(module, inputs)
+        analysis = FlopCountAnalysis(module, inputs).set_op_handle(**EXTRA_OP_HANDLES)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         counts = {name: Counter(ops) for name, ops in analysis.by_module_and_operator().items()}
         unsupported = analysis.unsupported_ops()
@@ -204,6 +220,95 @@ def _count(module: nn.Module, inputs: Any) -> dict[str, Counter[str]]:
         _REPORTED_OPS.add(op)
         warnings.warn(f"fvcore has no cost handler for {op}; it is counted as 0 MACs", stacklevel=3)
     return counts
+
+
+@dataclass
+class GatedCosts:
+    """conv+linear MACs of a gated network's parts, batch 1, each counted once with fvcore."""
+
+    always: int  # stem + first block + classifier (every sample runs them)
+    gates: int  # all gates (every gate runs for every sample)
+    blocks: list[int]  # gated block k when executed (its projection shortcut included)
+    shortcuts: list[int]  # gated block k when skipped: its projection shortcut, or 0 for identity
+    plain: int  # the same network without gates, every block executed
+
+    @property
+    def full(self) -> int:
+        """Every gated block executed (the upper end of the per-sample cost)."""
+        return self.always + self.gates + sum(self.blocks)
+
+    def per_sample(self, executed: torch.Tensor) -> torch.Tensor:
+        """MACs of each sample from its gate decisions ``executed`` (N x G, 1 = block ran) -> N."""
+        run = executed.double()
+        blocks = torch.tensor(self.blocks, dtype=torch.float64)
+        shortcuts = torch.tensor(self.shortcuts, dtype=torch.float64)
+        return self.always + self.gates + run @ blocks + (1 - run) @ shortcuts
+
+
+class _First(nn.Module):
+    """``module(*inputs)[0]``: counts a gate without its (None) recurrent state in the traced outputs."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.module(*inputs)[0]
+
+
+class _Skipped(nn.Module):
+    """What a skipped block computes: its shortcut (a projection, or nothing)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return skip(self.block, x)
+
+
+def gated_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> GatedCosts:
+    """Per-part MACs of a gated network (the deploy model): the input of every block and gate is captured in one
+    all-blocks-executed forward, then each part is counted on its own input."""
+    bare = prune(model).eval()
+    body = gated_body(bare)
+    if body is None:
+        raise TypeError(f"{type(bare).__name__} has no gated body; use exit_costs")
+    seen: dict[str, torch.Tensor] = {}
+    parts = [
+        *((f"block{i}", b) for i, b in enumerate(body.blocks)),
+        *((f"gate{i}", g) for i, g in enumerate(body.gates)),
+    ]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, inp[0]))
+        for name, m in [*parts, ("exit", bare.exits[0])]
+    ]
+    threshold, body.threshold = body.threshold, -1.0  # every gate says execute
+    try:
+        with torch.no_grad():
+            bare(torch.zeros(1, *input_shape))
+    finally:
+        body.threshold = threshold
+        for h in hooks:
+            h.remove()
+    stem = module_macs(bare.stem, torch.zeros(1, *input_shape))[0]
+    blocks = [module_macs(b, seen[f"block{i}"])[0] for i, b in enumerate(body.blocks)]
+    shortcuts = [module_macs(_Skipped(b), seen[f"block{i}"])[0] for i, b in enumerate(body.blocks)]
+    gates = 0
+    for i, gate in enumerate(body.gates):
+        x = seen[f"gate{i}"]
+        if isinstance(gate, RecurrentGate):  # its embedding, and one step of the LSTM all gates share
+            gates += module_macs(gate.embedding, x)[0] + module_macs(_First(gate.controller[0]), gate.embedding(x))[0]
+        else:
+            gates += module_macs(_First(gate), x)[0]
+    classifier = module_macs(bare.exits[0], seen["exit"])[0]
+    return GatedCosts(
+        always=stem + blocks[0] + classifier,
+        gates=gates,
+        blocks=blocks[1:],
+        shortcuts=shortcuts[1:],
+        plain=stem + sum(blocks) + classifier,
+    )
 
 
 def _conv_linear(ops: Counter[str]) -> int:
@@ -253,12 +358,33 @@ def main(argv: list[str] | None = None) -> int:
         model: nn.Module = build_model(cfg)
         if cfg.sila.enabled:
             model = SiLa(build_model(cfg), cfg.sila)  # counted after pruning, like every trained model
+        if gated_body(prune(model)) is not None:
+            gated = gated_costs(model, input_shape(cfg))
+            print(json.dumps(dataclasses.asdict(gated), indent=1) if args.json else format_gated_costs(gated))
+            return 0
         costs = exit_costs(model, input_shape(cfg))
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(costs_as_json(costs), indent=1) if args.json else format_cost_table(costs))
     return 0
+
+
+def format_gated_costs(costs: GatedCosts) -> str:
+    """A gated network's parts in MACs (conv+linear, batch 1, deploy model)."""
+    executed = sum(costs.blocks)
+    return "\n".join(
+        [
+            "MACs = multiply-accumulates (conv+linear), batch 1, deploy model (training-only heads pruned)",
+            f"always run (stem, first block, classifier): {costs.always / 1e6:.2f}M",
+            f"all gates: {costs.gates / 1e6:.3f}M",
+            f"gated blocks, {len(costs.blocks)}: {executed / 1e6:.2f}M when all run "
+            f"(each {min(costs.blocks) / 1e6:.2f}M to {max(costs.blocks) / 1e6:.2f}M); "
+            f"skipped projection shortcuts {sum(costs.shortcuts) / 1e6:.3f}M",
+            f"per sample: {(costs.always + costs.gates + sum(costs.shortcuts)) / 1e6:.2f}M (all skipped) to "
+            f"{costs.full / 1e6:.2f}M (all run); the same network without gates: {costs.plain / 1e6:.2f}M",
+        ]
+    )
 
 
 if __name__ == "__main__":

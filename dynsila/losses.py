@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dynsila.config import Config
 from dynsila.dml import dml_loss
 from dynsila.sila import SiLaOutput, sila_loss_terms
+from models import DynamicOutput
 
 
 def exit_weights(cfg: Config, num_exits: int) -> list[float]:
@@ -27,26 +28,49 @@ def exit_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor, weights
     return torch.stack([w * F.cross_entropy(z, labels) for w, z in zip(weights, logits, strict=True)]).sum()
 
 
-def loss_terms(output: list[torch.Tensor] | SiLaOutput, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+Output = list[torch.Tensor] | DynamicOutput | SiLaOutput
+
+
+def loss_terms(output: Output, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
     """All terms of one model's loss; their sum is what is minimised."""
-    logits = output.logits if isinstance(output, SiLaOutput) else output
+    logits = output.logits if isinstance(output, SiLaOutput | DynamicOutput) else output
     weights = exit_weights(cfg, len(logits))
     terms = {"ce": exit_cross_entropy(logits, labels, weights)}
     if isinstance(output, SiLaOutput):
         terms.update(sila_loss_terms(output, labels, cfg.sila, weights))
+    dynamic = output.dynamic if isinstance(output, SiLaOutput) else output
+    if isinstance(dynamic, DynamicOutput):
+        terms.update(gate_terms(dynamic, labels, cfg))
     return terms
 
 
-def ensemble_loss_terms(
-    outputs: Sequence[list[torch.Tensor] | SiLaOutput], labels: torch.Tensor, cfg: Config
-) -> dict[str, torch.Tensor]:
+def gate_terms(output: DynamicOutput, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """Gated networks. SP: ``gate_cost`` x expected share of gated-block MACs executed (gate probabilities
+    weighted by block cost), so the gates learn to trade accuracy for cost. HRL: REINFORCE on the sampled gate
+    actions with reward -CE(sample) + gate_cost x (blocks skipped), baseline = the batch's mean reward."""
+    if not output.gate_probs:
+        return {}
+    if cfg.train.stage == "sp":
+        if cfg.loss.gate_cost == 0:
+            return {}
+        probs = torch.stack(output.gate_probs, dim=1)  # N x G
+        return {"gate_cost": cfg.loss.gate_cost * (probs * output.block_cost_share).sum(dim=1).mean()}
+    if output.action_log_prob is None:
+        raise ValueError("train.stage=hrl needs gate actions sampled in training (gate_mode='sample')")
+    ce = F.cross_entropy(output.logits[-1], labels, reduction="none").detach()
+    skipped = (1 - torch.stack(output.gate_actions, dim=1)).sum(dim=1)
+    reward = -ce + cfg.loss.gate_cost * skipped
+    return {"reinforce": -((reward - reward.mean()) * output.action_log_prob).mean()}
+
+
+def ensemble_loss_terms(outputs: Sequence[Output], labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
     """Terms of all DML peers summed by name, plus the mutual-learning term when there are several peers."""
     terms: dict[str, torch.Tensor] = {}
     for output in outputs:
         for name, value in loss_terms(output, labels, cfg).items():
             terms[name] = terms[name] + value if name in terms else value
     if len(outputs) > 1:
-        logits = [o.logits if isinstance(o, SiLaOutput) else o for o in outputs]
+        logits = [o.logits if isinstance(o, SiLaOutput | DynamicOutput) else o for o in outputs]
         weights = [exit_weights(cfg, len(z)) for z in logits]
         terms["dml"] = dml_loss(logits, cfg.dml, weights)
     return terms

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynsila.config import SiLaConfig
-from models import MultiExitNetwork
+from models import DynamicOutput, MultiExitNetwork, exit_logits
 
 
 class SiameseHead(nn.Module):
@@ -46,6 +46,7 @@ class SiameseHead(nn.Module):
 class SiLaOutput(NamedTuple):
     logits: list[torch.Tensor]  # main exits, N x C each: what the deployed network computes
     twin_logits: list[torch.Tensor]  # siamese heads, N x C each (training only)
+    dynamic: DynamicOutput | None = None  # a gated network's full output (gate decisions), else None
 
 
 class SiLa(nn.Module):
@@ -78,15 +79,16 @@ class SiLa(nn.Module):
         self._captured.clear()
         self._capturing = True
         try:
-            logits = self.model(x, upto=upto)
+            output = self.model(x, upto=upto)
         finally:
             self._capturing = False
+        logits = exit_logits(output)
         twins = []
         for k in range(len(logits)):
             features, z = self._captured[k]
             twins.append(self.heads[k](features if self.cfg.attach == "features" else z))
         self._captured.clear()  # hold no activations between steps
-        return SiLaOutput(logits, twins)
+        return SiLaOutput(logits, twins, output if isinstance(output, DynamicOutput) else None)
 
     def bare_model(self) -> MultiExitNetwork:
         """A copy of the wrapped model without the siamese hooks: the deploy network."""

@@ -1,8 +1,20 @@
 """Architectures and their registry. Importing this package registers every model."""
 
 from models import msdnet as _msdnet  # noqa: F401  (registers "msdnet")
+from models import skipnet as _skipnet  # noqa: F401  (registers "skipnet")
 from models import timm_exits as _timm_exits  # noqa: F401  (registers "timm_exits")
-from models._protocol import MultiExitNetwork
+from models._protocol import DynamicOutput, MultiExitNetwork, exit_logits
 from models._registry import build, list_models, model_constructor, model_parameters, register_model
+from models.skipnet import gated_body
 
-__all__ = ["MultiExitNetwork", "build", "list_models", "model_constructor", "model_parameters", "register_model"]
+__all__ = [
+    "DynamicOutput",
+    "MultiExitNetwork",
+    "exit_logits",
+    "gated_body",
+    "build",
+    "list_models",
+    "model_constructor",
+    "model_parameters",
+    "register_model",
+]

@@ -6,10 +6,25 @@ A network is ``stem`` followed by ``stages``; exit ``k`` is a classifier reading
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+
+class DynamicOutput(NamedTuple):
+    """What a gated network's ``forward`` returns: its exits' logits and its gates' decisions."""
+
+    logits: list[torch.Tensor]  # N x C per exit
+    gate_probs: list[torch.Tensor]  # per gated block: N, probability of executing
+    gate_actions: list[torch.Tensor]  # per gated block: N, 1 = executed, 0 = skipped (float)
+    action_log_prob: torch.Tensor | None  # N, sum over gates of log pi(action) when actions were sampled
+    block_cost_share: torch.Tensor  # per gated block: its share of all gated blocks' MACs (sums to 1)
+
+
+def exit_logits(output: list[torch.Tensor] | DynamicOutput) -> list[torch.Tensor]:
+    """The per-exit logits of any network's output."""
+    return output.logits if isinstance(output, DynamicOutput) else output
 
 
 class MultiExitNetwork(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -42,3 +44,16 @@ class PoolClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(x))
+
+
+def he_normal_init(m: nn.Module) -> None:
+    """He-normal convolutions (fan-out), unit batch-norm, zero linear bias: the initialisation of the MSDNet and
+    SkipNet papers' code. Use with ``model.apply``."""
+    if isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)

@@ -22,7 +22,7 @@ from torch import nn
 
 from models._protocol import MultiExitNetwork
 from models._registry import register_model
-from models.layers import ConvBNReLU, ConvClassifier
+from models.layers import ConvBNReLU, ConvClassifier, he_normal_init
 
 Features = list[torch.Tensor]  # one map per kept scale, finest first
 
@@ -221,19 +221,7 @@ class MSDNet(MultiExitNetwork):
             c_hidden = head_channels or (128 if stem == "cifar" else c_coarsest)
             self.exits.append(CoarsestScaleClassifier(c_coarsest, c_hidden, num_classes))
         self.exit_after = list(range(n_blocks))
-        self.apply(_init_weights)
-
-
-def _init_weights(m: nn.Module) -> None:
-    """He-normal convs (fan-out), unit batch-norm, zero linear bias: the initialisation of the paper's code."""
-    if isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Linear) and m.bias is not None:
-        nn.init.zeros_(m.bias)
+        self.apply(he_normal_init)
 
 
 @register_model("msdnet")

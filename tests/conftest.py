@@ -44,7 +44,7 @@ def tiny_config(tmp_path: Path):
             "sila": {"enabled": True},
         }
         for section, values in sections.items():
-            if isinstance(values, dict):
+            if isinstance(values, dict) and section != "model":  # a model section replaces the tiny MSDNet
                 raw.setdefault(section, {}).update(values)
             else:
                 raw[section] = values

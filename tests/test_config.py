@@ -101,3 +101,14 @@ def test_sila_and_baseline_twins_differ_only_in_sila_enabled():
         b = dataclasses.replace(b, name=a.name, sila=a.sila)  # run names differ on purpose
         assert a == b, sila_path
     assert checked >= 6
+
+
+def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a float key accepts it all the same
+    cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=5E-4"])
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 2e-2\n")
+    assert load_config(path).train.lr == 0.02
+    with pytest.raises(ConfigError, match="expects int"):
+        load_config(None, ["train.epochs=1e3"])

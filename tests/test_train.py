@@ -29,7 +29,7 @@ def test_one_epoch_run_writes_every_file(tiny_config, capsys):
     assert len(rows[0]["val_top1"]) == 3
 
     checkpoint = load_checkpoint(run / "last.pt")  # weights_only=True inside
-    assert checkpoint["epoch"] == 1 and any(k.startswith("0.heads.") for k in checkpoint["model"])
+    assert checkpoint["epoch"] == 1 and any(k.startswith("peers.0.heads.") for k in checkpoint["model"])
 
     # the saved config alone rebuilds the model; the deploy weights have no SiLa heads and reproduce the table
     saved = yaml.safe_load((run / "config.yaml").read_text())
