@@ -21,6 +21,7 @@ from dynsila.evaluate import CONFIDENCE, collect_logits, fit_thresholds, geometr
 from dynsila.flops import exit_costs
 from dynsila.rundir import input_shape, load_deploy_model
 from dynsila.runner import EarlyExitRunner
+from models import gated_body
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model, cfg = load_deploy_model(args.run_dir)
+        if gated_body(model) is not None:
+            raise DynsilaError(
+                f"{args.run_dir} holds a gated network (one exit); early-exit thresholds do not apply: "
+                f"use python -m dynsila.evaluate {args.run_dir} (it sweeps the gate threshold)"
+            )
         splits = build_splits(cfg.data)
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -53,7 +53,11 @@ def read_run_config(run_dir: Path) -> Config:
 
 def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
     """The pruned model of a finished run, in eval mode, with the config that built it."""
-    state, config_yaml = read_deploy(Path(run_dir) / DEPLOY)
+    run_dir = Path(run_dir)
+    if not (run_dir / DEPLOY).exists() and (run_dir / "peer0" / DEPLOY).exists():
+        peers = ", ".join(str(p) for p in sorted(run_dir.glob("peer*")))
+        raise DynsilaError(f"{run_dir} is a DML run with one deploy model per peer; pass one of: {peers}")
+    state, config_yaml = read_deploy(run_dir / DEPLOY)
     cfg = config_from_yaml(config_yaml)
     model = build_model(cfg)  # the saved config has data.num_classes resolved
     load_weights(model, state, Path(run_dir) / DEPLOY)

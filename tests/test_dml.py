@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dynsila.config import DMLConfig, load_config
 from dynsila.dml import dml_loss, exit_pairs
-from dynsila.errors import ConfigError
+from dynsila.errors import ConfigError, DynsilaError
 from dynsila.flops import count_params
 from dynsila.rundir import build_model, load_deploy_model
 from dynsila.train import train
@@ -62,6 +62,8 @@ def test_sila_with_dml_prunes_to_independent_baseline_sized_models(tiny_config):
     assert "dml" in row and "sila" in row and len(row["peers"]) == 2
     for d in result.peer_dirs:
         assert (d / "eval.json").is_file() and (d / "config.yaml").is_file()
+    with pytest.raises(DynsilaError, match="DML run with one deploy model per peer"):
+        load_deploy_model(result.run_dir)
 
 
 def test_heterogeneous_peers(tiny_config, capsys):

@@ -8,6 +8,7 @@ from torch import nn
 import models
 from dynsila.config import SiLaConfig, load_config
 from dynsila.flops import count_params, gated_costs
+from dynsila.infer import main as infer_main
 from dynsila.sila import SiLa, prune
 from dynsila.train import train
 from models.skipnet import SkipNet, skip
@@ -133,6 +134,7 @@ def test_sp_then_hrl_training_and_gated_evaluation(tiny_config):
     assert report["exits"][0]["macs_plain_resnet"] > 0 and "executed_fraction" in report["exits"][0]
     row = json.loads((sp.run_dir / "metrics.jsonl").read_text())
     assert "gate_cost" in row and "sila" in row
+    assert infer_main([str(sp.run_dir), "--q", "1.0"]) == 2  # early-exit thresholds do not apply to one exit
 
     hrl_path = tiny_config("skip_hrl", model=section, loss={"gate_cost": 0.5})
     hrl = train(load_config(hrl_path, ["data.image_size=16", "train.stage=hrl", f"train.init_from={sp.run_dir}"]))
