@@ -296,7 +296,7 @@ class SkipNet(MultiExitNetwork):
         assert isinstance(body, GatedResidualBody)
         return body
 
-    def forward(self, x: torch.Tensor, upto: int | None = None) -> DynamicOutput:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> DynamicOutput:  # type: ignore[override]  # + gates
         logits = super().forward(x, upto)
         gates = self.body.last_gates
         assert gates is not None
