@@ -174,16 +174,24 @@ def _stats(name: str, train_images: torch.Tensor) -> tuple[tuple[float, ...], tu
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
-def _train_transform(cfg: DataConfig, size: int) -> T.Transform | None:
-    kind = DEFAULT_AUGMENT[cfg.name] if cfg.augment == "auto" else cfg.augment
+def _augment_kind(cfg: DataConfig) -> str:
+    return DEFAULT_AUGMENT[cfg.name] if cfg.augment == "auto" else cfg.augment
+
+
+def _augmentations(kind: str, size: int) -> list[T.Transform]:
+    """The random training transforms of an augmentation kind, on images already ``size`` square (except rrc)."""
     pad = max(1, round(size / 8))  # 4 pixels at CIFAR's 32
-    if kind == "none":
-        return None
-    if kind == "crop":
-        return T.RandomCrop(size, padding=pad)
-    if kind == "crop_flip":
-        return T.Compose([T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip()])
-    return T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()])
+    return {
+        "none": [],
+        "crop": [T.RandomCrop(size, padding=pad)],
+        "crop_flip": [T.RandomCrop(size, padding=pad), T.RandomHorizontalFlip()],
+        "rrc_flip": [T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()],
+    }[kind]
+
+
+def _train_transform(cfg: DataConfig, size: int) -> T.Transform | None:
+    transforms = _augmentations(_augment_kind(cfg), size)
+    return T.Compose(transforms) if transforms else None
 
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -292,9 +300,10 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
             )
     size = image_size_of(cfg)
     to_uint8 = [T.PILToTensor()]  # ImageFolder already converts every image to RGB
-    kind = DEFAULT_AUGMENT[cfg.name] if cfg.augment == "auto" else cfg.augment
-    train_tf = T.Compose([*to_uint8, *_imagefolder_train_augment(kind, size)])
-    eval_tf = T.Compose([*to_uint8, T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)])
+    kind = _augment_kind(cfg)
+    resize = [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]  # 256 / centre 224
+    train_tf = T.Compose([*to_uint8, *([] if kind == "rrc_flip" else resize), *_augmentations(kind, size)])
+    eval_tf = T.Compose([*to_uint8, *resize])
     train_all = ImageFolder(str(root / "train"), transform=train_tf)
     val_all = ImageFolder(str(root / "train"), transform=eval_tf)
     test = ImageFolder(str(root / "val"), transform=eval_tf)
@@ -310,14 +319,3 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
-
-
-def _imagefolder_train_augment(kind: str, size: int) -> list[T.Transform]:
-    if kind == "rrc_flip":
-        return [T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()]
-    base = [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]
-    if kind == "none":
-        return base
-    pad = max(1, round(size / 8))
-    crop = [T.RandomCrop(size, padding=pad)]
-    return base + crop + ([T.RandomHorizontalFlip()] if kind == "crop_flip" else [])

@@ -342,7 +342,7 @@ def gated_results(
 
 
 def _top1(p: GatedPass) -> float:
-    return float((p.logits.argmax(-1) == p.labels).double().mean() * 100) if len(p.labels) else 0.0
+    return float(topk_accuracy(p.logits[:, None], p.labels)[0])
 
 
 # --- a run directory ----------------------------------------------------------------------------------------

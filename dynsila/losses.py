@@ -31,9 +31,14 @@ def exit_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor, weights
 Output = list[torch.Tensor] | DynamicOutput | SiLaOutput
 
 
+def logits_of(output: Output) -> list[torch.Tensor]:
+    """The per-exit logits of any training output (plain, gated or SiLa-wrapped)."""
+    return output.logits if isinstance(output, SiLaOutput | DynamicOutput) else output
+
+
 def loss_terms(output: Output, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
     """All terms of one model's loss; their sum is what is minimised."""
-    logits = output.logits if isinstance(output, SiLaOutput | DynamicOutput) else output
+    logits = logits_of(output)
     weights = exit_weights(cfg, len(logits))
     terms = {"ce": exit_cross_entropy(logits, labels, weights)}
     if isinstance(output, SiLaOutput):
@@ -70,7 +75,7 @@ def ensemble_loss_terms(outputs: Sequence[Output], labels: torch.Tensor, cfg: Co
         for name, value in loss_terms(output, labels, cfg).items():
             terms[name] = terms[name] + value if name in terms else value
     if len(outputs) > 1:
-        logits = [o.logits if isinstance(o, SiLaOutput | DynamicOutput) else o for o in outputs]
+        logits = [logits_of(o) for o in outputs]
         weights = [exit_weights(cfg, len(z)) for z in logits]
         terms["dml"] = dml_loss(logits, cfg.dml, weights)
     return terms

@@ -39,10 +39,10 @@ from dynsila.data import Splits, build_splits, dataset_size, make_loader, normal
 from dynsila.dml import exit_pairs
 from dynsila.errors import ConfigError, DynsilaError, TrainingError
 from dynsila.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
-from dynsila.losses import ensemble_loss_terms
+from dynsila.losses import Output, ensemble_loss_terms, logits_of
 from dynsila.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
-from dynsila.sila import SiLa, SiLaOutput, prune, unwrap
-from models import DynamicOutput, gated_body
+from dynsila.sila import SiLa, prune, unwrap
+from models import gated_body
 
 
 @dataclass
@@ -80,7 +80,7 @@ class Ensemble(nn.Module):
         super().__init__()
         self.peers = nn.ModuleList(peers)
 
-    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor] | DynamicOutput | SiLaOutput]:
+    def forward(self, x: torch.Tensor) -> list[Output]:
         return [peer(x) for peer in self.peers]
 
 
@@ -192,8 +192,7 @@ def _train(cfg: Config, force: bool, ctx: distributed.Context) -> TrainResult:
                     check_finite(loss, terms, epoch, step, run_dir, ctx)
                     scaler.scale(loss / micro).backward()
                 for hits, output in zip(hits_per_peer, outputs, strict=True):
-                    logits = output.logits if isinstance(output, SiLaOutput | DynamicOutput) else output
-                    hits += (torch.stack(logits, dim=1).argmax(-1) == ys[:, None]).sum(0).cpu()
+                    hits += (torch.stack(logits_of(output), dim=1).argmax(-1) == ys[:, None]).sum(0).cpu()
                 for name, value in {"loss": loss, **terms}.items():
                     sums[name] = sums.get(name, 0.0) + value.item() * len(ys)
                 seen += len(ys)
