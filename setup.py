@@ -8,7 +8,11 @@ setup(
     description="Dynamic (early-exit and input-adaptive) networks with Siamese Labels auxiliary learning",
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["dynsila", "dynsila.*", "models", "models.*"]),
+    # The repository keeps the architectures in a top-level models/ folder; dynsila/models is a symlink to it, so
+    # the folder installs and imports as dynsila.models and "dynsila" is the only top-level name in site-packages
+    # (tests/test_packaging.py checks the wheel). A symlink rather than package_dir: mypy and an uninstalled
+    # checkout (python -m dynsila.train from the repository root) then resolve dynsila.models the same way.
+    packages=find_packages(include=["dynsila", "dynsila.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch",  # unpinned on purpose: the machine's own build is used

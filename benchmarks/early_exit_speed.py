@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-import models
+from dynsila import models
 from dynsila.checkpoint import atomic_write_text
 from dynsila.config import load_config
 from dynsila.evaluate import thresholds_for_budget

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import models
+from dynsila import models
 from dynsila.checkpoint import atomic_write_text
 from dynsila.flops import gated_costs
 

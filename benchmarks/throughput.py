@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-import models
+from dynsila import models
 from dynsila.checkpoint import atomic_write_text
 from dynsila.config import SiLaConfig, load_config
 from dynsila.fuse import fold_batchnorm

@@ -19,8 +19,14 @@ from typing import Any, Literal
 
 import yaml
 
-import models
+from dynsila import models
 from dynsila.errors import ConfigError
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Any:
+    """A numeric config field with its valid range [low, high] (or (low, high] with ``low_open``), checked with
+    the config: a value outside stops before anything runs, naming key, value and range. None = unbounded."""
+    return field(default=default, metadata={"range": (low, high, low_open)})
 
 
 @dataclass
@@ -195,7 +201,8 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
             f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {type(raw).__name__}"
         )
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     for key in raw:
         if key not in names:
             raise _unknown_key(str(key), names, prefix)
@@ -208,7 +215,22 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _build_dataclass(hint, raw[name], f"{prefix}{name}.")
         else:
             values[name] = check_type(raw[name], hint, f"{prefix}{name}")
+            if "range" in fields[name].metadata:
+                check_range(values[name], fields[name].metadata["range"], f"{prefix}{name}")
     return cls(**values)
+
+
+def check_range(value: Any, valid: tuple[float | None, float | None, bool], key: str) -> None:
+    """Raise naming key, value and range when a number (or any number of a list) lies outside ``valid``."""
+    low, high, low_open = valid
+    for number in value if isinstance(value, list) else [value]:
+        if number is None:
+            continue
+        below = low is not None and (number <= low if low_open else number < low)
+        if below or (high is not None and number > high):
+            left = "(" if low_open else "["
+            shown = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise ConfigError(f"config key '{key}' must lie in {shown}, got {number!r}")
 
 
 def _validate_model_section(section: dict[str, Any], where: str) -> dict[str, Any]:

@@ -38,8 +38,8 @@ from dynsila.checkpoint import atomic_write_text
 from dynsila.data import build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
 from dynsila.flops import ExitCost, GatedCosts, exit_costs, gated_costs
+from dynsila.models import exit_logits, gated_body
 from dynsila.rundir import input_shape, load_deploy_model
-from models import exit_logits, gated_body
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
 DEFAULT_QS = tuple(p / 20 for p in range(1, 40))  # 0.05, 0.10, ..., 1.95

@@ -34,10 +34,10 @@ from torch.utils._pytree import tree_leaves
 
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
+from dynsila.models import MultiExitNetwork, exit_logits, gated_body
+from dynsila.models.skipnet import RecurrentGate, skip
 from dynsila.rundir import build_model, input_shape
 from dynsila.sila import SiLa, prune
-from models import MultiExitNetwork, exit_logits, gated_body
-from models.skipnet import RecurrentGate, skip
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # fvcore's import-time torch.jit.script deprecation notices

@@ -19,9 +19,9 @@ from dynsila.data import build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
 from dynsila.evaluate import CONFIDENCE, collect_logits, fit_thresholds, geometric_fractions, thresholds_for_budget
 from dynsila.flops import exit_costs
+from dynsila.models import gated_body
 from dynsila.rundir import input_shape, load_deploy_model
 from dynsila.runner import EarlyExitRunner
-from models import gated_body
 
 
 def main(argv: list[str] | None = None) -> int:

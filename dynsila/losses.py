@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from dynsila.config import Config
 from dynsila.dml import dml_loss
+from dynsila.models import DynamicOutput
 from dynsila.sila import SiLaOutput, sila_loss_terms
-from models import DynamicOutput
 
 
 def exit_weights(cfg: Config, num_exits: int) -> list[float]:

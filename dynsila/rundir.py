@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import models
+from dynsila import models
 from dynsila.checkpoint import atomic_write_text, load_weights, read_deploy
 from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
-from models import MultiExitNetwork
-from models.timm_exits import PretrainedWeightsUnavailable
+from dynsila.models import MultiExitNetwork
+from dynsila.models.timm_exits import PretrainedWeightsUnavailable
 
 CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynsila.config import SiLaConfig
-from models import DynamicOutput, MultiExitNetwork, exit_logits
+from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 
 
 class SiameseHead(nn.Module):

@@ -40,9 +40,9 @@ from dynsila.dml import exit_pairs
 from dynsila.errors import ConfigError, DynsilaError, TrainingError
 from dynsila.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
 from dynsila.losses import Output, ensemble_loss_terms, logits_of
+from dynsila.models import gated_body
 from dynsila.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
 from dynsila.sila import SiLa, prune, unwrap
-from models import gated_body
 
 
 @dataclass

@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from models._protocol import MultiExitNetwork
-from models._registry import register_model
-from models.layers import ConvBNReLU, ConvClassifier, he_normal_init
+from ._protocol import MultiExitNetwork
+from ._registry import register_model
+from .layers import ConvBNReLU, ConvClassifier, he_normal_init
 
 Features = list[torch.Tensor]  # one map per kept scale, finest first
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models._protocol import DynamicOutput, MultiExitNetwork
-from models._registry import register_model
-from models.layers import PoolClassifier, he_normal_init
+from ._protocol import DynamicOutput, MultiExitNetwork
+from ._registry import register_model
+from .layers import PoolClassifier, he_normal_init
 
 # --- residual blocks -------------------------------------------------------------------------------------------
 

@@ -22,9 +22,9 @@ from typing import Any, Literal, cast
 import timm
 from torch import nn
 
-from models._protocol import MultiExitNetwork
-from models._registry import register_model
-from models.layers import ConvClassifier, PoolClassifier
+from ._protocol import MultiExitNetwork
+from ._registry import register_model
+from .layers import ConvClassifier, PoolClassifier
 
 
 class PretrainedWeightsUnavailable(RuntimeError):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-import models
+from dynsila import models
 from dynsila.config import config_from_yaml, config_to_yaml, load_config
 from dynsila.errors import ConfigError
 from dynsila.rundir import build_model

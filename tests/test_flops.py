@@ -6,12 +6,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
-from dynsila import flops
+from dynsila import flops, models
 from dynsila.config import SiLaConfig
 from dynsila.flops import exit_costs, main
+from dynsila.models import MultiExitNetwork
 from dynsila.sila import SiLa
-from models import MultiExitNetwork
 from tests.test_msdnet import CIFAR100_B7, IMAGENET_STEP4
 
 

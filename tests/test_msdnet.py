@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from dynsila import models
 from dynsila.config import load_config
 from dynsila.flops import exit_params_cumulative
 

@@ -2,14 +2,14 @@ import pytest
 import torch
 from torch import nn
 
-import models
+from dynsila import models
 from dynsila.evaluate import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
 from dynsila.flops import exit_costs
 from dynsila.fuse import fold_batchnorm
 from dynsila.infer import main as infer_main
+from dynsila.models import MultiExitNetwork
 from dynsila.runner import EarlyExitRunner
 from dynsila.train import main as train_main
-from models import MultiExitNetwork
 
 
 def tiny_msdnet(kwargs, seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
+from dynsila import models
 from dynsila.config import SiLaConfig
 from dynsila.sila import SiLa, SiLaOutput, joint_siamese_cross_entropy, prune, sila_loss_terms
 

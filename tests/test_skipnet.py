@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
+from dynsila import models
 from dynsila.config import SiLaConfig, load_config
 from dynsila.flops import count_params, gated_costs
 from dynsila.infer import main as infer_main
+from dynsila.models.skipnet import SkipNet, skip
 from dynsila.sila import SiLa, prune
 from dynsila.train import train
-from models.skipnet import SkipNet, skip
 
 # The public implementation builds a gate after the last block that nothing reads; dynsila leaves it out, so
 # its published counts are ours plus that gate: FFGate-I 74,114, FFGate-II 37,122, RNN (64 channels) 650, and

@@ -5,13 +5,13 @@ import timm
 import torch
 from torch import nn
 
-import models
+from dynsila import models
 from dynsila.config import load_config
 from dynsila.errors import ConfigError
 from dynsila.flops import exit_costs, module_macs
 from dynsila.flops import main as flops_main
+from dynsila.models.timm_exits import TimmExits
 from dynsila.rundir import build_model
-from models.timm_exits import TimmExits
 
 REPO = Path(__file__).resolve().parents[1]
 
