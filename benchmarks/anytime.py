@@ -1,379 +1,335 @@
-"""Does SiLa help? Anytime prediction over seeds, with intervals, paired tests and the generalisation gap.
+"""Does SiLa help? A seed-paired experiment with controls that can fail, resumable across machines.
 
-    python benchmarks/anytime.py --preset cpu        # small MSDNet on ../shared/data/cifar10_dev.npz, ~1 hour
-    python benchmarks/anytime.py --preset paper      # CIFAR-100 MSDNet b7, 300 epochs per run: GPUs
+    python benchmarks/anytime.py --preset cpu --max-minutes 120   # trains what is missing, stops cleanly
+    python benchmarks/anytime.py --preset cpu --report-only       # the aggregate from the committed run files
+    python benchmarks/anytime.py --preset cpu --dry-run           # the plan: which runs exist, which are missing
+    python benchmarks/anytime.py --preset gpu                     # the same grid, concurrent processes on one GPU
 
-Trains every method of the grid on every seed (same data split, schedule and architecture), evaluates each
-deploy model, and writes benchmarks/results/anytime_<dataset>.{json,md,png}. Finished runs under
-runs/anytime_<dataset>/ are reused, so an interrupted benchmark continues where it stopped.
+Every (method, seed) run trains ``python -m dynsila.train`` in a subprocess and, when it finishes, leaves one
+small JSON under ``benchmarks/results/anytime_<dataset>/runs/`` (per-exit accuracy on val, test and the clean
+training split, MACs, parameters, the budgeted curve, the last epoch's metrics and monitors, the code version).
+Those files are the experiment: the aggregate (``anytime_<dataset>.{json,md,png}``) is recomputed from them
+alone, and a re-invocation trains only the runs that have no file yet (an interrupted run resumes from its
+``last.pt`` under ``runs/``). Checkpoints are never committed; the run files are.
 
-Methods: baseline; SiLa with the twin head on features, on logits, and with the joint softmax; DML (2 peers);
-SiLa + DML. For DML runs the statistics use peer 0 (peers are exchangeable; both are in the JSON).
+Methods come in two tiers (issue 17): tier 1 (five seeds) holds the comparisons the experiment is sized for —
+each SiLa reading against the baseline and against the loss-scale control, and the positive control
+(self-distillation) against the baseline; tier 2 (three seeds) the other readings, DML and the half-width pair.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
-import math
-import platform
-import shlex
+import os
+import signal
+import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from scipy import stats
+if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynsila.checkpoint import atomic_write, atomic_write_text
-from dynsila.config import load_config
-from dynsila.data import ArrayDataset, build_splits, make_loader
-from dynsila.errors import DynsilaError
-from dynsila.evaluate import EVAL_FILE, collect_logits, json_safe, topk_accuracy
-from dynsila.rundir import DEPLOY, load_deploy_model
-from dynsila.train import train
+from benchmarks.anytime_report import markdown, plot, summarise
+from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, budget_points, command_line, environment, write_results
+from dynsila.checkpoint import atomic_write_text
+from dynsila.evaluate import EVAL_FILE, collect_logits, topk_accuracy
+from dynsila.rundir import DEPLOY, LAST, load_deploy_model
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+SILA = ("sila.enabled=true", "sila.head=linear")
 
-METHODS: dict[str, list[str]] = {
-    "baseline": ["sila.enabled=false"],
-    "sila_features": ["sila.enabled=true", "sila.attach=features", "sila.softmax=separate"],
-    "sila_logits": ["sila.enabled=true", "sila.attach=logits", "sila.softmax=separate"],
-    "sila_joint": ["sila.enabled=true", "sila.attach=features", "sila.softmax=joint"],
-    "dml": ["sila.enabled=false", "dml.peers=2"],
-    "sila_dml": ["sila.enabled=true", "sila.attach=features", "sila.softmax=separate", "dml.peers=2"],
+
+@dataclass(frozen=True)
+class Method:
+    tier: int
+    overrides: tuple[str, ...]
+    about: str
+    half_width: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "baseline": Method(1, ("sila.enabled=false",), "sum_k CE(z_k, y)"),
+    "baseline_x2": Method(
+        1,
+        ("sila.enabled=false", "loss.ce_weight=2.0"),
+        "loss-scale control: the baseline with its cross-entropy x (1 + lambda), lambda = 1",
+    ),
+    "sila_joint_only": Method(
+        1, (*SILA, "sila.attach=features", "sila.softmax=joint_only"), "SiLa, SilaNet v1 reading: one 2C softmax"
+    ),
+    "sila_features": Method(
+        1, (*SILA, "sila.attach=features", "sila.softmax=separate"), "SiLa, twin head on features (our default)"
+    ),
+    "self_distill": Method(
+        1, ("sila.enabled=false", "loss.self_distill=1.0"), "positive control: last exit distils into the others"
+    ),
+    "sila_logits": Method(2, (*SILA, "sila.attach=logits", "sila.softmax=separate"), "SiLa, twin head on logits"),
+    "sila_joint": Method(2, (*SILA, "sila.attach=features", "sila.softmax=joint"), "SiLa, 2C softmax + main CE"),
+    "dml": Method(2, ("sila.enabled=false", "dml.peers=2"), "Deep Mutual Learning, 2 peers (peer 0 reported)"),
+    "sila_dml": Method(2, (*SILA, "sila.attach=features", "sila.softmax=separate", "dml.peers=2"), "SiLa + DML"),
+    "sila_self_distill": Method(
+        2, (*SILA, "sila.attach=features", "sila.softmax=separate", "loss.self_distill=1.0"), "SiLa + self-distil"
+    ),
+    "half_sila": Method(
+        2, (*SILA, "sila.attach=features", "sila.softmax=joint_only"), "half width, SiLa joint_only", True
+    ),
+    "half_baseline": Method(2, ("sila.enabled=false",), "half width, baseline", True),
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "dataset": "cifar10_dev",
-        "config": "configs/cifar10_dev/msdnet_sila.yaml",
-        "needs": "../shared/data/cifar10_dev.npz",
-        "overrides": [
-            "train.epochs=10",
-            "train.schedule=cosine",
-            "train.eval_test_every_epoch=false",
-            "train.log_every=100000",
-        ],
-        "seeds": [0, 1, 2],
-    },
-    "paper": {
-        "dataset": "cifar100",
-        "config": "configs/cifar100/msdnet_sila.yaml",
-        "needs": "data/cifar-100-python",
-        "overrides": ["train.eval_test_every_epoch=false"],
-        "seeds": [0, 1, 2],
-    },
-}
+
+@dataclass(frozen=True)
+class Preset:
+    dataset: str  # names the results: anytime_<dataset>
+    config: str
+    needs: str  # the data file or folder, relative to the repository root
+    overrides: tuple[str, ...]
+    half_width: tuple[str, ...]  # model overrides that halve channels and growth
+    seeds: dict[int, int] = field(default_factory=lambda: {1: 5, 2: 3})  # tier -> number of seeds
+    jobs: int = 2  # concurrent training processes
+    threads: int = 1  # CPU threads per process
+    device: str = "cpu"
+
+
+QUIET = ("train.eval_test_every_epoch=false", "train.log_every=100000")
+CPU_HALF = ("model.n_channels=4", "model.growth_rate=2", "model.head_channels=16")
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset("cifar10_dev2", "configs/cifar10_dev2/msdnet_anytime.yaml", "../shared/data/cifar10_dev2.npz",
+                  QUIET, CPU_HALF),
+    "gpu": Preset("cifar10_dev2_gpu", "configs/cifar10_dev2/msdnet_anytime.yaml", ".gpu/cifar10_dev2.npz",
+                  (*QUIET, "data.root=.gpu/cifar10_dev2.npz", "data.on_device=true", "train.device=cuda"),
+                  CPU_HALF, jobs=12, threads=1, device="cuda"),
+    "paper": Preset("cifar100", "configs/cifar100/msdnet_sila.yaml", "data/cifar-100-python", QUIET,
+                    ("model.n_channels=8", "model.growth_rate=3"), seeds={1: 5, 2: 3}, jobs=1, threads=8,
+                    device="cuda"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}_seed{self.seed}"
+
+
+def plan(preset: Preset, methods: list[str]) -> list[RunSpec]:
+    """Every run of the grid, seed-major within a tier, so partial results stay paired and balanced."""
+    specs = []
+    for tier in sorted(preset.seeds):
+        tier_methods = [m for m in methods if METHODS[m].tier == tier]
+        specs += [RunSpec(m, s) for s in range(preset.seeds[tier]) for m in tier_methods]
+    return specs
+
+
+def run_file(results: Path, spec: RunSpec) -> Path:
+    return results / "runs" / f"{spec.name}.json"
+
+
+def run_overrides(preset: Preset, spec: RunSpec) -> list[str]:
+    """The config overrides that make this run: the preset's, the method's, the seed."""
+    method = METHODS[spec.method]
+    return [
+        *preset.overrides,
+        *method.overrides,
+        *(preset.half_width if method.half_width else ()),
+        f"seed={spec.seed}",
+    ]
+
+
+def train_command(preset: Preset, spec: RunSpec, runs_root: Path) -> list[str]:
+    run_dir = runs_root / spec.name
+    overrides = [*run_overrides(preset, spec), f"out_dir={runs_root}", f"name={spec.name}"]
+    resume = (run_dir / LAST).exists() and not (run_dir / EVAL_FILE).exists()
+    return [sys.executable, "-m", "dynsila.train", preset.config, *overrides, "resume=true" if resume else "--force"]
+
+
+def clean_train_accuracy(deploy_dir: Path, device: str) -> list[float]:
+    """Top-1 per exit on the training images without augmentation (for the generalisation gap)."""
+    from dynsila.data import ArrayDataset, build_splits, make_loader
+
+    model, cfg = load_deploy_model(deploy_dir)
+    splits = build_splits(cfg.data)
+    images, labels = getattr(splits.train, "images", None), getattr(splits.train, "labels", None)
+    if images is None or labels is None:
+        raise RuntimeError("the generalisation gap needs an in-memory dataset (digits, cifar, npz)")
+    loader = make_loader(ArrayDataset(images, labels), 512, False)
+    return topk_accuracy(*collect_logits(model.to(device), loader, splits.mean, splits.std, device)).tolist()
+
+
+def deploy_dirs(run_dir: Path) -> list[Path]:
+    """Where a run's deploy models are: the run itself, or peer0, peer1, ... for DML."""
+    return [run_dir] if (run_dir / DEPLOY).exists() else sorted(run_dir.glob("peer*"))
+
+
+def peer_record(deploy_dir: Path, device: str) -> dict[str, Any]:
+    report = json.loads((deploy_dir / EVAL_FILE).read_text())
+    exits = report["exits"]
+    return {
+        "exit_macs": [e["macs_cumulative"] for e in exits],
+        "params_cumulative": [e["params_cumulative"] for e in exits],
+        "val_top1": [e["val_top1"] for e in exits],
+        "test_top1": [e["test_top1"] for e in exits],
+        "train_top1_clean": clean_train_accuracy(deploy_dir, device),
+        "budgeted": [{k: p[k] for k in ("q", "avg_macs", "test_top1")} for p in budget_points(report)],
+        "splits": report["splits"],
+    }
+
+
+def code_version() -> str:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "dynsila") else "")
+
+
+def record_run(preset_name: str, spec: RunSpec, run_dir: Path, device: str) -> dict[str, Any]:
+    """The small per-run file: everything the aggregate needs, nothing large (no logits, no weights)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = {k: v for k, v in rows[-1].items() if k != "peers"}
+    return {
+        "method": spec.method,
+        "seed": spec.seed,
+        "tier": METHODS[spec.method].tier,
+        "preset": preset_name,
+        "train": f"python -m dynsila.train {PRESETS[preset_name].config} "
+        + " ".join(run_overrides(PRESETS[preset_name], spec)),
+        "code": code_version(),
+        "environment": environment(device),
+        "epochs": len(rows),
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "last_epoch": last,
+        "peers": [peer_record(d, device) for d in deploy_dirs(run_dir)],
+    }
 
 
 # --- running the grid ---------------------------------------------------------------------------------------
 
 
-def run_dirs(run_dir: Path) -> list[Path]:
-    """The deploy directories of a run: itself, or peer0, peer1, ... for DML."""
-    return [run_dir] if (run_dir / DEPLOY).exists() else sorted(run_dir.glob("peer*"))
+@dataclass
+class Job:
+    spec: RunSpec
+    process: subprocess.Popen[bytes]
+    started: float
 
 
-def train_or_reuse(config: Path, overrides: list[str], run_dir: Path) -> float:
-    """Train the run unless it finished before; returns the seconds spent (0 when reused)."""
-    dirs = run_dirs(run_dir)
-    if dirs and all((d / EVAL_FILE).exists() for d in dirs):
-        return 0.0
-    cfg = load_config(config, [*overrides, f"out_dir={run_dir.parent}", f"name={run_dir.name}"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with (run_dir / "train.log").open("w") as log, contextlib.redirect_stdout(log):
-        train(cfg, force=True)
-    return time.perf_counter() - start
-
-
-def clean_train_accuracy(deploy_dir: Path) -> list[float]:
-    """Top-1 per exit on the training split without augmentation (for the generalisation gap); cached."""
-    cache = deploy_dir / "train_top1.json"
-    if cache.exists():
-        return list(json.loads(cache.read_text()))
-    model, cfg = load_deploy_model(deploy_dir)
-    splits = build_splits(cfg.data)
-    train_set = splits.train
-    if not isinstance(train_set, ArrayDataset):
-        raise DynsilaError("the generalisation gap needs an in-memory dataset (digits, cifar, npz)")
-    clean = ArrayDataset(train_set.images, train_set.labels)
-    accuracy = topk_accuracy(*collect_logits(model, make_loader(clean, 512, False), splits.mean, splits.std)).tolist()
-    atomic_write_text(cache, json.dumps(accuracy))
-    return accuracy
-
-
-def collect(run_dir: Path) -> dict[str, Any]:
-    peers = []
-    for d in run_dirs(run_dir):
-        report = json.loads((d / EVAL_FILE).read_text())
-        peers.append({"eval": report, "train_top1_clean": clean_train_accuracy(d)})
-    return {"run_dir": str(run_dir), "peers": peers}
-
-
-# --- statistics ---------------------------------------------------------------------------------------------
-
-
-def interval(values: np.ndarray) -> dict[str, float]:
-    """Mean, sample std and the 95 % t-interval half-width over seeds."""
-    n = len(values)
-    std = float(np.std(values, ddof=1)) if n > 1 else 0.0
-    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
-    return {"mean": float(np.mean(values)), "std": std, "ci95": half}
-
-
-def paired(values: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
-    """Paired difference to the baseline over seeds, with its 95 % interval and a paired t-test."""
-    diff = values - baseline
-    result = interval(diff)
-    if len(diff) > 1 and np.std(diff) > 0:
-        result["p_value"] = float(stats.ttest_rel(values, baseline).pvalue)
-    else:
-        result["p_value"] = math.nan
-    return result
-
-
-def anytime_area(macs: np.ndarray, accuracy: np.ndarray) -> float:
-    """Mean accuracy over the exits' MACs range: trapezoid area under accuracy vs MACs, divided by the range."""
-    if len(macs) == 1:
-        return float(accuracy[0])
-    return float(np.trapezoid(accuracy, macs) / (macs[-1] - macs[0]))
-
-
-def budgeted_at(points: list[dict[str, Any]], grid: np.ndarray) -> np.ndarray:
-    xs = np.array([p["avg_macs"] for p in points])
-    ys = np.array([p["test_top1"] for p in points])
-    order = np.argsort(xs)
-    return np.interp(grid, xs[order], ys[order])
-
-
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per method: per-exit intervals, anytime area, budgeted curve, generalisation gap, paired tests."""
-    first = next(iter(runs.values()))[0]["peers"][0]["eval"]
-    macs = np.array([e["macs_cumulative"] for e in first["exits"]], dtype=float)
-    lo = max(min(p["avg_macs"] for p in _budget_points(r)) for rs in runs.values() for r in rs)
-    hi = min(max(p["avg_macs"] for p in _budget_points(r)) for rs in runs.values() for r in rs)
-    grid = np.linspace(lo, hi, 8)
-    table: dict[str, dict[str, Any]] = {}
-    for method, seeds in runs.items():
-        test = np.array([[e["test_top1"] for e in r["peers"][0]["eval"]["exits"]] for r in seeds])  # S x K
-        train_clean = np.array([r["peers"][0]["train_top1_clean"] for r in seeds])
-        area = np.array([anytime_area(macs, t) for t in test])
-        budget = np.array([budgeted_at(_budget_points(r), grid) for r in seeds])  # S x G
-        table[method] = {
-            "seeds": len(seeds),
-            "test_top1": [interval(test[:, k]) for k in range(test.shape[1])],
-            "anytime_area": interval(area),
-            "budgeted_top1": [interval(budget[:, g]) for g in range(len(grid))],
-            "budgeted_mean": interval(budget.mean(axis=1)),
-            "gap": [interval(train_clean[:, k] - test[:, k]) for k in range(test.shape[1])],
-            "gap_mean": interval((train_clean - test).mean(axis=1)),
-            "_test": test,
-            "_area": area,
-            "_budget": budget.mean(axis=1),
-            "_gap": (train_clean - test).mean(axis=1),
-        }
-    base = table["baseline"]
-    for _method, row in table.items():
-        row["vs_baseline"] = {
-            "test_top1": [paired(row["_test"][:, k], base["_test"][:, k]) for k in range(row["_test"].shape[1])],
-            "anytime_area": paired(row["_area"], base["_area"]),
-            "budgeted_mean": paired(row["_budget"], base["_budget"]),
-            "gap_mean": paired(row["_gap"], base["_gap"]),
-        }
-    for row in table.values():
-        for key in [k for k in row if k.startswith("_")]:
-            del row[key]
-    return {"exit_macs": macs.tolist(), "budget_grid_macs": grid.tolist(), "methods": table}
-
-
-def _budget_points(run: dict[str, Any]) -> list[dict[str, Any]]:
-    curves = run["peers"][0]["eval"]["curves"]
-    return next(c["points"] for c in curves if c.get("criterion") == "max_prob")
-
-
-def verdict(row: dict[str, Any]) -> str:
-    d = row["vs_baseline"]["anytime_area"]
-    if math.isnan(d["ci95"]) or abs(d["mean"]) <= d["ci95"]:
-        return "no difference beyond noise"
-    return "better than the baseline" if d["mean"] > 0 else "worse than the baseline"
-
-
-# --- reporting ----------------------------------------------------------------------------------------------
-
-
-def fmt(i: dict[str, float], digits: int = 2) -> str:
-    return f"{i['mean']:.{digits}f} ± {i['ci95']:.{digits}f}"
-
-
-def markdown(payload: dict[str, Any]) -> str:
-    s = payload["summary"]
-    methods = s["methods"]
-    k_exits = len(s["exit_macs"])
-    lines = [
-        f"# Anytime prediction on {payload['dataset']}: does SiLa help?",
-        "",
-        f"Command: `{payload['command']}`  ",
-        f"Date: {payload['environment']['date']}; {payload['environment']['platform']}; torch "
-        f"{payload['environment']['torch']}; wall time {payload['wall_seconds'] / 60:.1f} min "
-        f"({payload['trained_seconds'] / 60:.1f} min of it training in this invocation)",
-        "",
-        f"Setup: `{payload['config']}` with overrides `{' '.join(payload['overrides'])}`; seeds "
-        f"{payload['seeds']}; identical data split, schedule and architecture for every method. "
-        "Test top-1 in %, mean ± 95 % t-interval half-width over seeds. MACs = multiply-accumulates of the deploy "
-        "model (training-only heads pruned), as evaluated. DML rows report peer 0.",
-        "",
-        "## Verdict",
-        "",
-        "Anytime area = mean test top-1 over the exits' MACs range (trapezoid). Difference to the baseline paired "
-        "by seed; 'beyond noise' means the 95 % interval of the paired difference excludes 0.",
-        "",
-        "| method | anytime area | Δ vs baseline | p (paired t) | budgeted mean | Δ budgeted | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, row in methods.items():
-        d, b = row["vs_baseline"]["anytime_area"], row["vs_baseline"]["budgeted_mean"]
-        lines.append(
-            f"| {name} | {fmt(row['anytime_area'])} | {fmt(d)} | {d['p_value']:.3f} | "
-            f"{fmt(row['budgeted_mean'])} | {fmt(b)} | {verdict(row) if name != 'baseline' else '-'} |"
+def launch(preset: Preset, spec: RunSpec, runs_root: Path, threads: int) -> Job:
+    runs_root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with (runs_root / f"{spec.name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            train_command(preset, spec, runs_root), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    lines += [
-        "",
-        "## Test top-1 per exit",
-        "",
-        "| method | " + " | ".join(f"exit {k + 1} ({m / 1e6:.2f}M)" for k, m in enumerate(s["exit_macs"])) + " |",
-        "| --- " * (k_exits + 1) + "|",
-    ]
-    for name, row in methods.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(i) for i in row["test_top1"]) + " |")
-    lines += [
-        "",
-        "## Paired difference to the baseline per exit (points; p of the paired t-test)",
-        "",
-        "| method | " + " | ".join(f"exit {k + 1}" for k in range(k_exits)) + " |",
-        "| --- " * (k_exits + 1) + "|",
-    ]
-    for name, row in methods.items():
-        if name == "baseline":
-            continue
-        cells = [f"{fmt(d)} (p {d['p_value']:.2f})" for d in row["vs_baseline"]["test_top1"]]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Budgeted batch classification (max_prob thresholds fitted on val), test top-1 at matched average MACs",
-        "",
-        "| method | " + " | ".join(f"{m / 1e6:.2f}M" for m in s["budget_grid_macs"]) + " |",
-        "| --- " * (len(s["budget_grid_macs"]) + 1) + "|",
-    ]
-    for name, row in methods.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(i, 1) for i in row["budgeted_top1"]) + " |")
-    lines += [
-        "",
-        "## Generalisation: train (clean, no augmentation) minus test top-1, mean over exits",
-        "",
-        "| method | gap | Δ vs baseline | p |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, row in methods.items():
-        d = row["vs_baseline"]["gap_mean"]
-        lines.append(f"| {name} | {fmt(row['gap_mean'])} | {fmt(d)} | {d['p_value']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return Job(spec, process, time.monotonic())
 
 
-def plot(payload: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def finish(job: Job, preset_name: str, runs_root: Path, results: Path, device: str) -> None:
+    """Write the run's file when its training succeeded; otherwise name the log to read."""
+    log = runs_root / f"{job.spec.name}.log"
+    if job.process.returncode != 0:
+        print(f"{job.spec.name}: training failed (exit {job.process.returncode}); see {log}", flush=True)
+        return
+    record = record_run(preset_name, job.spec, runs_root / job.spec.name, device)
+    atomic_write_text(run_file(results, job.spec), json.dumps(record, indent=1))
+    minutes = (time.monotonic() - job.started) / 60
+    print(f"{job.spec.name}: done in {minutes:.1f} min ({record['train_seconds'] / 60:.1f} min training)", flush=True)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    s = payload["summary"]
-    macs = np.array(s["exit_macs"]) / 1e6
-    grid = np.array(s["budget_grid_macs"]) / 1e6
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
-    for i, (name, row) in enumerate(s["methods"].items()):
-        mean = [x["mean"] for x in row["test_top1"]]
-        ci = [x["ci95"] for x in row["test_top1"]]
-        offset = (i - len(s["methods"]) / 2) * 0.01 * (macs[-1] - macs[0])  # side by side error bars
-        ax1.errorbar(macs + offset, mean, yerr=ci, marker="o", capsize=3, label=name, color=f"C{i}")
-        ax2.plot(grid, [x["mean"] for x in row["budgeted_top1"]], "-", label=name, color=f"C{i}")
-    ax1.set_title("anytime prediction (mean ± 95 % CI over seeds)")
-    ax2.set_title("budgeted batch classification (mean over seeds)")
-    for ax in (ax1, ax2):
-        ax.set_xlabel("MACs per image (millions)")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    fig.suptitle(f"{payload['dataset']}: {payload['seeds']} seeds", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+def run_grid(preset_name: str, pending: list[RunSpec], args: argparse.Namespace, results: Path) -> None:
+    """Train ``pending`` with up to ``args.jobs`` processes; at ``--max-minutes`` start nothing new and stop the
+    running ones (SIGTERM: each keeps its last epoch's ``last.pt`` and resumes from it next time)."""
+    preset = PRESETS[preset_name]
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
+    queue, running = list(pending), []
+    while queue or running:
+        while queue and len(running) < args.jobs and time.monotonic() < deadline:
+            running.append(launch(preset, queue.pop(0), args.runs_root, args.threads))
+        for job in [j for j in running if j.process.poll() is not None]:
+            running.remove(job)
+            finish(job, preset_name, args.runs_root, results, preset.device)
+        if time.monotonic() >= deadline:
+            stop(running)
+            print(f"--max-minutes {args.max_minutes} reached: {len(queue) + len(running)} run(s) left for next time")
+            return
+        time.sleep(2)
+
+
+def stop(running: list[Job]) -> None:
+    for job in running:
+        job.process.send_signal(signal.SIGTERM)
+    for job in running:
+        try:
+            job.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            job.process.kill()
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def load_runs(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
+
+
+def report(preset_name: str, planned: list[RunSpec], results: Path, command: str) -> str:
+    """Recompute the aggregate from the run files alone; write JSON, Markdown and the plot."""
+    runs = load_runs(results)
+    if not any(r["method"] == "baseline" for r in runs):
+        return "no finished baseline run yet: nothing to compare"
+    summary = summarise(runs, METHODS)
+    preset = PRESETS[preset_name]
+    payload = {
+        "command": command,
+        "preset": preset_name,
+        "config": preset.config,
+        "overrides": list(preset.overrides),
+        "planned_runs": len(planned),
+        "finished_runs": len(runs),
+        "methods": {name: {"tier": m.tier, "about": m.about, "overrides": list(m.overrides)} for name, m in
+                    METHODS.items()},
+        "summary": summary,
+    }  # fmt: skip
+    text = markdown(payload)
+    stem = results.name
+    out = write_results(stem, payload, text, results.parent)
+    plot(payload, out.with_suffix(".png"))
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the preset's seeds")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--extra", nargs="*", default=[], help="further config overrides for every run")
-    parser.add_argument("--config", type=Path, help="train this config instead of the preset's (same grid)")
-    parser.add_argument("--runs-root", type=Path, default=Path("runs"))
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--max-minutes", type=float, help="start nothing new after this; stop running jobs")
+    parser.add_argument("--report-only", action="store_true", help="aggregate the existing run files; no training")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    parser.add_argument("--jobs", type=int, help="concurrent training processes (default: the preset's)")
+    parser.add_argument("--threads", type=int, help="CPU threads per process (default: the preset's)")
+    parser.add_argument("--runs-root", type=Path, help="checkpoints go here (default runs/anytime_<dataset>)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    if "baseline" not in args.methods:
-        args.methods = ["baseline", *args.methods]
-    config = args.config or REPO / preset["config"]
-    needs = Path(preset["needs"])
-    if args.config is None and not needs.exists():
-        print(
-            f"error: --preset {args.preset} needs {needs} (relative to the repository root, where this runs); "
-            f"{'see ../shared/data/README.md' if args.preset == 'cpu' else 'download CIFAR-100 into data/'}",
-            file=sys.stderr,
-        )
-        return 2
-    seeds = args.seeds or preset["seeds"]
-    overrides = [*preset["overrides"], *args.extra]
-    command = "python benchmarks/anytime.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
-    start, trained = time.perf_counter(), 0.0
-    runs: dict[str, list[dict[str, Any]]] = {}
-    try:
-        for method in args.methods:
-            for seed in seeds:
-                run_dir = args.runs_root / f"anytime_{preset['dataset']}" / f"{method}_seed{seed}"
-                spent = train_or_reuse(config, [*overrides, *METHODS[method], f"seed={seed}"], run_dir)
-                trained += spent
-                runs.setdefault(method, []).append(collect(run_dir))
-                print(f"{method} seed {seed}: " + (f"trained in {spent:.0f} s" if spent else "reused"), flush=True)
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    payload = {
-        "command": command,
-        "dataset": preset["dataset"],
-        "config": str(args.config or preset["config"]),
-        "overrides": overrides,
-        "seeds": seeds,
-        "environment": {
-            "date": datetime.date.today().isoformat(),
-            "platform": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__,
-        },
-        "wall_seconds": time.perf_counter() - start,
-        "trained_seconds": trained,
-        "summary": summarise(runs),
-        "runs": runs,
-    }
-    out = args.results_dir / f"anytime_{preset['dataset']}"
-    atomic_write_text(out.with_suffix(".json"), json.dumps(json_safe(payload), indent=1))
-    atomic_write_text(out.with_suffix(".md"), markdown(payload))
-    plot(payload, out.with_suffix(".png"))
-    print(markdown(payload))
+    args.jobs, args.threads = args.jobs or preset.jobs, args.threads or preset.threads
+    args.runs_root = args.runs_root or REPO_ROOT / "runs" / f"anytime_{preset.dataset}"
+    results = args.results_dir / f"anytime_{preset.dataset}"
+    planned = plan(preset, ["baseline", *[m for m in args.methods if m != "baseline"]])
+    pending = [s for s in planned if not run_file(results, s).exists()]
+    print(f"preset {args.preset}: {len(planned) - len(pending)} of {len(planned)} runs have files in {results}/runs")
+    if args.dry_run:
+        print("missing: " + (" ".join(s.name for s in pending) or "none"))
+        return 0
+    if pending and not args.report_only:
+        if not (REPO_ROOT / preset.needs).exists():
+            print(f"error: --preset {args.preset} needs {preset.needs} (see ../shared/data/README.md); "
+                  "--report-only aggregates the committed run files without it", file=sys.stderr)  # fmt: skip
+            return 2
+        run_grid(args.preset, pending, args, results)
+    print(report(args.preset, planned, results, command_line(__file__, argv)))
     return 0
 
 

@@ -10,28 +10,37 @@ heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import shlex
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from dynsila.checkpoint import atomic_write, atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+
+from benchmarks.toolkit import (
+    PLOTTED_CRITERION,
+    REPO_ROOT,
+    RESULTS_DIR,
+    accuracy_at,
+    budget_points,
+    command_line,
+    environment,
+    header,
+    save_figure,
+    write_results,
+)
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run, json_safe
+from dynsila.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run
 from dynsila.rundir import DEPLOY, read_run_config
 from dynsila.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_CONFIGS = ("configs/msdnet_baseline.yaml", "configs/msdnet_sila.yaml")
-PLOTTED_CRITERION = "max_prob"
+MATCHED_BUDGETS = 5  # budgets compared across runs, evenly spaced over the MACs range every run covers
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -44,7 +53,7 @@ def report_for(run_dir: Path) -> dict[str, Any]:
     eval_path, deploy = run_dir / EVAL_FILE, run_dir / DEPLOY
     if eval_path.exists() and eval_path.stat().st_mtime >= deploy.stat().st_mtime:
         return json.loads(eval_path.read_text())
-    return evaluate_run(run_dir)
+    return evaluate_run(run_dir).to_dict()
 
 
 def run_setup(run_dir: Path) -> dict[str, Any]:
@@ -60,22 +69,9 @@ def run_setup(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def interpolate_accuracy(report: dict[str, Any], macs: float) -> float | None:
-    points = next(c["points"] for c in report["curves"] if c.get("criterion") == PLOTTED_CRITERION)
-    xs, ys = np.array([p["avg_macs"] for p in points]), np.array([p["test_top1"] for p in points])
-    order = np.argsort(xs)
-    xs, ys = xs[order], ys[order]
-    if macs < xs[0] or macs > xs[-1]:
-        return None
-    return float(np.interp(macs, xs, ys))
-
-
-def markdown(command: str, entries: list[dict[str, Any]], environment: dict[str, str]) -> str:
+def markdown(command: str, entries: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [
-        "# Accuracy versus MACs",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {environment['date']}; {environment['platform']}; torch {environment['torch']}  ",
+        *header("Accuracy versus MACs", command, env),
         f"Units: {MACS_UNITS}. Test top-1 in %. Budgeted rows: thresholds fitted on the validation split "
         f"({PLOTTED_CRITERION} criterion), applied to test.",
         "",
@@ -104,12 +100,12 @@ def markdown(command: str, entries: list[dict[str, Any]], environment: dict[str,
             accs.append(f"{exits[k]['test_top1']:.2f}" if k < len(exits) else "-")
         lines.append(f"| {k + 1} | {exit_row['macs_cumulative'] / 1e6:.2f}M | " + " | ".join(accs) + " |")
     lines += ["", "## Budgeted batch classification at matched budgets (interpolated)", ""]
-    lo = max(min(p["avg_macs"] for p in _plotted(e)) for e in entries)
-    hi = min(max(p["avg_macs"] for p in _plotted(e)) for e in entries)
+    lo = max(min(p["avg_macs"] for p in budget_points(e["report"])) for e in entries)
+    hi = min(max(p["avg_macs"] for p in budget_points(e["report"])) for e in entries)
     lines += ["| avg MACs | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
-    for macs in np.linspace(lo, hi, 5) if hi > lo else []:
-        accs = [interpolate_accuracy(e["report"], macs) for e in entries]
-        lines.append(f"| {macs / 1e6:.2f}M | " + " | ".join(f"{a:.2f}" if a is not None else "-" for a in accs) + " |")
+    for macs in np.linspace(lo, hi, MATCHED_BUDGETS) if hi > lo else []:
+        accs = [float(accuracy_at(budget_points(e["report"]), macs)) for e in entries]
+        lines.append(f"| {macs / 1e6:.2f}M | " + " | ".join("-" if math.isnan(a) else f"{a:.2f}" for a in accs) + " |")
     for e in entries:
         lines += [
             "",
@@ -118,17 +114,13 @@ def markdown(command: str, entries: list[dict[str, Any]], environment: dict[str,
             "| q | avg MACs | test top-1 | val top-1 | exit fractions (test) |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for p in _plotted(e)[::2]:
+        for p in budget_points(e["report"])[::2]:
             fractions = " ".join(f"{f:.2f}" for f in p["exit_fractions"])
             lines.append(
                 f"| {p['q']:.2f} | {p['avg_macs'] / 1e6:.2f}M | {p['test_top1']:.2f} | "
                 f"{p['val_top1']:.2f} | {fractions} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def _plotted(entry: dict[str, Any]) -> list[dict[str, Any]]:
-    return next(c["points"] for c in entry["report"]["curves"] if c.get("criterion") == PLOTTED_CRITERION)
 
 
 def plot(entries: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -168,38 +160,33 @@ def plot(entries: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, help="run directories (default: every run under runs/)")
     parser.add_argument("--out", default="flops_vs_acc", help="result name under benchmarks/results/")
     parser.add_argument("--title", default="Accuracy vs MACs (deploy models)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    command = "python benchmarks/flops_vs_acc.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    command = command_line(__file__, argv)
     try:
         runs = args.runs or find_runs(Path("runs"))
         if not runs:
             print("no runs under runs/: training the embedded-data pair first (about 2 minutes)", flush=True)
-            runs = [train(load_config(REPO / c)).run_dir for c in DEFAULT_CONFIGS]
+            runs = [train(load_config(REPO_ROOT / c)).run_dir for c in DEFAULT_CONFIGS]
         entries = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    environment = {
-        "date": datetime.date.today().isoformat(),
-        "platform": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-    }
-    out = args.results_dir / args.out
-    payload = {"command": command, "environment": environment, "units": MACS_UNITS, "runs": entries}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(json_safe(payload), indent=1))
-    atomic_write_text(out.with_suffix(".md"), markdown(command, entries, environment))
+    env = environment()
+    payload = {"command": command, "environment": env, "units": MACS_UNITS, "runs": entries}
+    md = markdown(command, entries, env)
+    out = write_results(args.out, payload, md, args.results_dir)
     plot(entries, out.with_suffix(".png"), args.title)
-    print(markdown(command, entries, environment))
+    print(md)
     print(f"wrote {out}.json, .md and .png")
     return 0
 

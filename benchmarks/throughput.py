@@ -1,7 +1,7 @@
 """Training and evaluation throughput of MSDNet CIFAR-100 b7, batch 64: baseline vs SiLa, eager vs
 channels-last vs torch.compile.
 
-    python benchmarks/throughput.py [--threads 2] [--steps 15] [--no-compile]
+    python benchmarks/throughput.py [--threads 2] [--steps 25] [--no-compile] [--smoke]
 
 Each variant runs in a fresh process (so its peak memory is its own): a training step is forward over all 7
 exits, the summed loss (exit CE, plus the SiLa terms for SiLa), backward and an SGD step; evaluation is the
@@ -10,35 +10,51 @@ peak memory is the process's peak resident set growth over its state just before
 gradients, optimizer state; for compiled variants also the compiler's own memory).
 For reference, the public MSDNet code trains this configuration at about 124 img/s and evaluates at about
 400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; figures from the issue, not measured here).
-Writes benchmarks/results/throughput.{json,md}.
+Writes benchmarks/results/throughput.{json,md} (``--smoke``: a tiny MSDNet, one variant, one step, written
+under ``--results-dir`` only, for tests).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+
+from benchmarks.toolkit import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    command_line,
+    environment,
+    header,
+    paired_times,
+    run_seconds,
+    verdict,
+    write_results,
+)
 from dynsila import models
-from dynsila.checkpoint import atomic_write_text
 from dynsila.config import SiLaConfig, load_config
 from dynsila.fuse import fold_batchnorm
 from dynsila.losses import exit_cross_entropy
 from dynsila.sila import SiLa, sila_loss_terms
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-PRESET = REPO / "configs" / "cifar100" / "msdnet_sila.yaml"
+PRESET = REPO_ROOT / "configs" / "cifar100" / "msdnet_sila.yaml"
+BATCH = 64
+MAX_STEP_TIME_OVERHEAD = 0.05  # SiLa training step time / baseline <= 1 + this
+MAX_MEMORY_OVERHEAD = 0.05  # SiLa training memory / baseline <= 1 + this
+VARIANT_TIMEOUT_S = 1800  # one variant's process (the compiled ones compile for minutes)
+# --smoke: a 3-exit MSDNet and one variant, small enough for a test (the numbers mean nothing)
+SMOKE_MODEL = {"n_blocks": 3, "step": 1, "base": 1, "n_channels": 4, "growth_rate": 4, "head_channels": 8}
+SMOKE_VARIANTS = ("train_sila_eager",)
 VARIANTS = {
     # name: (kind, sila, layout, compiled)
     "train_baseline_eager": ("train", False, "contiguous", False),
@@ -59,22 +75,29 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(name: str, steps: int, threads: int) -> dict[str, Any]:
+def build_msdnet(smoke: bool) -> torch.nn.Module:
+    """MSDNet CIFAR-100 b7 (or the smoke model), random weights."""
+    return models.build(
+        "msdnet", num_classes=100, **(load_config(PRESET).model_kwargs() | (SMOKE_MODEL if smoke else {}))
+    )
+
+
+def measure(name: str, steps: int, threads: int, smoke: bool = False) -> dict[str, Any]:
     """One variant, in this process."""
     kind, sila, layout, compiled = VARIANTS[name]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = models.build("msdnet", num_classes=100, **load_config(PRESET).model_kwargs())
+    model = build_msdnet(smoke)
     net: torch.nn.Module = SiLa(model, SiLaConfig()) if sila else model
     if kind == "eval":
         net = (fold_batchnorm(model) if "fold" in layout else model).eval()
     memory_format = torch.channels_last if layout.startswith("channels_last") else torch.contiguous_format
     net = net.to(memory_format=memory_format)
-    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=memory_format)
-    y = torch.randint(0, 100, (64,))
+    x = torch.randn(BATCH, 3, 32, 32).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 100, (BATCH,))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     run = torch.compile(net) if compiled else net
-    weights = [1.0] * 7
+    weights = [1.0] * len(model.exits)
 
     def step() -> None:
         if kind == "eval":
@@ -92,16 +115,10 @@ def measure(name: str, steps: int, threads: int) -> dict[str, Any]:
         optimizer.step()
 
     rss_before = rss_bytes()  # model, optimizer and inputs built; nothing run yet
-    start = time.perf_counter()
-    step()  # first call: compilation for compiled variants
-    first = time.perf_counter() - start
+    first = run_seconds(step)  # first call: compilation for compiled variants
     for _ in range(2):
         step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = [run_seconds(step) for _ in range(steps)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     median = statistics.median(times)
     return {
@@ -110,7 +127,7 @@ def measure(name: str, steps: int, threads: int) -> dict[str, Any]:
         "sila": sila,
         "layout": layout,
         "compiled": compiled,
-        "images_per_second": 64 / median,
+        "images_per_second": BATCH / median,
         "median_step_seconds": median,
         "first_step_seconds": first,
         "peak_rss_growth_bytes": max(0, peak - rss_before),
@@ -134,20 +151,20 @@ def training_bytes(net: torch.nn.Module, step_loss: Any) -> dict[str, int]:
     return {"parameters_grads_momentum": 3 * params, "saved_activations": sum(storages.values())}
 
 
-def paired_overhead(steps: int, threads: int) -> dict[str, Any]:
+def paired_overhead(steps: int, threads: int, smoke: bool = False) -> dict[str, Any]:
     """Baseline and SiLa training steps alternated in one process (drift cancels); exact memory of each."""
     torch.set_num_threads(threads)
-    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 100, (64,))
-    weights = [1.0] * 7
+    x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 100, (BATCH,))
     nets, losses, optimizers = {}, {}, {}
     for name, sila in (("baseline", False), ("sila", True)):
         torch.manual_seed(0)
-        model = models.build("msdnet", num_classes=100, **load_config(PRESET).model_kwargs())
+        model = build_msdnet(smoke)
+        weights = [1.0] * len(model.exits)
         net = SiLa(model, SiLaConfig()) if sila else model
         nets[name] = net
         optimizers[name] = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
-        def loss_of(net: torch.nn.Module = net, sila: bool = sila) -> torch.Tensor:
+        def loss_of(net: torch.nn.Module = net, sila: bool = sila, weights: list[float] = weights) -> torch.Tensor:
             out = net(x)
             if not sila:
                 return exit_cross_entropy(out, y, weights)
@@ -157,17 +174,16 @@ def paired_overhead(steps: int, threads: int) -> dict[str, Any]:
 
         losses[name] = loss_of
 
-    def step(name: str) -> float:
-        start = time.perf_counter()
+    def step(name: str) -> None:
         optimizers[name].zero_grad(set_to_none=True)
         losses[name]().backward()
         optimizers[name].step()
-        return time.perf_counter() - start
 
     for name in nets:
         step(name)
         step(name)
-    ratios = [step("sila") / step("baseline") for _ in range(steps)]
+    sila_times, baseline_times = paired_times(lambda: step("sila"), lambda: step("baseline"), repeats=steps)
+    ratios = [a / b for a, b in zip(sila_times, baseline_times, strict=True)]
     memory = {name: training_bytes(nets[name], losses[name]) for name in nets}
     total = {name: sum(m.values()) for name, m in memory.items()}
     return {
@@ -177,50 +193,33 @@ def paired_overhead(steps: int, threads: int) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.threads)))
-        return 0
+def run_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each variant in a fresh process (its peak memory is its own); a failure is a row naming the error."""
     rows = []
     for name, (_, _, _, compiled) in VARIANTS.items():
-        if compiled and args.no_compile:
+        if (compiled and args.no_compile) or (args.smoke and name not in SMOKE_VARIANTS):
             continue
         cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(
+            cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True, timeout=VARIANT_TIMEOUT_S
+        )
         if done.returncode != 0:
             rows.append({"variant": name, "error": done.stderr.strip().splitlines()[-1][:300]})
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    paired = paired_overhead(args.steps, args.threads)
+    return rows
+
+
+def markdown(result: dict[str, Any], steps: int) -> str:
+    paired = result["paired"]
     step_overhead, memory_overhead = paired["step_time_ratio"], paired["memory_ratio"]
-    command = "python benchmarks/throughput.py" + ("" if not argv else " " + " ".join(argv))
-    result = {
-        "command": command,
-        "date": datetime.date.today().isoformat(),
-        "platform": f"{platform.machine()} {platform.system()}, {args.threads} threads, torch {torch.__version__}",
-        "rows": rows,
-        "sila_step_time_ratio": step_overhead,
-        "sila_training_memory_ratio": memory_overhead,
-        "paired": paired,
-        "targets": {"step_time_overhead_max": 0.05, "peak_memory_overhead_max": 0.05},
-    }
     lines = [
-        "# Throughput: MSDNet CIFAR-100 b7, batch 64",
-        "",
-        f"Command: `{command}`  ",
-        f"Date: {result['date']}; {result['platform']}",
-        "",
+        *header(f"Throughput: {result['model']}, batch {BATCH}", result["command"], result["environment"]),
         "| variant | images/s | median step (s) | first step (s) | peak memory growth (MiB) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
+    for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['variant']} | failed: {r['error']} | | | |")
             continue
@@ -228,25 +227,58 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['variant']} | {r['images_per_second']:.0f} | {r['median_step_seconds']:.3f} | "
             f"{r['first_step_seconds']:.1f} | {r['peak_rss_growth_bytes'] / 2**20:.0f} |"
         )
-    lines += [""]
     mem = paired["memory_bytes"]
     lines += [
-        f"- SiLa training step time / baseline (eager, steps alternated in one process, median of {args.steps} "
-        f"pairs): {step_overhead:.3f} (target <= 1.05: {'met' if step_overhead <= 1.05 else 'missed'}). The "
-        "separate-process rows above drift by more than this difference.",
+        "",
+        f"- SiLa training step time / baseline (eager, steps alternated in one process, median of {steps} "
+        f"pairs): {step_overhead:.3f} (target <= {1 + MAX_STEP_TIME_OVERHEAD}: "
+        f"{verdict(step_overhead <= 1 + MAX_STEP_TIME_OVERHEAD)}). "
+        "The separate-process rows above drift by more than this difference.",
         f"- SiLa training memory / baseline, counted exactly (parameters + gradients + momentum + activations "
         f"saved for backward): {memory_overhead:.4f} ({sum(mem['sila'].values()) / 2**20:.1f} MiB vs "
-        f"{sum(mem['baseline'].values()) / 2**20:.1f} MiB; target <= 1.05: "
-        f"{'met' if memory_overhead <= 1.05 else 'missed'}). The RSS column is the allocator's view and noisy.",
-    ]
-    lines += [
+        f"{sum(mem['baseline'].values()) / 2**20:.1f} MiB; target <= {1 + MAX_MEMORY_OVERHEAD}: "
+        f"{verdict(memory_overhead <= 1 + MAX_MEMORY_OVERHEAD)}). The RSS column is the allocator's view and noisy.",
         "- Reference (from the issue, not measured here): the public MSDNet code trains this configuration at "
         "about 124 img/s and evaluates at about 400-470 img/s on this machine kind.",
         "",
     ]
-    atomic_write_text(RESULTS / "throughput.json", json.dumps(result, indent=1))
-    atomic_write_text(RESULTS / "throughput.md", "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a tiny MSDNet, one variant, one step (tests)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--one", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:  # one thread: on a loaded machine two OpenMP threads wait on each other longer than tiny ops take
+        args.steps, args.threads = 1, 1
+    if args.one:
+        print(json.dumps(measure(args.one, args.steps, args.threads, args.smoke)))
+        return 0
+    rows = run_variants(args)
+    paired = paired_overhead(args.steps, args.threads, args.smoke)
+    command, env = command_line(__file__, argv), environment(threads=args.threads)
+    result = {
+        "command": command,
+        "environment": env,
+        "model": "MSDNet CIFAR-100 b7" if not args.smoke else f"MSDNet smoke {SMOKE_MODEL}",
+        "rows": rows,
+        "sila_step_time_ratio": paired["step_time_ratio"],
+        "sila_training_memory_ratio": paired["memory_ratio"],
+        "paired": paired,
+        "targets": {
+            "step_time_overhead_max": MAX_STEP_TIME_OVERHEAD,
+            "peak_memory_overhead_max": MAX_MEMORY_OVERHEAD,
+        },
+    }
+    md = markdown(result, args.steps)
+    if not (args.smoke and args.results_dir == RESULTS_DIR):  # a smoke run never overwrites the committed result
+        write_results("throughput", result, md, args.results_dir)
+    print(md)
     return 0
 
 

@@ -2,20 +2,34 @@
 
 The public API; everything else is reachable through its module. Training is ``dynsila.train.train(cfg)``
 (kept out of this namespace so that ``python -m dynsila.train`` runs the module cleanly).
+
+The names below are imported on first use (PEP 562), so that ``import dynsila.runner`` or
+``import dynsila.thresholds`` does not pay for the data, timm and fvcore imports the rest of the package needs.
 """
 
-import os
+from __future__ import annotations
 
-# Early exit shrinks batches to every size between 1 and the batch size, and oneDNN compiles a convolution
-# primitive per input shape. Its default cache (1,024 primitives) then thrashes: MSDNet's ~180 convolutions x
-# a few dozen batch sizes. Read lazily at the first convolution, so set here, before any runs; a value the user
-# set wins. Measured in benchmarks/results/early_exit_speed.md.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from dynsila.config import Config, load_config  # noqa: E402 - after the oneDNN setting on purpose
-from dynsila.errors import DynsilaError
-from dynsila.rundir import build_model, load_deploy_model
-from dynsila.sila import SiameseHead, SiLa, SiLaOutput, prune
+if TYPE_CHECKING:
+    from dynsila.config import Config, load_config
+    from dynsila.errors import DynsilaError
+    from dynsila.rundir import build_model, load_deploy_model
+    from dynsila.sila import SiameseHead, SiLa, SiLaOutput, prune
+
+# public name -> the module that defines it
+_PUBLIC = {
+    "Config": "dynsila.config",
+    "load_config": "dynsila.config",
+    "DynsilaError": "dynsila.errors",
+    "build_model": "dynsila.rundir",
+    "load_deploy_model": "dynsila.rundir",
+    "SiLa": "dynsila.sila",
+    "SiLaOutput": "dynsila.sila",
+    "SiameseHead": "dynsila.sila",
+    "prune": "dynsila.sila",
+}
 
 __all__ = [
     "Config",
@@ -28,3 +42,15 @@ __all__ = [
     "load_deploy_model",
     "prune",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dynsila' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

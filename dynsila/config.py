@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from dynsila import models
@@ -26,43 +27,54 @@ from dynsila.errors import ConfigError
 def bounded(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Any:
     """A numeric config field with its valid range [low, high] (or (low, high] with ``low_open``), checked with
     the config: a value outside stops before anything runs, naming key, value and range. None = unbounded."""
-    return field(default=default, metadata={"range": (low, high, low_open)})
+    metadata = {"range": (low, high, low_open)}
+    if isinstance(default, list):  # a mutable default needs a factory; every item is checked
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
     name: Literal["digits", "cifar10", "cifar100", "npz", "imagefolder"] = "digits"
     root: str = "data"  # folder holding the dataset (the .npz file itself for ``npz``)
-    image_size: int | None = None  # None: the dataset's usual size (digits 32, CIFAR 32, ImageNet 224)
-    num_classes: int | None = None  # None: known for named datasets, read from the data for npz/imagefolder
-    val_size: float = 0.1  # held out of train for model selection and threshold fitting: fraction, or count if >= 1
-    split_seed: int = 0  # fixes the train/val(/test) split independently of the run's seed
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    image_size: int | None = bounded(None, 1)  # None: the dataset's usual size (digits 32, CIFAR 32, ImageNet 224)
+    num_classes: int | None = bounded(None, 1)  # None: known for named datasets, read from the data (npz, folder)
+    # held out of train for model selection and threshold fitting: a fraction, or a count if >= 1 (unused when
+    # the data brings its own validation split: an npz file with x_val and x_test)
+    val_size: float = bounded(0.1, 0.0)
+    split_seed: int = bounded(0, 0)  # fixes the train/val(/test) split independently of the run's seed
+    batch_size: int = bounded(64, 1)
+    eval_batch_size: int = bounded(256, 1)
+    num_workers: int = bounded(0, 0)
     augment: Literal["auto", "none", "crop", "crop_flip", "rrc_flip"] = "auto"
+    # training images held on the training device as uint8 and augmented there in batches (in-memory datasets)
+    on_device: bool = False
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = bounded(10, 1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = bounded(0.1, 0.0, low_open=True)
+    momentum: float = bounded(0.9, 0.0, 1.0)
     nesterov: bool = False
-    weight_decay: float = 1e-4
+    weight_decay: float = bounded(1e-4, 0.0)
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of training
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    milestones: list[float] = bounded([0.5, 0.75], 0.0, 1.0)  # fractions of training
+    gamma: float = bounded(0.1, 0.0, 1.0, low_open=True)
+    warmup_epochs: float = bounded(0.0, 0.0)
+    # a constant lr for the first steps, then the schedule: SkipNet-110's 400 iterations at 0.01 (0 = off)
+    constant_warmup_steps: int = bounded(0, 0)
+    constant_warmup_lr: float = bounded(0.01, 0.0, low_open=True)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 (or fp16 + GradScaler) on CUDA, off on CPU
     channels_last: bool = False  # NHWC memory layout for model and inputs
+    compile: bool = False  # torch.compile the step's forward, loss terms and statistics (not the optimizer)
     sync_bn: bool = False  # SyncBatchNorm across DDP ranks (CUDA only)
-    accumulate_steps: int = 1  # split each (global) batch into this many micro-batches, one optimizer step
+    accumulate_steps: int = bounded(1, 1)  # split each (global) batch into this many micro-batches, one step
     stage: Literal["sp", "hrl"] = "sp"  # gated nets: supervised pre-training, or hybrid reinforcement learning
     init_from: str | None = None  # a finished run directory whose deploy weights initialise the model (SP -> HRL)
-    log_every: int = 20  # steps between progress lines
+    log_every: int = bounded(20, 1)  # steps between progress lines
     eval_test_every_epoch: bool = True  # test top-1 per epoch in metrics.jsonl (logged only, never used to select)
 
 
@@ -70,34 +82,46 @@ class TrainConfig:
 class SiLaConfig:
     enabled: bool = True
     attach: Literal["features", "logits"] = "features"
-    softmax: Literal["separate", "joint"] = "separate"
+    # separate: twin CE on its own softmax; joint: + a 2C softmax over [z, z'] (main CE kept); joint_only: that
+    # 2C softmax replaces the exit CE (SilaNet v1's duplicated label; see README, SiLa)
+    softmax: Literal["separate", "joint", "joint_only"] = "separate"
     head: Literal["linear", "mlp"] = "linear"
-    hidden: int = 256  # width of the mlp head
-    weight: float = 1.0  # lambda: the twin head's loss
-    consistency: float = 0.0  # mu: KL(twin || main) at temperature T
-    temperature: float = 1.0
+    hidden: int = bounded(256, 1)  # width of the mlp head
+    weight: float = bounded(1.0, 0.0)  # lambda: the twin head's loss
+    consistency: float = bounded(0.0, 0.0)  # mu: KL(twin || main) at temperature T
+    temperature: float = bounded(1.0, 0.0, low_open=True)
 
 
 @dataclass
 class DMLConfig:
-    peers: int = 1  # models trained jointly; 1 = no mutual learning
-    weight: float = 1.0  # each peer adds weight / (N - 1) * sum_j KL(p_j || p_i) per exit
-    temperature: float = 1.0
+    peers: int = bounded(1, 1)  # models trained jointly; 1 = no mutual learning
+    weight: float = bounded(1.0, 0.0)  # each peer adds weight / (N - 1) * sum_j KL(p_j || p_i) per exit
+    temperature: float = bounded(1.0, 0.0, low_open=True)
     align: Literal["strict", "tail"] = "strict"  # peers' exits: equal counts, or matched from the last backwards
     models: list[dict[str, Any]] | None = None  # one model section per peer (heterogeneous); None: copies of model
 
 
 @dataclass
 class LossConfig:
-    exit_weights: list[float] | None = None  # w_k per exit; None: all 1
-    # gated nets: SP adds gate_cost x the expected share of gated-block MACs executed; HRL rewards each skip by it
-    gate_cost: float = 0.0
+    exit_weights: list[float] | None = bounded(None, 0.0)  # w_k per exit; None: all 1
+    # gated nets, SP stage only: + gate_cost x the expected share of gated-block MACs executed. An addition of ours:
+    # the SkipNet reference's SP stage is plain cross-entropy (gate_cost 0); the HRL stage ignores it
+    gate_cost: float = bounded(0.0, 0.0)
+    # gated nets, HRL stage (SkipNet's hybrid RL, dynsila/hrl.py): a skip earns hrl_alpha / G (G gates), the task
+    # reward is -CE; the policy-gradient term is scaled by rl_weight per sample and summed over the batch, as the
+    # reference (alpha 0.1, rl_weight 0.01). hrl_alpha is SkipNet's accuracy/cost knob: sweep it, one run each
+    hrl_alpha: float = bounded(0.1, 0.0)
+    rl_weight: float = bounded(0.01, 0.0)
+    rl_baseline: Literal["none", "batch_mean"] = "none"  # none: the reference; batch_mean: ours, R_g - mean_batch(R_g)
+    ce_weight: float = bounded(1.0, 0.0)  # scales the exit cross-entropy (SiLa joint_only: the joint CE in its place)
+    self_distill: float = bounded(0.0, 0.0)  # weight of T^2 KL(p_last || p_k) for every earlier exit k; 0 = off
+    distill_temperature: float = bounded(3.0, 0.0, low_open=True)  # T of self_distill
 
 
 @dataclass
 class Config:
     name: str = "run"
-    seed: int = 0
+    seed: int = bounded(0, 0)
     out_dir: str = "runs"
     resume: bool = False
     model: dict[str, Any] = field(default_factory=lambda: {"name": "msdnet"})
@@ -162,8 +186,6 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build_dataclass(Config, raw, prefix="")
     cfg.model = _validate_model_section(cfg.model, "model")
-    if cfg.dml.peers < 1:
-        raise ConfigError(f"config key 'dml.peers' must be at least 1, got {cfg.dml.peers}")
     if cfg.dml.models is not None:
         if len(cfg.dml.models) != cfg.dml.peers:
             raise ConfigError(
@@ -171,6 +193,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 "give one per peer or drop dml.models to copy model"
             )
         cfg.dml.models = [_validate_model_section(m, f"dml.models[{i}]") for i, m in enumerate(cfg.dml.models)]
+    _check_exit_weights(cfg)
     return cfg
 
 
@@ -231,6 +254,38 @@ def check_range(value: Any, valid: tuple[float | None, float | None, bool], key:
             left = "(" if low_open else "["
             shown = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
             raise ConfigError(f"config key '{key}' must lie in {shown}, got {number!r}")
+
+
+def _check_exit_weights(cfg: Config) -> None:
+    """One weight per exit, for every peer's model: checked with the config (before anything is written), only
+    when ``loss.exit_weights`` is set, by building the network on the meta device (no memory, no initialisation;
+    a few tenths of a second for the largest preset)."""
+    weights = cfg.loss.exit_weights
+    if weights is None:
+        return
+    sections = [("model", cfg.model)]
+    if cfg.dml.models is not None:
+        sections = [(f"dml.models[{i}]", m) for i, m in enumerate(cfg.dml.models)]
+    for where, section in sections:
+        exits = count_exits(section, where, cfg.data.num_classes or 2)
+        if len(weights) != exits:
+            raise ConfigError(
+                f"config key 'loss.exit_weights' has {len(weights)} entries but {where} ({section['name']}) has "
+                f"{exits} exits; give one weight per exit, or null for all 1"
+            )
+
+
+def count_exits(section: dict[str, Any], where: str, num_classes: int) -> int:
+    """Exits of the network a validated model section builds (the class count does not change it)."""
+    kwargs = {k: v for k, v in section.items() if k != "name"}
+    if "pretrained" in kwargs:
+        kwargs["pretrained"] = False  # counting needs no weights (and must not look for them)
+    try:
+        with torch.device("meta"):
+            model = models.build(section["name"], num_classes=num_classes, **kwargs)
+    except ValueError as e:  # bad values in the model section
+        raise ConfigError(f"{where}.name={section['name']}: {e}") from None
+    return int(getattr(model, "num_exits", 1))
 
 
 def _validate_model_section(section: dict[str, Any], where: str) -> dict[str, Any]:

@@ -2,17 +2,20 @@
 
 - ``digits``: scikit-learn's embedded handwritten digits (1,797 real 8x8 images, 10 classes), no download.
 - ``cifar10`` / ``cifar100``: the official Python pickle folders under ``data.root``.
-- ``npz``: uint8 NHWC arrays ``x_train``/``y_train`` plus ``x_val``/``y_val`` and/or ``x_test``/``y_test``.
+- ``npz``: uint8 NHWC arrays ``x_train``/``y_train`` plus ``x_val``/``y_val`` and/or ``x_test``/``y_test``
+  (channels-first N x C x H x W is recognised and transposed, with a logged line).
 - ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the ImageNet layout).
 
-Validation is always held out of train (``data.val_size``), is used for model selection and for fitting
-early-exit thresholds, and never overlaps test. Test is never used for fitting anything.
+Validation is used for model selection and for fitting early-exit thresholds, and never overlaps test; it is
+held out of train (``data.val_size``) unless the data brings its own: an npz file with both ``x_val`` and
+``x_test`` (an npz with ``x_val`` alone uses it as the test split). Test is never used for fitting anything.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,11 +27,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
 from dynsila.config import DataConfig
-from dynsila.errors import DataError
+from dynsila.errors import ConfigError, DataError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
 DEFAULT_IMAGE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "npz": 32, "imagefolder": 224}
@@ -84,14 +89,10 @@ def build_splits(cfg: DataConfig) -> Splits:
     if cfg.name == "imagefolder":
         return _imagefolder_splits(cfg)
     loaders = {"digits": _load_digits, "cifar10": _load_cifar10, "cifar100": _load_cifar100, "npz": _load_npz}
-    arrays = loaders[cfg.name](cfg)
+    arrays = _with_validation(loaders[cfg.name](cfg), cfg)
     size = image_size_of(cfg)
-    x_train, y_train = arrays["train"]
-    train_idx, val_idx = _holdout(len(y_train), cfg.val_size, cfg.split_seed)
-    x = {"train": x_train[train_idx], "val": x_train[val_idx], "test": arrays["test"][0]}
-    y = {"train": y_train[train_idx], "val": y_train[val_idx], "test": arrays["test"][1]}
-    images = {k: _to_tensor_images(v, size) for k, v in x.items()}
-    labels = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in y.items()}
+    images = {k: _to_tensor_images(x, size) for k, (x, _) in arrays.items()}
+    labels = {k: torch.as_tensor(y, dtype=torch.int64) for k, (_, y) in arrays.items()}
     num_classes = num_classes_of(cfg) or int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
     for split, lab in labels.items():
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
@@ -135,7 +136,97 @@ def make_loader(
     )
 
 
+class DeviceBatches:
+    """Training batches from uint8 images held on the training device and augmented there as batched tensor ops
+    (``data.on_device``): no worker processes, no per-sample Python, no host-to-device copy per step.
+
+    Every random draw of an epoch (the order, each sample's crop offset and flip) comes from a CPU generator seeded
+    with ``seed`` (the run passes a function of its seed and the epoch) and reaches the device in one copy per
+    epoch, so the batches are a function of (seed, epoch) on any device, and a resumed run sees exactly what an
+    uninterrupted one would. Under DDP every rank draws the same global order and takes a strided shard of it, as
+    DistributedSampler does. The draws differ from the DataLoader path's: the two paths see different (equally
+    distributed) batches."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        cfg: DataConfig,
+        batch_size: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not isinstance(dataset, ArrayDataset):
+            raise ConfigError(
+                f"data.on_device needs an in-memory dataset (digits, cifar10, cifar100, npz), not {cfg.name}; "
+                "set data.on_device=false"
+            )
+        kind = _augment_kind(cfg)
+        if kind not in ("none", "crop", "crop_flip"):
+            raise ConfigError(
+                f"data.on_device augments with none, crop or crop_flip, not data.augment={kind}; choose one of "
+                "those or set data.on_device=false"
+            )
+        self.images, self.labels = dataset.images.to(device), dataset.labels.to(device)  # N x 3 x H x W uint8
+        self.crop, self.flip = kind != "none", kind == "crop_flip"
+        self.pad = _crop_padding(self.images.shape[-1])
+        self.rank, self.world_size = rank, world_size
+        self.per_rank = len(self.labels) // world_size
+        self.batch_size = min(batch_size, self.per_rank)
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size  # drop_last: no 1-sample batch-norm batches
+
+    def epoch(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of one epoch: (augmented uint8 images B x 3 x H x W, labels B), on the device."""
+        generator = torch.Generator().manual_seed(seed)
+        total = self.per_rank * self.world_size
+        order = torch.randperm(len(self.labels), generator=generator)[:total]
+        offsets = torch.randint(0, 2 * self.pad + 1, (total, 2), generator=generator)
+        flips = (torch.rand(total, generator=generator) < 0.5) & self.flip
+        draws = [t[self.rank :: self.world_size][: len(self) * self.batch_size] for t in (order, offsets, flips)]
+        if self.images.is_cuda:
+            draws = [t.pin_memory() for t in draws]  # an asynchronous copy, no host sync
+        mine, offsets, flips = (t.to(self.images.device, non_blocking=True) for t in draws)
+        for start in range(0, len(mine), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            images = self.images[mine[rows]]
+            if self.crop:
+                images = random_crop_flip(images, offsets[rows], flips[rows], self.pad)
+            yield images, self.labels[mine[rows]]
+
+
+def random_crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Batched ``RandomCrop(size, padding=pad)`` (zero fill) then ``RandomHorizontalFlip``, with the draws given.
+
+    ``images`` B x C x H x W (any dtype); ``offsets`` B x 2: each sample's (top, left) corner in the padded image,
+    in [0, 2 pad]; ``flips`` B (bool). Returns B x C x H x W: one gather, no per-sample work."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    device = images.device
+    rows = offsets[:, :1] + torch.arange(h, device=device)  # B x H
+    cols = torch.arange(w, device=device)
+    cols = torch.where(flips[:, None], w - 1 - cols, cols) + offsets[:, 1:]  # B x W, mirrored when flipped
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    channel = torch.arange(c, device=device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 # --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _with_validation(arrays: Arrays, cfg: DataConfig) -> Arrays:
+    """train / val / test arrays: the loader's own validation split when it has one, else ``data.val_size``
+    samples held out of train (drawn with ``data.split_seed``)."""
+    if "val" in arrays:
+        return arrays
+    x_train, y_train = arrays["train"]
+    train_idx, val_idx = _holdout(len(y_train), cfg.val_size, cfg.split_seed)
+    return {
+        "train": (x_train[train_idx], y_train[train_idx]),
+        "val": (x_train[val_idx], y_train[val_idx]),
+        "test": arrays["test"],
+    }
 
 
 def _holdout(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,13 +265,17 @@ def _stats(name: str, train_images: torch.Tensor) -> tuple[tuple[float, ...], tu
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
+def _crop_padding(size: int) -> int:
+    return max(1, round(size / 8))  # 4 pixels at CIFAR's 32
+
+
 def _augment_kind(cfg: DataConfig) -> str:
     return DEFAULT_AUGMENT[cfg.name] if cfg.augment == "auto" else cfg.augment
 
 
 def _augmentations(kind: str, size: int) -> list[T.Transform]:
     """The random training transforms of an augmentation kind, on images already ``size`` square (except rrc)."""
-    pad = max(1, round(size / 8))  # 4 pixels at CIFAR's 32
+    pad = _crop_padding(size)
     return {
         "none": [],
         "crop": [T.RandomCrop(size, padding=pad)],
@@ -261,7 +356,13 @@ def _load_cifar100(cfg: DataConfig) -> Arrays:
     return out
 
 
+NPZ_SPLITS = ("train", "val", "test")
+
+
 def _load_npz(cfg: DataConfig) -> Arrays:
+    """x_train/y_train plus x_val/y_val and/or x_test/y_test. Both x_val and x_test: validation and test as
+    given (``data.val_size`` unused). x_val alone: it is the test split and validation is held out of train (the
+    layout of ``cifar10_dev.npz``). Every choice, and every array left unused, is logged."""
     path = Path(cfg.root)
     if not path.is_file():
         raise DataError(
@@ -270,22 +371,65 @@ def _load_npz(cfg: DataConfig) -> Arrays:
         )
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files if k.startswith(("x_", "y_"))}
+            stored = {k: f[k] for k in f.files}
     except Exception as e:
         raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}); re-create it") from None
-    if "x_train" not in arrays or "y_train" not in arrays:
-        raise DataError(f"{path} has no x_train / y_train arrays (found {sorted(arrays)}); add them")
-    # The held-out evaluation split is x_test when present, else x_val (validation is carved from train).
-    test_key = "test" if "x_test" in arrays else "val"
-    if f"x_{test_key}" not in arrays or f"y_{test_key}" not in arrays:
+    splits = {}
+    for split in NPZ_SPLITS:
+        x, y = stored.get(f"x_{split}"), stored.get(f"y_{split}")
+        if (x is None) != (y is None):
+            have, lack = (f"x_{split}", f"y_{split}") if y is None else (f"y_{split}", f"x_{split}")
+            raise DataError(f"{path} has {have} but no {lack}; add {lack} or remove {have}")
+        if x is not None and y is not None:
+            splits[split] = (_npz_images(f"x_{split}", x, path), _npz_labels(f"y_{split}", y, len(x), path))
+    if "train" not in splits:
+        raise DataError(f"{path} has no x_train / y_train arrays (found {sorted(stored)}); add them")
+    if "val" not in splits and "test" not in splits:
         raise DataError(f"{path} has neither x_test/y_test nor x_val/y_val; add an evaluation split")
-    for k, v in arrays.items():
-        if k.startswith("x_") and (v.dtype != np.uint8 or v.ndim != 4):
-            raise DataError(f"{path}: {k} must be uint8 N x H x W x C, got {v.dtype} {v.shape}")
-    return {
-        "train": (arrays["x_train"], arrays["y_train"].astype(np.int64)),
-        "test": (arrays[f"x_{test_key}"], arrays[f"y_{test_key}"].astype(np.int64)),
-    }
+    unused = sorted(set(stored) - {f"{p}_{s}" for s in splits for p in ("x", "y")})
+    _log_npz_roles(path, splits, cfg.val_size, unused)
+    if "test" not in splits:  # x_val alone is the held-out evaluation split; validation comes out of train
+        splits = {"train": splits["train"], "test": splits["val"]}
+    return splits
+
+
+def _npz_images(key: str, x: np.ndarray, path: Path) -> np.ndarray:
+    """N x H x W x C uint8 (C = 1 or 3). A channels-first array (N x C x H x W, C = 1 or 3, last axis not 1 or 3)
+    is unambiguous, so it is transposed with a logged line rather than refused: rewriting a large file would
+    tell the user nothing new. Any other shape stops with one line."""
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise DataError(f"{path}: {key} must be uint8 N x H x W x C, got {x.dtype} {x.shape}")
+    if x.shape[3] in (1, 3):
+        return x
+    if x.shape[1] in (1, 3):
+        log.warning("%s: %s is channels-first N x C x H x W %s; transposed to N x H x W x C", path, key, x.shape)
+        return x.transpose(0, 2, 3, 1)
+    raise DataError(
+        f"{path}: {key} has shape {x.shape}, with neither 1 nor 3 channels on the last (N x H x W x C) or second "
+        "(N x C x H x W) axis; store uint8 images with 1 or 3 channels"
+    )
+
+
+def _npz_labels(key: str, y: np.ndarray, count: int, path: Path) -> np.ndarray:
+    whole = np.issubdtype(y.dtype, np.number) and y.ndim == 1 and bool(np.all(np.mod(y, 1) == 0))
+    if not whole or len(y) != count:
+        raise DataError(f"{path}: {key} must hold {count} whole-number labels (one per image), got {y.dtype} {y.shape}")
+    return y.astype(np.int64)
+
+
+def _log_npz_roles(path: Path, splits: Arrays, val_size: float, unused: list[str]) -> None:
+    n = {s: len(labels) for s, (_, labels) in splits.items()}
+    if "val" in splits and "test" in splits:
+        roles = f"x_val ({n['val']}) is the validation split and x_test ({n['test']}) the test split; "
+        roles += f"data.val_size={val_size} is not used"
+    elif "val" in splits:
+        roles = f"x_val ({n['val']}) is the test split (the file has no x_test); validation is "
+        roles += f"data.val_size={val_size} of x_train"
+    else:
+        roles = f"x_test ({n['test']}) is the test split; validation is data.val_size={val_size} of x_train"
+    log.info("%s: x_train (%d) trains, %s", path, n["train"], roles)
+    if unused:
+        log.info("%s: arrays not used: %s", path, ", ".join(unused))
 
 
 def _imagefolder_splits(cfg: DataConfig) -> Splits:

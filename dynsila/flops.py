@@ -8,9 +8,15 @@ Two columns per exit:
 - ``conv+linear``: the field's convention (convolutions and fully connected layers only);
 - fvcore ``total``: also batch-norm and the pooling ops fvcore knows.
 
-Two readings per exit k:
+Readings per exit k:
 - *exit only*: stem + stages up to exit k + exit k's classifier;
-- *as evaluated*: the same plus classifiers 1..k-1, which an early-exit run also computes (``_cumulative``).
+- *as evaluated*: the same plus classifiers 1..k-1, which an early-exit run also computes (``_cumulative``); the
+  MSDNet paper's convention (every stage computed whole), the default everywhere;
+- *lazy* (``macs_lazy``): what a sample that leaves at exit k pays when the stages a network can split
+  (``MultiExitNetwork.deferred_split``, MSDNet's finer scales) run only their exits' dependency path before the
+  exit decision and the rest only for the samples that go on, as ``dynsila.runner.EarlyExitRunner`` does; a
+  sample that goes on pays ``macs_deferred`` on top. ``macs_lazy + macs_deferred = macs_cumulative``; for a
+  network without splits ``macs_deferred`` is 0.
 
 fvcore traces the model with the JIT, which drops ops whose results are unused: in a truncated MSDNet the finer
 scales computed for later exits would vanish from the count although ``forward`` computes them. The counted
@@ -34,9 +40,7 @@ from torch.utils._pytree import tree_leaves
 
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
-from dynsila.models import MultiExitNetwork, exit_logits, gated_body
-from dynsila.models.skipnet import RecurrentGate, skip
-from dynsila.rundir import build_model, input_shape
+from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 from dynsila.sila import SiLa, prune
 
 with warnings.catch_warnings():
@@ -108,6 +112,16 @@ KNOWN_FREE_OPS = frozenset(
         "aten::pow",
         "aten::to",
         "aten::type_as",
+        "aten::nonzero",
+        "aten::squeeze",
+        "aten::unsqueeze",
+        "aten::select",
+        "aten::slice",
+        "aten::size",
+        "aten::new_empty",
+        "aten::empty",
+        "aten::copy_",
+        "aten::index_put",
     }
 )
 _REPORTED_OPS: set[str] = set()
@@ -122,6 +136,39 @@ class ExitCost:
     fvcore_total_cumulative: int
     params: int  # exit only
     params_cumulative: int  # earlier classifiers included
+    macs_lazy: int  # conv+linear MACs a sample that leaves here pays with deferred parts left out (see above)
+    macs_deferred: int  # what a sample that goes on pays on top: the exit's stage's deferred part
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a tree of lists and tuples (None entries skipped)."""
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+class _LazyCountedForward(nn.Module):
+    """What a sample that leaves at exit ``upto`` computes under lazy evaluation: the stages before the exit's
+    whole (their deferred parts included, as it went on past their exits), the exit's stage only up to its exits'
+    needs, and classifiers 1..upto. Returns every tensor it computed, so the JIT trace keeps them all."""
+
+    def __init__(self, model: MultiExitNetwork, upto: int) -> None:
+        super().__init__()
+        self.model, self.upto = model, upto
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        model, last_stage = self.model, self.model.exit_after[self.upto]
+        computed, state = [], model.stem(x)
+        for i in range(last_stage + 1):
+            split = model.deferred_split(i)
+            if split is None:
+                exit_state = pending = model.stages[i](state)
+            else:
+                exit_state, pending = split.for_exits(state)
+            computed += [model.exits[k](exit_state) for k in range(self.upto + 1) if model.exit_after[k] == i]
+            computed += _tensors(pending)
+            if i < last_stage:
+                state = pending if split is None else split.complete(pending)
+                computed += _tensors(state)
+        return tuple(computed)
 
 
 class _CountedForward(nn.Module):
@@ -174,6 +221,8 @@ def exit_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Exit
         total = by_module[""]
         earlier = [by_module.get(f"model.exits.{j}", Counter()) for j in range(k)]
         conv_linear = _conv_linear(total)
+        deferred = bare.deferred_split(bare.exit_after[k]) is not None
+        lazy = _conv_linear(_count(_LazyCountedForward(bare, k), x)[""]) if deferred else conv_linear
         costs.append(
             ExitCost(
                 exit=k + 1,
@@ -183,6 +232,8 @@ def exit_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Exit
                 fvcore_total_cumulative=sum(total.values()),
                 params=params[k],
                 params_cumulative=params_cum[k],
+                macs_lazy=lazy,
+                macs_deferred=conv_linear - lazy,
             )
         )
     return costs
@@ -245,70 +296,55 @@ class GatedCosts:
         return self.always + self.gates + run @ blocks + (1 - run) @ shortcuts
 
 
-class _First(nn.Module):
-    """``module(*inputs)[0]``: counts a gate without its (None) recurrent state in the traced outputs."""
+class _AllOutputs(nn.Module):
+    """A gated network's forward returning its logits and gate probabilities, so the JIT trace keeps the gates
+    (their decisions only steer Python control flow, which a trace does not record)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.module = module
+        self.model = model
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.module(*inputs)[0]
-
-
-class _Skipped(nn.Module):
-    """What a skipped block computes: its shortcut (a projection, or nothing)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return skip(self.block, x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(x)
+        probs = out.gate_probs if isinstance(out, DynamicOutput) else []
+        return (*exit_logits(out), *probs)
 
 
 def gated_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> GatedCosts:
-    """Per-part MACs of a gated network (the deploy model): the input of every block and gate is captured in one
-    all-blocks-executed forward, then each part is counted on its own input."""
+    """Per-part MACs of a gated network (the deploy model), from one fvcore count of a forward with every block
+    executed: each block, its skip path (``GatedBody.skip_path``: a projection shortcut, or nothing) on the same
+    input, the stem and exit, and the gates as everything else (their convolutions, LSTM steps, linears)."""
     bare = prune(model).eval()
-    body = gated_body(bare)
+    body = bare.gated_body()
     if body is None:
         raise TypeError(f"{type(bare).__name__} has no gated body; use exit_costs")
-    seen: dict[str, torch.Tensor] = {}
-    parts = [
-        *((f"block{i}", b) for i, b in enumerate(body.blocks)),
-        *((f"gate{i}", g) for i, g in enumerate(body.gates)),
-    ]
-    hooks = [
-        m.register_forward_pre_hook(lambda m, inp, name=name: seen.setdefault(name, inp[0]))
-        for name, m in [*parts, ("exit", bare.exits[0])]
-    ]
+    counted = _AllOutputs(bare)
     threshold, body.threshold = body.threshold, -1.0  # every gate says execute
     try:
-        with torch.no_grad():
-            bare(torch.zeros(1, *input_shape))
+        by_module = _count(counted, torch.zeros(1, *input_shape))
     finally:
         body.threshold = threshold
-        for h in hooks:
-            h.remove()
-    stem = module_macs(bare.stem, torch.zeros(1, *input_shape))[0]
-    blocks = [module_macs(b, seen[f"block{i}"])[0] for i, b in enumerate(body.blocks)]
-    shortcuts = [module_macs(_Skipped(b), seen[f"block{i}"])[0] for i, b in enumerate(body.blocks)]
-    gates = 0
-    for i, gate in enumerate(body.gates):
-        x = seen[f"gate{i}"]
-        if isinstance(gate, RecurrentGate):  # its embedding, and one step of the LSTM all gates share
-            gates += module_macs(gate.embedding, x)[0] + module_macs(_First(gate.controller[0]), gate.embedding(x))[0]
-        else:
-            gates += module_macs(_First(gate), x)[0]
-    classifier = module_macs(bare.exits[0], seen["exit"])[0]
+    names = {id(m): name for name, m in counted.named_modules()}
+
+    def macs(module: nn.Module | None) -> int:
+        return 0 if module is None else _conv_linear(by_module.get(names[id(module)], Counter()))
+
+    blocks = [macs(b) for b in body.blocks]
+    shortcuts = [macs(body.skip_path(i)) for i in range(len(body.blocks))]
+    stem, classifier = macs(bare.stem), sum(macs(e) for e in bare.exits)
+    plain = stem + sum(blocks) + classifier
     return GatedCosts(
         always=stem + blocks[0] + classifier,
-        gates=gates,
+        gates=_conv_linear(by_module[""]) - plain,
         blocks=blocks[1:],
         shortcuts=shortcuts[1:],
-        plain=stem + sum(blocks) + classifier,
+        plain=plain,
     )
+
+
+def gated_block_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[int]:
+    """MACs of each gated block when it runs (``GatedBody.blocks[1:]``), for ``GatedBody.set_block_costs``."""
+    return gated_costs(model, input_shape).blocks
 
 
 def _conv_linear(ops: Counter[str]) -> int:
@@ -318,26 +354,31 @@ def _conv_linear(ops: Counter[str]) -> int:
 def format_cost_table(costs: list[ExitCost]) -> str:
     """A plain-text table; MACs in millions (multiply-accumulates), parameters in millions."""
     lines = [
-        "MACs = multiply-accumulates (1 multiply-add = 1), batch 1, deploy model (training-only heads pruned)",
-        f"{'exit':>4}  {'MACs conv+linear':>16}  {'as evaluated':>12}  {'MACs fvcore total':>17}  "
-        f"{'as evaluated':>12}  {'params':>9}  {'as evaluated':>12}",
+        "MACs = multiply-accumulates (1 multiply-add = 1), batch 1, deploy model (training-only heads pruned);",
+        "as evaluated = the paper's convention (every stage whole, earlier exits included); lazy = what a sample",
+        "leaving at the exit pays when deferred parts run only for the samples that go on, who pay 'going on +'",
+        f"{'exit':>4}  {'MACs conv+linear':>16}  {'as evaluated':>12}  {'lazy':>9}  {'going on +':>10}  "
+        f"{'MACs fvcore total':>17}  {'as evaluated':>12}  {'params':>9}  {'as evaluated':>12}",
     ]
     for c in costs:
         lines.append(
-            f"{c.exit:>4}  {c.macs / 1e6:>15.2f}M  {c.macs_cumulative / 1e6:>11.2f}M  "
-            f"{c.fvcore_total / 1e6:>16.2f}M  {c.fvcore_total_cumulative / 1e6:>11.2f}M  "
-            f"{c.params / 1e6:>8.3f}M  {c.params_cumulative / 1e6:>11.3f}M"
+            f"{c.exit:>4}  {c.macs / 1e6:>15.2f}M  {c.macs_cumulative / 1e6:>11.2f}M  {c.macs_lazy / 1e6:>8.2f}M  "
+            f"{c.macs_deferred / 1e6:>9.2f}M  {c.fvcore_total / 1e6:>16.2f}M  "
+            f"{c.fvcore_total_cumulative / 1e6:>11.2f}M  {c.params / 1e6:>8.3f}M  {c.params_cumulative / 1e6:>11.3f}M"
         )
     return "\n".join(lines)
 
 
 def costs_as_json(costs: list[ExitCost]) -> list[dict[str, int]]:
-    """The CLI's ``--json`` rows: conv+linear MACs, cumulative = as evaluated."""
+    """The CLI's ``--json`` rows: conv+linear MACs, cumulative = as evaluated (the paper's convention), lazy = what
+    a sample leaving there pays with deferred parts left out, deferred = what a sample going on pays on top."""
     return [
         {
             "exit": c.exit,
             "macs": c.macs,
             "macs_cumulative": c.macs_cumulative,
+            "macs_lazy": c.macs_lazy,
+            "macs_deferred": c.macs_deferred,
             "params": c.params,
             "params_cumulative": c.params_cumulative,
         }
@@ -353,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_blocks=3")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = parser.parse_args(argv)
+    from dynsila.rundir import build_model, input_shape  # here: the run directory's builder counts with us
+
     try:
         cfg = load_config(args.config, args.overrides)
-        model: nn.Module = build_model(cfg)
-        if cfg.sila.enabled:
-            model = SiLa(build_model(cfg), cfg.sila)  # counted after pruning, like every trained model
-        if gated_body(prune(model)) is not None:
+        bare = build_model(cfg)
+        model: nn.Module = SiLa(bare, cfg.sila) if cfg.sila.enabled else bare  # counted after pruning, as trained
+        if prune(model).gated_body() is not None:
             gated = gated_costs(model, input_shape(cfg))
             print(json.dumps(dataclasses.asdict(gated), indent=1) if args.json else format_gated_costs(gated))
             return 0

@@ -2,8 +2,9 @@
 
 Thresholds are fitted on the run's validation split (for the exit distribution share_k ~ q^k, or for the
 largest average cost within ``--budget`` MACs), then the chosen split goes through ``EarlyExitRunner``:
-samples stop being computed at the exit they take. Prints accuracy, average MACs, images/s and the exit
-histogram.
+samples stop being computed at the exit they take (and the parts of a stage only later exits read are computed
+only for the samples that go on). Prints accuracy, average MACs (in the paper's convention, where every stage
+runs whole, and as spent under lazy evaluation), images/s and the exit histogram.
 """
 
 from __future__ import annotations
@@ -11,20 +12,35 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dynsila.data import build_splits, make_loader, normalize
+from dynsila.config import Config
+from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import CONFIDENCE, collect_logits, fit_thresholds, geometric_fractions, thresholds_for_budget
+from dynsila.evaluate import collect_logits
 from dynsila.flops import exit_costs
-from dynsila.models import gated_body
+from dynsila.models import MultiExitNetwork
 from dynsila.rundir import input_shape, load_deploy_model
-from dynsila.runner import EarlyExitRunner
+from dynsila.runner import EarlyExitRunner, raise_primitive_cache
+from dynsila.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions, thresholds_for_budget
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Tally:
+    """What a pass over a split gives: hits, images, MACs spent, seconds in the runner, exit histogram."""
+
+    hits: int
+    seen: int
+    spent: float  # MACs as evaluated (the paper's convention)
+    spent_lazy: float  # MACs the runner really spent (lazy evaluation)
+    seconds: float
+    histogram: torch.Tensor  # K, images per exit
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dynsila.infer", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     target = parser.add_mutually_exclusive_group(required=True)
@@ -34,60 +50,85 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    try:
-        model, cfg = load_deploy_model(args.run_dir)
-        if gated_body(model) is not None:
-            raise DynsilaError(
-                f"{args.run_dir} holds a gated network (one exit); early-exit thresholds do not apply: "
-                f"use python -m dynsila.evaluate {args.run_dir} (it sweeps the gate threshold)"
-            )
-        splits = build_splits(cfg.data)
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    costs = [c.macs_cumulative for c in exit_costs(model, input_shape(cfg))]
-    model.to(args.device)
-    val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
+    return parser.parse_args(argv)
+
+
+def _fit(args: argparse.Namespace, val_logits: torch.Tensor, costs: list[int]) -> torch.Tensor:
+    """Thresholds (K) for ``--q`` or ``--budget``, fitted on the validation logits ``N x K x C``."""
     if args.q is not None:
         conf = CONFIDENCE[args.criterion](val_logits)
-        thresholds = fit_thresholds(conf, geometric_fractions([args.q], len(costs)))[0]
-    else:
-        thresholds, expected = thresholds_for_budget(val_logits, costs, args.budget, args.criterion)
-        if args.budget < costs[0]:
-            print(
-                f"note: a budget of {args.budget / 1e6:.2f}M MACs is below exit 1's cost ({costs[0] / 1e6:.2f}M): "
-                "every sample exits at exit 1"
-            )
-        print(f"thresholds fitted on val for {expected / 1e6:.2f}M MACs on average (budget {args.budget / 1e6:.2f}M)")
-    runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
+        return fit_thresholds(conf, geometric_fractions([args.q], len(costs)))[0]
+    thresholds, expected = thresholds_for_budget(val_logits, costs, args.budget, args.criterion)
+    if args.budget < costs[0]:
+        print(
+            f"note: a budget of {args.budget / 1e6:.2f}M MACs is below exit 1's cost ({costs[0] / 1e6:.2f}M): "
+            "every sample exits at exit 1"
+        )
+    print(f"thresholds fitted on val for {expected / 1e6:.2f}M MACs on average (budget {args.budget / 1e6:.2f}M)")
+    return thresholds
 
+
+def _run(runner: EarlyExitRunner, splits: Splits, args: argparse.Namespace, lazy_costs: list[int]) -> Tally:
     dataset = splits.test if args.split == "test" else splits.val
-    hits, seen, spent, seconds = 0, 0, 0.0, 0.0
-    histogram = torch.zeros(len(costs), dtype=torch.long)
+    num_exits = len(lazy_costs)
+    tally = Tally(0, 0, 0.0, 0.0, 0.0, torch.zeros(num_exits, dtype=torch.long))
     for images, labels in make_loader(dataset, args.batch_size, shuffle=False):
         x = normalize(images.to(args.device), splits.mean, splits.std)
         start = time.perf_counter()
         result = runner(x)
         if x.is_cuda:
             torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        hits += int((result.predictions.cpu() == labels).sum())
-        seen += len(labels)
-        spent += float(result.macs.sum())
-        histogram += torch.bincount(result.exit_index.cpu(), minlength=len(costs))
+        tally.seconds += time.perf_counter() - start
+        tally.hits += int((result.predictions.cpu() == labels).sum())
+        tally.seen += len(labels)
+        tally.spent += float(result.macs.sum())
+        histogram = torch.bincount(result.exit_index.cpu(), minlength=num_exits)
+        tally.spent_lazy += float(histogram.double() @ torch.tensor(lazy_costs, dtype=torch.float64))
+        tally.histogram += histogram
+    return tally
+
+
+def _print_summary(
+    name: str, args: argparse.Namespace, tally: Tally, thresholds: torch.Tensor, costs: list[int], lazy: list[int]
+) -> None:
+    seen = tally.seen
+    print(f"{name} on {args.split} ({seen} images, batch {args.batch_size}, {args.device}, criterion {args.criterion})")
     print(
-        f"{cfg.name} on {args.split} ({seen} images, batch {args.batch_size}, {args.device}, "
-        f"criterion {args.criterion})"
+        f"top-1 {100 * tally.hits / seen:.2f} %   average {tally.spent / seen / 1e6:.3f}M MACs as evaluated "
+        f"({100 * tally.spent / seen / costs[-1]:.1f} % of running every exit), {tally.spent_lazy / seen / 1e6:.3f}M "
+        f"spent with lazy evaluation   {seen / tally.seconds:.0f} images/s"
     )
-    print(
-        f"top-1 {100 * hits / seen:.2f} %   average {spent / seen / 1e6:.3f}M MACs "
-        f"({100 * spent / seen / costs[-1]:.1f} % of running every exit)   {seen / seconds:.0f} images/s"
-    )
-    print("exit  threshold   images  share  MACs (as evaluated)")
-    for k, count in enumerate(histogram.tolist()):
+    print("exit  threshold   images  share  MACs (as evaluated)  MACs lazy")
+    for k, count in enumerate(tally.histogram.tolist()):
         t = "(rest)" if k == len(costs) - 1 else f"{float(thresholds[k]):.4f}"
-        print(f"{k + 1:>4}  {t:>9}  {count:>7}  {count / seen:>5.2f}  {costs[k] / 1e6:>8.2f}M")
+        print(f"{k + 1:>4}  {t:>9}  {count:>7}  {count / seen:>5.2f}  {costs[k] / 1e6:>18.2f}M  {lazy[k] / 1e6:>8.2f}M")
+
+
+def _load(run_dir: Path) -> tuple[MultiExitNetwork, Config, Splits]:
+    model, cfg = load_deploy_model(run_dir)
+    if model.gated_body() is not None:
+        raise DynsilaError(
+            f"{run_dir} holds a gated network (one exit); early-exit thresholds do not apply: "
+            f"use python -m dynsila.evaluate {run_dir} (it sweeps the gate threshold)"
+        )
+    return model, cfg, build_splits(cfg.data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    raise_primitive_cache()  # first: oneDNN reads it at the process's first convolution
+    args = _parse(argv)
+    try:
+        model, cfg, splits = _load(args.run_dir)
+    except DynsilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counted = exit_costs(model, input_shape(cfg))
+    costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
+    model.to(args.device)
+    val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
+    thresholds = _fit(args, val_logits, costs)
+    runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
+    _print_summary(cfg.name, args, _run(runner, splits, args, lazy), thresholds, costs, lazy)
     return 0
 
 

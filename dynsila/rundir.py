@@ -17,6 +17,7 @@ from dynsila.checkpoint import atomic_write_text, load_weights, read_deploy
 from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
+from dynsila.flops import gated_block_macs
 from dynsila.models import MultiExitNetwork
 from dynsila.models.timm_exits import PretrainedWeightsUnavailable
 
@@ -36,6 +37,9 @@ def build_model(cfg: Config, num_classes: int | None = None) -> MultiExitNetwork
         raise ConfigError(f"model.name={cfg.model['name']}: {e}") from None
     if not isinstance(model, MultiExitNetwork):
         raise TypeError(f"model {cfg.model['name']!r} does not follow the multi-exit protocol (MultiExitNetwork)")
+    body = model.gated_body()
+    if body is not None and cfg.loss.gate_cost != 0:  # that loss term weighs each gated block by its MACs
+        body.set_block_costs(gated_block_macs(model, input_shape(cfg)))
     return model
 
 

@@ -2,13 +2,17 @@
 
 ``EarlyExitRunner(model, thresholds)`` runs the stem, then stage by stage. After each exit, the samples whose
 confidence reaches that exit's threshold are finalised and dropped from the batch (the stage state, a tensor or
-a list of tensors, is indexed), and the rest go on. Any model following the protocol of DESIGN.md works; there
-is no per-model code. On the same thresholds its decisions equal the evaluator's simulated ones
-(``dynsila.evaluate.exit_indices``), so the evaluator's MACs are what this runner spends.
+a list of tensors, is indexed), and the rest go on. Any model following the protocol of docs/design.md works;
+there is no per-model code. On the same thresholds its decisions equal the evaluator's simulated ones
+(``dynsila.thresholds.exit_indices``), so the evaluator's MACs are what this runner spends.
+
+Imports torch and the threshold maths only; the cost counter (fvcore) is imported only when the runner has to
+count the exits' costs itself.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,17 +21,31 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from dynsila.evaluate import CONFIDENCE
-from dynsila.flops import exit_costs
 from dynsila.fuse import fold_batchnorm as fold_batchnorm_into_convs
 from dynsila.sila import unwrap
+from dynsila.thresholds import confidence_of
+
+# Early exit shrinks batches to every size between 1 and the batch size, and oneDNN compiles a convolution
+# primitive per input shape; its default cache (1,024 primitives) then thrashes: MSDNet's ~180 convolutions x a
+# few dozen batch sizes. oneDNN reads the variable once, when the process creates its first primitive (checked
+# with ONEDNN_VERBOSE=profile_create: set after torch is imported but before any convolution, the cache keeps
+# the primitives; set after a convolution, it has no effect; tests/test_runner.py), so it is set by the entry
+# points before anything convolves, not at import.
+PRIMITIVE_CACHE_CAPACITY = "8192"
+
+
+def raise_primitive_cache() -> None:
+    """Raise oneDNN's primitive cache for early exit's many batch sizes; a value the user set wins. Call it before
+    the process's first convolution (``python -m dynsila.infer`` does; the runner's constructor does too, which
+    is in time when the runner is the first thing to convolve)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", PRIMITIVE_CACHE_CAPACITY)
 
 
 @dataclass
 class EarlyExitResult:
     predictions: torch.Tensor  # N, class index
     exit_index: torch.Tensor  # N, 0-based exit each sample left at
-    macs: torch.Tensor  # N, multiply-accumulates spent on each sample (as evaluated: earlier exits included)
+    macs: torch.Tensor  # N, the runner's ``costs`` of the exit each sample took
     confidence: torch.Tensor  # N, the criterion's value at the exit taken
 
 
@@ -35,7 +53,12 @@ class EarlyExitRunner:
     """Stage-by-stage inference with batch compaction.
 
     thresholds: one per exit on the criterion's scale (the last is ignored: every remaining sample exits there).
-    costs: MACs of reaching each exit as evaluated; counted with fvcore when not given (needs ``input_shape``).
+    costs: what a sample that leaves at each exit is charged, in the caller's convention; counted with fvcore
+    when not given (needs ``input_shape``): as evaluated (the paper's convention, ``ExitCost.macs_cumulative``),
+    or what it really pays with ``deferred`` (``ExitCost.macs_lazy``) when ``lazy_costs`` is true.
+    deferred: where a stage declares a split (``MultiExitNetwork.deferred_split``: MSDNet's finer scales), run
+    only what its exits read before the exit decision and the rest only for the samples that go on. Decisions
+    and logits are the same either way.
     fold_batchnorm: run a copy with batch-norm folded into the convolutions (faster; logits change by float
     rounding only, so a sample within rounding of a threshold could in principle decide differently).
     channels_last: run in NHWC memory layout, which oneDNN and cuDNN convolutions prefer.
@@ -50,9 +73,11 @@ class EarlyExitRunner:
         input_shape: tuple[int, int, int] | None = None,
         fold_batchnorm: bool = True,
         channels_last: bool = True,
+        deferred: bool = True,
+        lazy_costs: bool = False,
     ) -> None:
-        if criterion not in CONFIDENCE:
-            raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(CONFIDENCE)}")
+        raise_primitive_cache()
+        self.confidence = confidence_of(criterion)
         bare = unwrap(model).eval()
         self.model = unwrap(fold_batchnorm_into_convs(bare)) if fold_batchnorm else bare
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -61,12 +86,19 @@ class EarlyExitRunner:
         self.thresholds = torch.as_tensor(thresholds, dtype=torch.float64).cpu()
         if len(self.thresholds) != self.model.num_exits:
             raise ValueError(f"{len(self.thresholds)} thresholds for a model with {self.model.num_exits} exits")
-        self.confidence = CONFIDENCE[criterion]
         if costs is None:
             if input_shape is None:
                 raise ValueError("pass the exits' costs or the input shape to count them")
-            costs = [c.macs_cumulative for c in exit_costs(bare, input_shape)]
+            from dynsila.flops import exit_costs  # fvcore: only when the caller has no costs
+
+            counted = exit_costs(bare, input_shape)
+            costs = [c.macs_lazy if lazy_costs else c.macs_cumulative for c in counted]
         self.costs = torch.as_tensor(costs, dtype=torch.float64)
+        if len(self.costs) != self.model.num_exits:
+            raise ValueError(f"{len(self.costs)} costs for a model with {self.model.num_exits} exits")
+        stages = range(len(self.model.stages))
+        self.splits = [self.model.deferred_split(i) if deferred else None for i in stages]
+        self.exits_after = [[k for k, after in enumerate(self.model.exit_after) if after == i] for i in stages]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> EarlyExitResult:
@@ -109,23 +141,46 @@ class EarlyExitRunner:
                 pending[stage_index + 1].append(survivors)
 
     def _advance(self, stage_index: int, group: _Group, finished: _Finished) -> _Group | None:
-        """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None)."""
-        model = self.model
-        state = model.stages[stage_index](group.state)
-        positions = group.positions
-        for k in (k for k, after in enumerate(model.exit_after) if after == stage_index):
-            logits = model.exits[k](state)
+        """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None).
+
+        With a deferred split the exits read the stage's exit path, and only the samples that stay compute the
+        deferred part. Leavers are dropped by one index tensor per exit, applied to the pending state only (the
+        tensors the rest of the stage and the next stage read); advanced indexing keeps channels-last."""
+        model, split = self.model, self.splits[stage_index]
+        if split is None:
+            exit_state = pending = model.stages[stage_index](group.state)
+        else:
+            exit_state, pending = split.for_exits(group.state)
+        positions, exits = group.positions, self.exits_after[stage_index]
+        for n, k in enumerate(exits):
+            logits = model.exits[k](exit_state)
             conf = self.confidence(logits[:, None, :])[:, 0]
-            last = k == model.num_exits - 1
-            leaving = torch.ones_like(conf, dtype=torch.bool) if last else conf >= self.thresholds[k].item()
-            finished.add(positions[leaving], logits[leaving].argmax(dim=-1), k, conf[leaving])
-            if bool(leaving.all()):
+            if k == model.num_exits - 1:  # everyone left leaves here
+                finished.add(positions, logits.argmax(dim=-1), k, conf)
                 return None
-            if bool(leaving.any()):
-                staying = ~leaving
-                positions = positions[staying]
-                state = tree_map(lambda t, keep=staying: t[keep], state)
-        return _Group(state, positions)
+            leaving = conf >= self.thresholds[k]
+            left = leaving.nonzero().squeeze(1)
+            if left.numel():
+                finished.add(positions[left], logits[left].argmax(dim=-1), k, conf[left])
+            if left.numel() == positions.shape[0]:
+                return None
+            if left.numel():
+                keep = (~leaving).nonzero().squeeze(1)
+                positions, pending = positions[keep], _select(pending, keep)
+                if split is None:
+                    exit_state = pending
+                elif n < len(exits) - 1:  # another exit after this stage reads the exit path
+                    exit_state = _select(exit_state, keep)
+        return _Group(pending if split is None else split.complete(pending), positions)
+
+
+def _select(tree: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of every tensor in a tree of lists and tuples (None entries stay None)."""
+    if isinstance(tree, torch.Tensor):
+        return tree[index]
+    if isinstance(tree, list | tuple):
+        return type(tree)(_select(t, index) for t in tree)
+    return tree
 
 
 @dataclass

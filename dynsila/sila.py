@@ -1,13 +1,21 @@
-"""SiLa: Siamese Labels auxiliary learning (the formulation is fixed in DESIGN.md).
+"""SiLa: Siamese Labels auxiliary learning, in the readings we could make of the paper's two abstracts.
 
-Every exit k of a multi-exit network gets a siamese head g_k trained on a twin copy of the same labels:
-
-    L = sum_k w_k [ CE(z_k, y) + lambda * CE(z'_k, y) + mu * T^2 * KL(softmax(z'_k / T) || softmax(z_k / T)) ]
-
+The full text of the paper (arXiv 2103.00200) was not available; README, section SiLa, tabulates which abstract
+supports what. Every exit k of a multi-exit network gets a siamese head g_k trained on a twin copy of the labels,
 with z_k the exit's logits and z'_k = g_k(h_k) (``attach: features``, h_k the input of the exit's ``fc``) or
-z'_k = g_k(z_k) (``attach: logits``). With ``softmax: joint`` the twin term becomes one softmax over
-[z_k, z'_k] (2C classes) against the duplicated label 1/2 [onehot(y), onehot(y)]; the main CE is kept so the
-deployed exit is trained on its own softmax.
+z'_k = g_k(z_k) (``attach: logits``). Per ``softmax``, with w_k the exit weights and c = ``loss.ce_weight``:
+
+    separate:    L = sum_k w_k [ c CE(z_k, y) + lambda CE(z'_k, y) ]
+    joint:       L = sum_k w_k [ c CE(z_k, y) + lambda JCE(z_k, z'_k, y) ]
+    joint_only:  L = sum_k w_k   c JCE(z_k, z'_k, y)           (no separate main CE; lambda must stay 1)
+
+JCE is one softmax over the 2C logits [z_k, z'_k] against the duplicated label 1/2 [onehot(y), onehot(y)] (the
+output layer doubled, the twin half cut away for deployment: the SilaNet v1 abstract's label-level auxiliary).
+Any reading may add mu * T^2 * KL(softmax(z'_k / T) || softmax(z_k / T)). Symmetry: with a linear head on the
+features, the twin solves the main head's convex problem and converges to it (separate is then the baseline
+with its CE scaled by 1 + lambda, joint_only the baseline with a halved learning rate on the exits' fc). The
+``mlp`` head, and ``attach: logits`` with ``separate``, are not forced onto the main head; a head on the logits
+under a joint softmax can become the identity. ``losses.ensemble_monitor_terms`` measures |z' - z|.
 
 Heads attach through forward hooks on ``model.exits[k].fc``: the model code never knows SiLa exists, and
 ``prune`` hands back the bare model with exactly the parameters (and so the FLOPs) of a plain one.
@@ -24,6 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dynsila.config import SiLaConfig
+from dynsila.errors import ConfigError
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 
 
@@ -54,6 +63,11 @@ class SiLa(nn.Module):
 
     def __init__(self, model: MultiExitNetwork, cfg: SiLaConfig) -> None:
         super().__init__()
+        if replaces_exit_ce(cfg) and cfg.weight != 1.0:
+            raise ConfigError(
+                f"sila.weight={cfg.weight} has no effect with sila.softmax=joint_only (the joint softmax replaces "
+                "the exit cross-entropy); leave sila.weight at 1 and scale the loss with loss.ce_weight"
+            )
         self.model = model
         self.cfg = cfg
         self.heads = nn.ModuleList()
@@ -122,12 +136,19 @@ def prune(net: nn.Module) -> MultiExitNetwork:
     return net.bare_model() if isinstance(net, SiLa) else copy.deepcopy(unwrap(net))
 
 
-def sila_loss_terms(
-    output: SiLaOutput, labels: torch.Tensor, cfg: SiLaConfig, exit_weights: list[float]
-) -> dict[str, torch.Tensor]:
-    """The twin-label terms of the SiLa loss, summed over exits with weights w_k (the main CE is not here).
+def replaces_exit_ce(cfg: SiLaConfig) -> bool:
+    """True when the SiLa term takes the place of the exit cross-entropy (``softmax: joint_only``)."""
+    return cfg.enabled and cfg.softmax == "joint_only"
 
-    Returns ``{"sila": lambda * twin CE, "consistency": mu * T^2 * KL}`` (the latter only when mu > 0)."""
+
+def sila_loss_terms(
+    output: SiLaOutput, labels: torch.Tensor, cfg: SiLaConfig, exit_weights: list[float], ce_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The twin-label terms of the SiLa loss, summed over exits with weights w_k.
+
+    Returns ``{"sila": lambda * sum_k w_k twin loss}`` (separate: CE(z', y); joint: JCE(z, z', y)), or for
+    ``joint_only`` ``{"joint_ce": ce_weight * sum_k w_k JCE(z, z', y)}``, which stands in for the exit CE (the
+    caller then leaves its ``ce`` term out); plus ``{"consistency": mu * sum_k w_k T^2 KL}`` when mu > 0."""
     twin_terms, kl_terms = [], []
     for w, z, z_twin in zip(exit_weights, output.logits, output.twin_logits, strict=True):
         if cfg.softmax == "separate":
@@ -138,9 +159,10 @@ def sila_loss_terms(
             t = cfg.temperature
             kl = F.kl_div(
                 F.log_softmax(z / t, dim=1), F.log_softmax(z_twin / t, dim=1), reduction="batchmean", log_target=True
-            )  # KL(p_twin || p_main), as in DESIGN.md
+            )  # KL(p_twin || p_main)
             kl_terms.append(w * kl * t * t)
-    terms = {"sila": cfg.weight * torch.stack(twin_terms).sum()}
+    twin_sum = torch.stack(twin_terms).sum()
+    terms = {"joint_ce": ce_weight * twin_sum} if replaces_exit_ce(cfg) else {"sila": cfg.weight * twin_sum}
     if kl_terms:
         terms["consistency"] = cfg.consistency * torch.stack(kl_terms).sum()
     return terms

@@ -1,8 +1,17 @@
 """Train a multi-exit network: ``python -m dynsila.train CONFIG.yaml [key=value ...] [--force]``.
 
-One loop for every model: loss = exit cross-entropy + the terms the config switches on (SiLa, ...); optimizer
-and schedule from the config; per-epoch validation (model selection) and test (logged only); checkpoints and
-deploy weights in ``runs/<name>/``.
+One loop for every model: loss = exit cross-entropy + the terms the config switches on (SiLa, DML, ...);
+optimizer and schedule from the config; per-epoch validation (model selection) and test (logged only);
+checkpoints and deploy weights in ``runs/<name>/``. Read top to bottom, the way torchvision's classification
+reference reads: ``train`` builds a ``Run`` (data, the peers as one ``Ensemble``, optimizer), restores its
+``TrainState`` when resuming, then per epoch ``train_one_epoch`` and ``end_of_epoch`` (``evaluate`` every
+peer, metrics row, checkpoints; rank 0), and finally ``export`` (pruned deploy weights, evaluated). ``main`` is
+the command line. The library logs (``logging``, rank 0 only); the command line prints the records as lines.
+
+A training step never waits for the device: loss terms, monitor terms, hit counts and the non-finite check
+accumulate on it (``EpochSums``), and the host reads them once every ``train.log_every`` steps and at the epoch's
+end. A NaN or infinite loss therefore stops the run up to ``log_every - 1`` steps after it happened; the error
+still names the epoch, step and term where it first appeared, and no checkpoint is written after it.
 """
 
 from __future__ import annotations
@@ -11,12 +20,13 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import logging
 import math
 import random
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,14 +45,17 @@ from dynsila.checkpoint import (
     save_deploy,
 )
 from dynsila.config import Config, DMLConfig, TrainConfig, config_to_yaml, load_config
-from dynsila.data import Splits, build_splits, dataset_size, make_loader, normalize
+from dynsila.console import log_lines_to
+from dynsila.data import DeviceBatches, Splits, build_splits, dataset_size, make_loader, normalize
 from dynsila.dml import exit_pairs
 from dynsila.errors import ConfigError, DynsilaError, TrainingError
 from dynsila.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
-from dynsila.losses import Output, ensemble_loss_terms, logits_of
+from dynsila.losses import Output, ensemble_loss_terms, ensemble_monitor_terms, logits_of
 from dynsila.models import gated_body
 from dynsila.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
 from dynsila.sila import SiLa, prune, unwrap
+
+log = logging.getLogger("dynsila.train")  # not __name__: that is "__main__" under python -m dynsila.train
 
 
 @dataclass
@@ -62,15 +75,50 @@ class PeerAccuracy:
     test_top1: list[float] | None  # logged only, never used to select
 
 
-def peer_configs(cfg: Config) -> list[Config]:
-    """One config per DML peer: its own model section, no DML, and its own directory inside the run's."""
-    if cfg.dml.peers == 1:
-        return [cfg]
-    sections = cfg.dml.models or [cfg.model] * cfg.dml.peers
-    return [
-        dataclasses.replace(cfg, name=f"peer{i}", out_dir=str(cfg.run_dir), model=dict(section), dml=DMLConfig())
-        for i, section in enumerate(sections)
-    ]
+@dataclass
+class TrainState:
+    """Where training stands after ``epoch`` finished epochs: what a resumed run continues from."""
+
+    epoch: int = 0
+    best_score: float = -math.inf  # mean val top-1 over exits and peers of the best epoch
+    best_epoch: int = -1  # 1-based
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch (metrics.jsonl)
+
+
+@dataclass
+class EpochSums:
+    """One epoch's training statistics on this process, kept on the device so that a step never waits for the
+    host: per-sample sums of the loss, its terms and the monitor terms; correct predictions per exit; the first
+    non-finite loss. The host reads them every ``train.log_every`` steps and at the epoch's end."""
+
+    hits: list[torch.Tensor]  # per peer: K correct predictions (float64, on the device)
+    nonfinite: torch.Tensor  # [step, index into names, value] of the first non-finite loss term; step -1: none
+    names: list[str] = field(default_factory=list)  # "loss", its terms, then the monitor terms (first step's)
+    num_losses: int = 0  # the first num_losses names are "loss" and its terms; the rest are monitors
+    totals: torch.Tensor | None = None  # per-sample sums in the order of names (float64, on the device)
+    seen: int = 0
+    lr: float = 0.0  # at the last step
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(
+        self,
+        loss: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+        monitors: dict[str, torch.Tensor],
+        count: int,
+        step: int,
+    ) -> None:
+        """Accumulate one micro-batch of ``count`` samples (0-d loss, terms and monitors), on the device."""
+        values = torch.stack([loss, *terms.values(), *monitors.values()]).detach().double()
+        if self.totals is None:
+            self.names, self.num_losses = ["loss", *terms, *monitors], 1 + len(terms)
+            self.totals = torch.zeros_like(values)
+        self.totals += values * count
+        self.seen += count
+        self.nonfinite = first_nonfinite(self.nonfinite, values[: self.num_losses], step)
+
+
+StepStatistics = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]
 
 
 class Ensemble(nn.Module):
@@ -82,6 +130,38 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[Output]:
         return [peer(x) for peer in self.peers]
+
+
+@dataclass
+class Run:
+    """Everything a training run is built from, built once by ``build_run``."""
+
+    cfg: Config  # data.num_classes and data.image_size resolved from the data
+    ctx: distributed.Context
+    splits: Splits
+    peer_cfgs: list[Config]  # one per peer: what each peer's deploy directory records
+    nets: list[nn.Module]  # per peer: the model, wrapped in its SiLa heads when SiLa is on
+    ensemble: Ensemble  # the nets as one module: what checkpoints hold
+    forward: nn.Module  # the ensemble, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    per_rank_batch: int
+    micro_batches: int  # train.accumulate_steps
+    steps_per_epoch: int
+    val_loader: DataLoader
+    test_loader: DataLoader
+    device_batches: DeviceBatches | None  # data.on_device: the training set on the device
+    compute: Callable[..., StepStatistics]  # forward_and_statistics, compiled when train.compile is on
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def say(self, line: str) -> None:
+        if self.ctx.is_main:
+            log.info(line)
 
 
 def train(cfg: Config, force: bool = False) -> TrainResult:
@@ -97,235 +177,362 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
 
 
 def _train(cfg: Config, force: bool, ctx: distributed.Context) -> TrainResult:
-    run_dir, device, say = cfg.run_dir, ctx.device, _printer(ctx)
-    resuming = cfg.resume and (run_dir / LAST).exists()
-    if run_dir.exists() and any(run_dir.iterdir()) and not (cfg.resume or force):
+    resuming = cfg.resume and (cfg.run_dir / LAST).exists()
+    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()) and not (cfg.resume or force):
         raise DynsilaError(
-            f"run directory {run_dir} already exists; pass resume=true to continue it, --force to "
+            f"run directory {cfg.run_dir} already exists; pass resume=true to continue it, --force to "
             "overwrite it, or another name=..."
         )
     distributed.barrier(ctx)  # every rank has looked before rank 0 writes anything
-    amp_dtype = autocast_dtype(cfg.train.amp, device)
-    if cfg.train.sync_bn and ctx.enabled and device.type != "cuda":
+    run = build_run(cfg, ctx, resuming)
+    state = restore_state(run) if resuming else TrainState()
+    if ctx.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.run_dir / CONFIG, config_to_yaml(run.cfg))
+    run.say(describe(run))
+
+    clock = Clock(run.steps_per_epoch * (cfg.train.epochs - state.epoch))
+    for epoch in range(state.epoch, cfg.train.epochs):
+        sums = train_one_epoch(run, epoch, clock)
+        end_of_epoch(run, state, epoch, sums)
+
+    if not ctx.is_main:
+        distributed.barrier(ctx)
+        return TrainResult(cfg.run_dir, state.best_epoch, [], [], [], [pc.run_dir for pc in run.peer_cfgs])
+    try:
+        return export(run, state.best_epoch)
+    finally:
+        distributed.barrier(ctx)
+
+
+# --- building the run ---------------------------------------------------------------------------------------
+
+
+def build_run(cfg: Config, ctx: distributed.Context, resuming: bool) -> Run:
+    """Data, peers (same initial weights on every rank), device placement, DDP, optimizer and loaders."""
+    amp_dtype = autocast_dtype(cfg.train.amp, ctx.device)
+    if cfg.train.sync_bn and ctx.enabled and ctx.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernels); set it to false")
     per_rank_batch, micro = _batch_split(cfg, ctx)
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     splits = build_splits(cfg.data)
     cfg.data.num_classes, cfg.data.image_size = splits.num_classes, splits.image_size  # config rebuilds the model
-    peers_cfg = peer_configs(cfg)
+    peer_cfgs = peer_configs(cfg)
+    nets = build_peers(cfg, peer_cfgs, splits.num_classes, resuming)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    ensemble, forward = place_ensemble(nets, cfg.train.sync_bn, memory_format, ctx)
+    batch, workers = cfg.data.eval_batch_size, cfg.data.num_workers
+    device_batches = None
+    if cfg.data.on_device:
+        device_batches = DeviceBatches(splits.train, cfg.data, per_rank_batch, ctx.device, ctx.rank, ctx.world_size)
+    train_loader = device_batches or _train_loader(splits, cfg, ctx, per_rank_batch, epoch=0)
+    return Run(
+        cfg=cfg,
+        ctx=ctx,
+        splits=splits,
+        peer_cfgs=peer_cfgs,
+        nets=nets,
+        ensemble=ensemble,
+        forward=forward,
+        optimizer=build_optimizer(cfg.train, ensemble),
+        scaler=torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16),
+        amp_dtype=amp_dtype,
+        memory_format=memory_format,
+        per_rank_batch=per_rank_batch,
+        micro_batches=micro,
+        steps_per_epoch=len(train_loader),
+        val_loader=make_loader(splits.val, batch, shuffle=False, num_workers=workers),
+        test_loader=make_loader(splits.test, batch, shuffle=False, num_workers=workers),
+        device_batches=device_batches,
+        compute=torch.compile(forward_and_statistics) if cfg.train.compile else forward_and_statistics,
+    )
+
+
+def peer_configs(cfg: Config) -> list[Config]:
+    """One config per DML peer: its own model section, no DML, and its own directory inside the run's."""
+    if cfg.dml.peers == 1:
+        return [cfg]
+    sections = cfg.dml.models or [cfg.model] * cfg.dml.peers
+    return [
+        dataclasses.replace(cfg, name=f"peer{i}", out_dir=str(cfg.run_dir), model=dict(section), dml=DMLConfig())
+        for i, section in enumerate(sections)
+    ]
+
+
+def build_peers(cfg: Config, peer_cfgs: list[Config], num_classes: int, resuming: bool) -> list[nn.Module]:
+    """Each peer's network (initialised from ``train.init_from`` unless resuming), in its SiLa heads if on."""
     nets: list[nn.Module] = []
-    for i, peer_cfg in enumerate(peers_cfg):
-        model = build_model(peer_cfg, splits.num_classes)
+    for i, peer_cfg in enumerate(peer_cfgs):
+        model = build_model(peer_cfg, num_classes)
         if cfg.train.init_from and not resuming:
-            initialise_from(model, Path(cfg.train.init_from), i if len(peers_cfg) > 1 else None)
+            initialise_from(model, Path(cfg.train.init_from), i if len(peer_cfgs) > 1 else None)
         set_training_stage(model, cfg.train.stage)
         nets.append(SiLa(model, cfg.sila) if cfg.sila.enabled else model)
     exits_per_peer = [unwrap(net).num_exits for net in nets]
     for i in range(1, len(nets)):
         exit_pairs(exits_per_peer[0], exits_per_peer[i], cfg.dml.align)  # fails early on mismatched peers
-    ensemble = Ensemble(nets).to(device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return nets
+
+
+def place_ensemble(
+    nets: list[nn.Module], sync_bn: bool, memory_format: torch.memory_format, ctx: distributed.Context
+) -> tuple[Ensemble, nn.Module]:
+    """(the ensemble on the device, what the loop calls: the ensemble or its DistributedDataParallel wrapper)."""
+    ensemble = Ensemble(nets).to(ctx.device)
     ensemble.to(memory_format=memory_format)
-    if cfg.train.sync_bn and ctx.enabled:
+    if not ctx.enabled:
+        return ensemble, ensemble
+    if sync_bn:
         nn.SyncBatchNorm.convert_sync_batchnorm(ensemble)
-    ddp = None
-    if ctx.enabled:
-        ddp = nn.parallel.DistributedDataParallel(ensemble, device_ids=None if device.index is None else [device.index])
-    forward: nn.Module = ddp if ddp is not None else ensemble
-    optimizer = build_optimizer(cfg.train, ensemble)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    device_ids = None if ctx.device.index is None else [ctx.device.index]
+    return ensemble, nn.parallel.DistributedDataParallel(ensemble, device_ids=device_ids)
 
-    steps_per_epoch = len(_train_loader(splits, cfg, ctx, per_rank_batch, epoch=0))
-    total_steps = steps_per_epoch * cfg.train.epochs
-    val_loader = make_loader(splits.val, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    test_loader = make_loader(splits.test, cfg.data.eval_batch_size, shuffle=False, num_workers=cfg.data.num_workers)
 
-    start_epoch, best_score, best_epoch, metrics = 0, -math.inf, -1, []
-    if resuming:
-        checkpoint = load_checkpoint(run_dir / LAST)
-        load_weights(ensemble, checkpoint["model"], run_dir / LAST)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        states = checkpoint["rng"]
-        set_rng_state(states[ctx.rank] if len(states) == ctx.world_size else states[0])
-        start_epoch, best_score, best_epoch = checkpoint["epoch"], checkpoint["best_score"], checkpoint["best_epoch"]
-        metrics = read_metrics(run_dir)[:start_epoch]
-        say(f"resuming {run_dir} after epoch {start_epoch}")
-    config_yaml = config_to_yaml(cfg)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG, config_yaml)
+def restore_state(run: Run) -> TrainState:
+    """Weights, optimizer, scaler and this rank's RNG state from ``last.pt``; the metrics rows it had written."""
+    path = run.cfg.run_dir / LAST
+    checkpoint = load_checkpoint(path)
+    load_weights(run.ensemble, checkpoint["model"], path)
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    states = checkpoint["rng"]
+    set_rng_state(states[run.ctx.rank] if len(states) == run.ctx.world_size else states[0])
+    epoch = checkpoint["epoch"]
+    run.say(f"resuming {run.cfg.run_dir} after epoch {epoch}")
+    return TrainState(epoch, checkpoint["best_score"], checkpoint["best_epoch"], read_metrics(run.cfg.run_dir)[:epoch])
+
+
+def describe(run: Run) -> str:
+    """The run's first line: what trains on what, where, for how long."""
+    cfg, splits = run.cfg, run.splits
     sizes = " / ".join(f"{dataset_size(getattr(splits, s))} {s}" for s in ("train", "val", "test"))
-    say(
-        f"{cfg.name}: {', '.join(pc.model['name'] for pc in peers_cfg)} on {cfg.data.name} ({sizes}, "
+    return (
+        f"{cfg.name}: {', '.join(pc.model['name'] for pc in run.peer_cfgs)} on {cfg.data.name} ({sizes}, "
         f"{splits.num_classes} classes), sila={'on' if cfg.sila.enabled else 'off'}, dml peers {cfg.dml.peers}, "
-        f"device {device} x {ctx.world_size} process(es), amp {amp_dtype or 'off'}, "
-        f"{cfg.train.epochs} epochs x {steps_per_epoch} steps"
+        f"device {run.device} x {run.ctx.world_size} process(es), amp {run.amp_dtype or 'off'}, "
+        f"{cfg.train.epochs} epochs x {run.steps_per_epoch} steps"
     )
 
-    clock = Clock(total_steps - start_epoch * steps_per_epoch)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        epoch_start = time.perf_counter()
-        loader = _train_loader(splits, cfg, ctx, per_rank_batch, epoch)
-        ensemble.train()
-        sums: dict[str, float] = {}
-        hits_per_peer = [torch.zeros(k, dtype=torch.float64) for k in exits_per_peer]
-        seen = 0
-        for step, (images, labels) in enumerate(loader):
-            lr = learning_rate(cfg.train, epoch * steps_per_epoch + step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x = normalize(images.to(device, non_blocking=True), splits.mean, splits.std)
-            x = x.contiguous(memory_format=memory_format)
-            y = labels.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            for m in range(micro):  # strided micro-batches: the shards DDP ranks would see (see _batch_split)
-                xs, ys = x[m::micro], y[m::micro]
-                sync = ddp.no_sync() if ddp is not None and m < micro - 1 else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        outputs = forward(xs)
-                        terms = ensemble_loss_terms(outputs, ys, cfg)
-                        loss = torch.stack(list(terms.values())).sum()
-                    check_finite(loss, terms, epoch, step, run_dir, ctx)
-                    scaler.scale(loss / micro).backward()
-                for hits, output in zip(hits_per_peer, outputs, strict=True):
-                    hits += (torch.stack(logits_of(output), dim=1).argmax(-1) == ys[:, None]).sum(0).cpu()
-                for name, value in {"loss": loss, **terms}.items():
-                    sums[name] = sums.get(name, 0.0) + value.item() * len(ys)
-                seen += len(ys)
-            scaler.step(optimizer)
-            scaler.update()
-            clock.tick(len(y) * ctx.world_size)
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == steps_per_epoch:
-                parts = ", ".join(f"{k} {v / seen:.3f}" for k, v in sums.items() if k != "loss")
-                say(
-                    f"epoch {epoch + 1}/{cfg.train.epochs}  step {step + 1}/{steps_per_epoch}  "
-                    f"loss {sums['loss'] / seen:.4f} ({parts})  lr {lr:.4g}  {clock.images_per_second():.0f} img/s  "
-                    f"eta {clock.eta()}",
-                )
 
-        # metrics over all ranks: sums of per-sample losses and hits, divided by the global sample count
-        totals = distributed.sum_across_ranks(torch.tensor([seen, *sums.values()], dtype=torch.float64), ctx)
-        seen_all, sums = float(totals[0]), dict(zip(sums, totals[1:].tolist(), strict=True))
-        hits_all = [distributed.sum_across_ranks(h, ctx) for h in hits_per_peer]
-        rng_states = distributed.gather_objects(rng_state(), ctx)
-        failure: DynsilaError | None = None
-        improved = False
-        if ctx.is_main:  # evaluation and files: rank 0 only, so nothing is counted or written twice
-            try:
-                accuracy = [
-                    _peer_accuracy(net, hits, seen_all, val_loader, test_loader, splits, device, cfg)
-                    for net, hits in zip(nets, hits_all, strict=True)
-                ]
-                row: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    **{k: v / seen_all for k, v in sums.items()},
-                    "lr": lr,
-                    **dataclasses.asdict(accuracy[0]),
-                    "seconds": time.perf_counter() - epoch_start,
-                }
-                if len(nets) > 1:
-                    row["peers"] = [dataclasses.asdict(a) for a in accuracy]
-                metrics.append(row)
-                score = float(np.mean([np.mean(a.val_top1) for a in accuracy]))  # mean top-1 over exits and peers
-                improved = score > best_score
-                if improved:
-                    best_score, best_epoch = score, epoch + 1
-                checkpoint = {
-                    "model": ensemble.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    "epoch": epoch + 1,
-                    "step": (epoch + 1) * steps_per_epoch,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "rng": rng_states,
-                    "world_size": ctx.world_size,
-                    "config": config_yaml,
-                }
-                write_metrics(run_dir, metrics)
-                save_checkpoint(run_dir / LAST, checkpoint)
-                if improved:
-                    save_checkpoint(run_dir / BEST, checkpoint)
-                for i, a in enumerate(accuracy):
-                    who = f"epoch {epoch + 1}" + (f" peer {i}" if len(nets) > 1 else "")
-                    say(
-                        f"{who}: val top-1 per exit {format_row(a.val_top1)}"
-                        + (f"  test {format_row(a.test_top1)}" if a.test_top1 else "")
-                        + ("  (best)" if improved else "")
-                    )
-            except DynsilaError as e:
-                failure = e
-        if distributed.broadcast_flag(failure is not None, ctx):
-            raise failure or TrainingError("rank 0 failed to evaluate or save; see its error line")
-        best_epoch = int(distributed.sum_across_ranks(torch.tensor([best_epoch if ctx.is_main else 0]), ctx)[0])
-
-    if not ctx.is_main:
-        distributed.barrier(ctx)
-        return TrainResult(run_dir, best_epoch, [], [], [], [pc.run_dir for pc in peers_cfg])
-    try:
-        result = _export(cfg, ensemble, nets, peers_cfg, best_epoch, device)
-    finally:
-        distributed.barrier(ctx)
-    return result
+# --- one epoch ----------------------------------------------------------------------------------------------
 
 
-def _export(
-    cfg: Config,
-    ensemble: nn.Module,
-    nets: list[nn.Module],
-    peers_cfg: list[Config],
-    best_epoch: int,
-    device: torch.device,
-) -> TrainResult:
-    """Best weights -> pruned deploy model per peer, each evaluated (eval.json) and summarised."""
-    run_dir = cfg.run_dir
+def train_one_epoch(run: Run, epoch: int, clock: Clock) -> EpochSums:
+    """One pass over this rank's shard of the training set; progress lines every ``train.log_every`` steps."""
+    cfg, device = run.cfg, run.device
+    run.ensemble.train()
+    sums = EpochSums(
+        hits=[torch.zeros(unwrap(n).num_exits, dtype=torch.float64, device=device) for n in run.nets],
+        nonfinite=torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device),
+    )
+    for step, (images, labels) in enumerate(epoch_batches(run, epoch)):
+        sums.lr = learning_rate(cfg.train, epoch * run.steps_per_epoch + step, run.steps_per_epoch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = sums.lr
+        x = normalize(images.to(device, non_blocking=True), run.splits.mean, run.splits.std)
+        x = x.contiguous(memory_format=run.memory_format)
+        train_step(run, x, labels.to(device, non_blocking=True), step, sums)
+        clock.tick(len(labels) * run.ctx.world_size)
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == run.steps_per_epoch:
+            means = read_progress(run, sums, epoch, step)  # the host's one wait for the device in log_every steps
+            terms = ", ".join(f"{k} {means[k]:.3f}" for k in sums.names[1 : sums.num_losses])
+            run.say(
+                f"epoch {epoch + 1}/{cfg.train.epochs}  step {step + 1}/{run.steps_per_epoch}  "
+                f"loss {means['loss']:.4f} ({terms})  lr {sums.lr:.4g}  "
+                f"{clock.images_per_second():.0f} img/s  eta {clock.eta()}",
+            )
+    return sums
+
+
+def epoch_batches(run: Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's (uint8 images, labels) batches of one epoch, augmented: drawn on the device (data.on_device)
+    or by a DataLoader. Either way the order and the augmentation are a function of seed and epoch."""
+    if run.device_batches is not None:
+        return run.device_batches.epoch(seed=run.cfg.seed * 100_003 + epoch)
+    return _train_loader(run.splits, run.cfg, run.ctx, run.per_rank_batch, epoch)
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, sums: EpochSums) -> None:
+    """One optimizer step on a normalised batch, as ``micro_batches`` strided micro-batches (see _batch_split).
+    Nothing here waits for the device (with fp16, PyTorch's GradScaler does, once per step)."""
+    ddp = run.forward if isinstance(run.forward, nn.parallel.DistributedDataParallel) else None
+    micro = run.micro_batches
+    run.optimizer.zero_grad(set_to_none=True)
+    for m in range(micro):  # strided micro-batches: the shards DDP ranks would see
+        xs, ys = x[m::micro], y[m::micro]
+        sync = ddp.no_sync() if ddp is not None and m < micro - 1 else contextlib.nullcontext()
+        with sync:
+            loss, terms, monitors, hits = run.compute(run.forward, run.cfg, run.amp_dtype, xs, ys)
+            run.scaler.scale(loss / micro).backward()
+        for total, new in zip(sums.hits, hits, strict=True):
+            total += new
+        sums.add(loss, terms, monitors, len(ys), step)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def forward_and_statistics(
+    forward: nn.Module, cfg: Config, amp: torch.dtype | None, x: torch.Tensor, y: torch.Tensor
+) -> StepStatistics:
+    """What ``train.compile`` compiles: the forward pass under autocast, the loss terms and their sum (0-d), the
+    monitor terms (detached diagnostics, never added to the loss) and, per peer, correct predictions per exit (K).
+    ``x``: N x 3 x H x W normalised images, ``y``: N labels."""
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        outputs = forward(x)
+        terms = ensemble_loss_terms(outputs, y, cfg)
+        loss = torch.stack(list(terms.values())).sum()
+    monitors = ensemble_monitor_terms(outputs, y, cfg)
+    hits = [(torch.stack(logits_of(output), dim=1).argmax(-1) == y[:, None]).sum(0) for output in outputs]
+    return loss, terms, monitors, hits
+
+
+def first_nonfinite(record: torch.Tensor, losses: torch.Tensor, step: int) -> torch.Tensor:
+    """``record`` ([step, index, value]; step -1: nothing yet) updated with one micro-batch's ``losses`` ([loss,
+    term 1, term 2, ...]) on the device, without a host sync. The first bad step is kept; a bad term is named
+    before the total."""
+    bad = ~torch.isfinite(losses)
+    bad_terms = bad[1:]
+    index = torch.where(bad_terms.any(), bad_terms.int().argmax() + 1, 0)
+    value = losses.gather(0, index.view(1))[0]  # not losses[index]: a 0-d index tensor is read on the host
+    now = torch.stack([losses.new_full((), step), index.to(losses.dtype), value])
+    return torch.where(bad.any() & (record[0] < 0), now, record)
+
+
+def read_progress(run: Run, sums: EpochSums, epoch: int, step: int) -> dict[str, float]:
+    """The host's read of the device statistics (every log_every steps and at the epoch's end): the running means
+    per name. Stops every rank when any rank has seen a non-finite loss, naming where it first appeared."""
+    assert sums.totals is not None  # called after a step
+    host = torch.cat([sums.totals, sums.nonfinite]).tolist()  # one sync
+    bad_step, bad_index, bad_value = int(host[-3]), int(host[-2]), host[-1]
+    anywhere = bad_step >= 0
+    if run.ctx.enabled:  # every rank checks at the same steps, so all stop together
+        anywhere = float(distributed.sum_across_ranks(torch.tensor([float(anywhere)]), run.ctx)[0]) > 0
+    if anywhere:
+        run_dir = run.cfg.run_dir
+        kept = f"last good checkpoint kept at {run_dir / LAST}" if (run_dir / LAST).exists() else "no checkpoint yet"
+        what = f"loss term '{sums.names[bad_index]}' is {bad_value} at epoch {epoch + 1} step {bad_step + 1}"
+        if bad_step < 0:
+            what = f"a loss term is not finite on another process by epoch {epoch + 1} step {step + 1}"
+        elif bad_step != step:
+            what += f" (seen at step {step + 1}: the check runs every train.log_every={run.cfg.train.log_every} steps)"
+        raise TrainingError(f"{what}; {kept}; lower train.lr or check the data")
+    return {name: total / sums.seen for name, total in zip(sums.names, host[:-3], strict=True)}
+
+
+# --- end of an epoch ----------------------------------------------------------------------------------------
+
+
+def end_of_epoch(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> None:
+    """Sum the epoch's statistics over ranks; rank 0 evaluates, writes the metrics row and checkpoints, and
+    logs; a failure there (a full disk) stops every rank."""
+    ctx = run.ctx
+    assert sums.totals is not None  # an epoch has at least one step
+    seen_and_totals = torch.cat([sums.totals.new_full((1,), sums.seen), sums.totals])
+    totals = distributed.sum_across_ranks(seen_and_totals, ctx).tolist()
+    seen = totals[0]
+    means = {name: value / seen for name, value in zip(sums.names, totals[1:], strict=True)}
+    hits = [distributed.sum_across_ranks(h, ctx) for h in sums.hits]
+    rng_states = distributed.gather_objects(rng_state(), ctx)
+    failure: DynsilaError | None = None
+    if ctx.is_main:  # evaluation and files: rank 0 only, so nothing is counted or written twice
+        try:
+            accuracy = evaluate(run, [h / seen * 100 for h in hits])
+            row = {"epoch": epoch + 1, **means, "lr": sums.lr, **dataclasses.asdict(accuracy[0])}
+            row["seconds"] = time.perf_counter() - sums.start
+            if len(accuracy) > 1:
+                row["peers"] = [dataclasses.asdict(a) for a in accuracy]
+            improved = record_epoch(run, state, row, accuracy, rng_states)
+            log_accuracy(run, epoch, accuracy, improved)
+        except DynsilaError as e:
+            failure = e
+    if distributed.broadcast_flag(failure is not None, ctx):
+        raise failure or TrainingError("rank 0 failed to evaluate or save; see its error line")
+    state.epoch = epoch + 1
+    state.best_epoch = int(distributed.sum_across_ranks(torch.tensor([state.best_epoch if ctx.is_main else 0]), ctx)[0])
+
+
+def evaluate(run: Run, train_top1: list[torch.Tensor]) -> list[PeerAccuracy]:
+    """Per peer: the epoch's training top-1 (given, per exit), val top-1 and (when configured) test top-1."""
+    accuracy = []
+    for net, train_acc in zip(run.nets, train_top1, strict=True):
+        bare, mean, std = unwrap(net), run.splits.mean, run.splits.std
+        val_top1 = topk_accuracy(*collect_logits(bare, run.val_loader, mean, std, run.device)).tolist()
+        test_top1 = None
+        if run.cfg.train.eval_test_every_epoch:
+            test_top1 = topk_accuracy(*collect_logits(bare, run.test_loader, mean, std, run.device)).tolist()
+        accuracy.append(PeerAccuracy(train_acc.tolist(), val_top1, test_top1))
+    return accuracy
+
+
+def record_epoch(
+    run: Run, state: TrainState, row: dict[str, Any], accuracy: list[PeerAccuracy], rng_states: list[Any]
+) -> bool:
+    """Append the metrics row, update the best score, write last.pt (and best.pt when it improved)."""
+    state.metrics.append(row)
+    score = float(np.mean([np.mean(a.val_top1) for a in accuracy]))  # mean top-1 over exits and peers
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch = score, row["epoch"]
+    checkpoint = {
+        "model": run.ensemble.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        "epoch": row["epoch"],
+        "step": row["epoch"] * run.steps_per_epoch,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "rng": rng_states,
+        "world_size": run.ctx.world_size,
+        "config": config_to_yaml(run.cfg),
+    }
+    write_metrics(run.cfg.run_dir, state.metrics)
+    save_checkpoint(run.cfg.run_dir / LAST, checkpoint)
+    if improved:
+        save_checkpoint(run.cfg.run_dir / BEST, checkpoint)
+    return improved
+
+
+def log_accuracy(run: Run, epoch: int, accuracy: list[PeerAccuracy], improved: bool) -> None:
+    for i, a in enumerate(accuracy):
+        who = f"epoch {epoch + 1}" + (f" peer {i}" if len(accuracy) > 1 else "")
+        run.say(
+            f"{who}: val top-1 per exit {format_row(a.val_top1)}"
+            + (f"  test {format_row(a.test_top1)}" if a.test_top1 else "")
+            + ("  (best)" if improved else "")
+        )
+
+
+# --- after training -----------------------------------------------------------------------------------------
+
+
+def export(run: Run, best_epoch: int) -> TrainResult:
+    """Best weights -> pruned deploy model per peer, each evaluated (eval.json) and summarised. Rank 0 only."""
+    run_dir = run.cfg.run_dir
     best = load_checkpoint(run_dir / BEST)
-    load_weights(ensemble, best["model"], run_dir / BEST)
-    many = len(nets) > 1
-    print(f"\nbest epoch {best_epoch} (selected by mean val top-1 over exits{' and peers' if many else ''})")
+    load_weights(run.ensemble, best["model"], run_dir / BEST)
+    many = len(run.nets) > 1
+    log.info(f"\nbest epoch {best_epoch} (selected by mean val top-1 over exits{' and peers' if many else ''})")
     reports = []
-    for net, peer_cfg in zip(nets, peers_cfg, strict=True):
+    for net, peer_cfg in zip(run.nets, run.peer_cfgs, strict=True):
         peer_dir = peer_cfg.run_dir
         peer_yaml = config_to_yaml(peer_cfg)
         atomic_write_text(peer_dir / CONFIG, peer_yaml)
         deploy = prune(net).cpu().eval().to(memory_format=torch.contiguous_format)
         save_deploy(peer_dir / DEPLOY, deploy, peer_yaml)
-        reports.append(evaluate_run(peer_dir, device=str(device)))  # writes eval.json: costs, anytime, budgeted
-        print(format_report(reports[-1], criteria=["max_prob"]))
-        print(f"\ndeploy weights (training-only heads pruned): {peer_dir / DEPLOY}; all criteria in {EVAL_FILE}")
-    exits = reports[0]["exits"]
+        reports.append(evaluate_run(peer_dir, device=str(run.device)))  # writes eval.json: costs, anytime, budgeted
+        log.info(format_report(reports[-1], criteria=["max_prob"]))
+        log.info(f"\ndeploy weights (training-only heads pruned): {peer_dir / DEPLOY}; all criteria in {EVAL_FILE}")
+    exits = reports[0].exits
     return TrainResult(
         run_dir,
         best_epoch,
-        [e["val_top1"] for e in exits],
-        [e["test_top1"] for e in exits],
-        [e["params_cumulative"] for e in exits],
-        [pc.run_dir for pc in peers_cfg],
+        [e.val_top1 for e in exits],
+        [e.test_top1 for e in exits],
+        [e.params_cumulative for e in exits],
+        [pc.run_dir for pc in run.peer_cfgs],
     )
-
-
-def _peer_accuracy(
-    net: nn.Module,
-    hits: torch.Tensor,
-    seen: float,
-    val_loader: DataLoader,
-    test_loader: DataLoader,
-    splits: Splits,
-    device: torch.device,
-    cfg: Config,
-) -> PeerAccuracy:
-    bare = unwrap(net)
-    val_top1 = topk_accuracy(*collect_logits(bare, val_loader, splits.mean, splits.std, device)).tolist()
-    test_top1 = (
-        topk_accuracy(*collect_logits(bare, test_loader, splits.mean, splits.std, device)).tolist()
-        if cfg.train.eval_test_every_epoch
-        else None
-    )
-    return PeerAccuracy((hits / seen * 100).tolist(), val_top1, test_top1)
 
 
 def initialise_from(model: nn.Module, source: Path, peer: int | None) -> None:
@@ -383,14 +590,6 @@ def _train_loader(splits: Splits, cfg: Config, ctx: distributed.Context, batch_s
     )
 
 
-def _printer(ctx: distributed.Context) -> Callable[[str], None]:
-    def say(line: str) -> None:
-        if ctx.is_main:
-            print(line, flush=True)
-
-    return say
-
-
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """None (full precision) or the autocast dtype. auto: bf16 on CUDA where supported, else fp16 (with a
     GradScaler); off on CPU, where bf16 autocast is only faster on CPUs with bf16 units: ask for it with bf16."""
@@ -416,8 +615,11 @@ def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at a global step: linear warm-up, then multistep (x gamma at each milestone, given as a
-    fraction of training), cosine to zero, or constant."""
+    """Learning rate at a global step: a constant warm-up lr for ``constant_warmup_steps`` steps (SkipNet-110's
+    400 at 0.01), or a linear warm-up, then multistep (x gamma at each milestone, given as a fraction of
+    training), cosine to zero, or constant."""
+    if step < cfg.constant_warmup_steps:
+        return cfg.constant_warmup_lr
     epoch = step / max(1, steps_per_epoch)
     if epoch < cfg.warmup_epochs:
         return cfg.lr * (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
@@ -428,28 +630,6 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         span = max(1e-9, cfg.epochs - cfg.warmup_epochs)
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
     return cfg.lr
-
-
-def check_finite(
-    loss: torch.Tensor,
-    terms: dict[str, torch.Tensor],
-    epoch: int,
-    step: int,
-    run_dir: Path,
-    ctx: distributed.Context | None = None,
-) -> None:
-    """Stop on a NaN or infinite loss, naming the step and the term; every DDP rank stops together."""
-    finite = bool(torch.isfinite(loss))
-    if ctx is not None and ctx.enabled:
-        finite = distributed.sum_across_ranks(torch.tensor([0.0 if finite else 1.0]), ctx).item() == 0
-    if finite:
-        return
-    bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "loss")
-    kept = f"last good checkpoint kept at {run_dir / LAST}" if (run_dir / LAST).exists() else "no checkpoint yet"
-    raise TrainingError(
-        f"loss term '{bad}' is {terms.get(bad, loss).item()} at epoch {epoch + 1} step {step + 1}; "
-        f"{kept}; lower train.lr or check the data"
-    )
 
 
 def seed_everything(seed: int) -> None:
@@ -515,11 +695,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 sila.enabled=false")
     parser.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     args = parser.parse_args(argv)
-    try:
-        train(load_config(args.config, args.overrides), force=args.force)
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with log_lines_to(sys.stdout):  # the library's log records, printed as plain lines
+        try:
+            train(load_config(args.config, args.overrides), force=args.force)
+        except DynsilaError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

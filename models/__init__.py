@@ -1,14 +1,16 @@
-"""Architectures and their registry. Importing this package registers every model."""
+"""Architectures and their registry. Importing this package registers every model; ``timm_exits`` (which needs
+timm) is imported the first time it is built or its parameters are asked for."""
 
 from . import msdnet as _msdnet  # noqa: F401  (registers "msdnet")
 from . import skipnet as _skipnet  # noqa: F401  (registers "skipnet")
-from . import timm_exits as _timm_exits  # noqa: F401  (registers "timm_exits")
-from ._protocol import DynamicOutput, MultiExitNetwork, exit_logits
-from ._registry import build, list_models, model_constructor, model_parameters, register_model
-from .skipnet import gated_body
+from ._protocol import DynamicOutput, GatedBody, MultiExitNetwork, exit_logits, gated_body
+from ._registry import build, list_models, model_constructor, model_parameters, register_deferred, register_model
+
+register_deferred("timm_exits", ".timm_exits")
 
 __all__ = [
     "DynamicOutput",
+    "GatedBody",
     "MultiExitNetwork",
     "exit_logits",
     "gated_body",
@@ -16,5 +18,6 @@ __all__ = [
     "list_models",
     "model_constructor",
     "model_parameters",
+    "register_deferred",
     "register_model",
 ]

@@ -6,6 +6,7 @@ annotations and defaults are what ``dynsila.config`` validates against.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -13,6 +14,9 @@ from typing import Any, TypeVar
 from torch import nn
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+# name -> module (relative to this package) that registers it when imported: families with a heavy dependency
+# (timm) are imported on first use, so importing the architectures stays cheap for code that never builds them
+_DEFERRED: dict[str, str] = {}
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
@@ -29,11 +33,18 @@ def register_model(name: str) -> Callable[[F], F]:
     return add
 
 
+def register_deferred(name: str, module: str) -> None:
+    """Make ``name`` buildable by importing ``module`` (e.g. ``".timm_exits"``) the first time it is asked for."""
+    _DEFERRED[name] = module
+
+
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return sorted({*_MODELS, *_DEFERRED})
 
 
 def model_constructor(name: str) -> Callable[..., nn.Module]:
+    if name not in _MODELS and name in _DEFERRED:
+        importlib.import_module(_DEFERRED[name], __package__)  # registers it
     try:
         return _MODELS[name]
     except KeyError:

@@ -15,16 +15,24 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
-from ._protocol import MultiExitNetwork
+from ._protocol import DeferredSplit, MultiExitNetwork
 from ._registry import register_model
 from .layers import ConvBNReLU, ConvClassifier, he_normal_init
 
 Features = list[torch.Tensor]  # one map per kept scale, finest first
+PartialFeatures = list[torch.Tensor | None]  # the same with some scales not computed (None)
+
+
+def _scale(x: PartialFeatures | Features, i: int) -> torch.Tensor:
+    t = x[i]
+    if t is None:
+        raise RuntimeError(f"scale {i} was not computed, but a later scale reads it")
+    return t
 
 
 class DenseConv(nn.Sequential):
@@ -131,6 +139,25 @@ class MultiScaleDenseLayer(nn.Module):
             return [update(x[i + 1], x[i]) for i, update in enumerate(self.updates)]
         return [update(x[i], x[i - 1] if i > 0 else None) for i, update in enumerate(self.updates)]
 
+    # One output scale at a time, for lazy early exit (``DeferredScales``): ``forward`` equals
+    # ``[output_scale(x, i) for i in range(num_outputs)]``.
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.updates)
+
+    def inputs_of(self, i: int) -> tuple[int, ...]:
+        """The input scales output scale ``i`` reads: the same scale and the next finer one."""
+        if self.drops_finest:
+            return (i, i + 1)
+        return (i - 1, i) if i > 0 else (i,)
+
+    def output_scale(self, x: PartialFeatures, i: int) -> torch.Tensor:
+        """Output scale ``i`` alone, from the input scales it reads (the others may be None)."""
+        if self.drops_finest:
+            return self.updates[i](_scale(x, i + 1), _scale(x, i))
+        return self.updates[i](_scale(x, i), _scale(x, i - 1) if i > 0 else None)
+
 
 class Transition(nn.Module):
     """1x1 conv per kept scale, shrinking ``width`` to ``floor(reduction * width)`` (times the scale factor)."""
@@ -141,6 +168,76 @@ class Transition(nn.Module):
 
     def forward(self, x: Features) -> Features:
         return [conv(t) for conv, t in zip(self.convs, x, strict=True)]
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.convs)
+
+    def inputs_of(self, i: int) -> tuple[int, ...]:
+        return (i,)
+
+    def output_scale(self, x: PartialFeatures, i: int) -> torch.Tensor:
+        return self.convs[i](_scale(x, i))
+
+
+# --- Lazy early exit: what an exit needs now, what only later stages need ------------------------------------
+
+
+class ScaleLayer(Protocol):
+    """A layer of a stage computed one output scale at a time (``MultiScaleDenseLayer``, ``Transition``)."""
+
+    @property
+    def num_outputs(self) -> int: ...
+
+    def inputs_of(self, i: int) -> tuple[int, ...]: ...
+
+    def output_scale(self, x: PartialFeatures, i: int) -> torch.Tensor: ...
+
+    def __call__(self, x: Features) -> Features: ...
+
+
+class DeferredScales(DeferredSplit):
+    """An MSDNet stage split for early exit. The exit after the stage reads only the coarsest scale of its last
+    layer, which reads the two coarsest scales one layer earlier, three two layers earlier, and so on: the finer
+    scales of the last few layers are computed only for later stages. ``for_exits`` computes the exit's
+    dependency path (every layer whole up to the first that is not needed whole, then only the needed scales);
+    ``complete`` computes the rest, for the samples that go on. ``pending`` holds only what ``complete`` reads:
+    the inputs of the missing scales and the computed scales that are part of the stage's output."""
+
+    def __init__(self, layers: Sequence[ScaleLayer]) -> None:
+        needed: list[set[int]] = []  # per layer: the output scales the exit path needs
+        wanted = {layers[-1].num_outputs - 1}
+        for layer in reversed(layers):
+            needed.insert(0, wanted)
+            wanted = {s for i in wanted for s in layer.inputs_of(i)}
+        start = next(j for j, layer in enumerate(layers) if len(needed[j]) < layer.num_outputs)
+        self.whole, self.window, self.needed = list(layers[:start]), list(layers[start:]), needed[start:]
+        # per window layer: the input scales its missing outputs read (what `complete` needs of its input)
+        self.read = [
+            {s for i in range(layer.num_outputs) if i not in n for s in layer.inputs_of(i)}
+            for layer, n in zip(self.window, self.needed, strict=True)
+        ]
+
+    def for_exits(self, state: Features) -> tuple[PartialFeatures, tuple[PartialFeatures, list[PartialFeatures]]]:
+        for layer in self.whole:
+            state = layer(state)
+        x: PartialFeatures = list(state)
+        carried_input = [t if i in self.read[0] else None for i, t in enumerate(x)]
+        carried: list[PartialFeatures] = []
+        for j, (layer, needed) in enumerate(zip(self.window, self.needed, strict=True)):
+            x = [layer.output_scale(x, i) if i in needed else None for i in range(layer.num_outputs)]
+            keep = set(range(layer.num_outputs)) if j == len(self.window) - 1 else self.read[j + 1]
+            carried.append([t if i in keep else None for i, t in enumerate(x)])
+        return x, (carried_input, carried)
+
+    def complete(self, pending: tuple[PartialFeatures, list[PartialFeatures]]) -> Features:
+        x, carried = pending
+        for layer, needed, computed in zip(self.window, self.needed, carried, strict=True):
+            x = [
+                t if t is not None or i in needed else layer.output_scale(x, i)  # computed, or not read later
+                for i, t in enumerate(computed)
+            ]
+        return [_scale(x, i) for i in range(len(x))]
 
 
 # --- Classifier on the coarsest scale -------------------------------------------------------------------------
@@ -222,6 +319,15 @@ class MSDNet(MultiExitNetwork):
             self.exits.append(CoarsestScaleClassifier(c_coarsest, c_hidden, num_classes))
         self.exit_after = list(range(n_blocks))
         self.apply(he_normal_init)
+
+    def deferred_split(self, stage_index: int) -> DeferredScales | None:
+        """The stage's finer scales that only later exits read (see ``DeferredScales``); None when its exit
+        needs all of it (a stage whose last layer keeps a single scale)."""
+        stage = self.stages[stage_index]
+        assert isinstance(stage, nn.Sequential)
+        layers = [m for m in stage if isinstance(m, MultiScaleDenseLayer | Transition)]
+        assert len(layers) == len(stage)
+        return DeferredScales(layers) if layers[-1].num_outputs > 1 else None
 
 
 @register_model("msdnet")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._protocol import DynamicOutput, MultiExitNetwork
+from ._protocol import DynamicOutput, GatedBody, MultiExitNetwork
 from ._registry import register_model
 from .layers import PoolClassifier, he_normal_init
 
@@ -178,19 +178,43 @@ class RecurrentGate(nn.Module):
         return self.controller[0](self.embedding(x), state)
 
 
+# --- SkipNet's own conventions ----------------------------------------------------------------------------------
+
+
+def reference_linear_init(m: nn.Module) -> None:
+    """SkipNet's initialisation of every linear layer (the recurrent gate's projection, the classifier): weights
+    from N(0, sqrt(2 / (in x out))), bias as PyTorch draws it, as the public SP models do (its RL models zero the
+    bias, but they start from SP weights). Use with ``model.apply`` after ``he_normal_init``."""
+    if isinstance(m, nn.Linear):
+        m.reset_parameters()  # the default bias, which he_normal_init zeroed
+        nn.init.normal_(m.weight, 0.0, (2.0 / m.weight.numel()) ** 0.5)
+
+
+def skipnet_computation_percent(executed: torch.Tensor) -> float:
+    """SkipNet's "computation percentage": (sum over gates of the share of samples that run the block + 1) /
+    (G + 1) x 100, the always-run first block counted as one more executed block. ``executed``: N x G (1 = ran).
+    Block counts, not MACs: blocks differ in cost, so report it beside the true MACs."""
+    if executed.dim() != 2 or executed.shape[0] == 0:
+        raise ValueError(f"executed must be N x G gate decisions with N > 0, got shape {tuple(executed.shape)}")
+    run_per_gate = executed.double().mean(dim=0)
+    return float((run_per_gate.sum() + 1) / (executed.shape[1] + 1) * 100)
+
+
 # --- the network -----------------------------------------------------------------------------------------------
 
 
-class GatedResidualBody(nn.Module):
-    """The residual blocks with their gates: the network's single stage."""
+class GatedResidualBody(GatedBody):
+    """The residual blocks with their gates: the network's single stage (gates[k] reads block k's output and
+    decides block k + 1)."""
 
     def __init__(self, blocks: Sequence[nn.Module], gates: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.gates = nn.ModuleList(gates)  # gates[k] reads block k's output and decides block k + 1
-        self.gate_mode: Literal["straight_through", "sample"] = "straight_through"
-        self.threshold = 0.5
+        super().__init__(blocks, gates)
         self.last_gates: DynamicOutput | None = None
+
+    def skip_path(self, index: int) -> nn.Module | None:
+        """A skipped residual block still computes its projection shortcut (None: identity)."""
+        shortcut = getattr(self.blocks[index], "shortcut", None)
+        return shortcut if isinstance(shortcut, nn.Module) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, actions, log_probs = [], [], []
@@ -256,7 +280,7 @@ class SkipNet(MultiExitNetwork):
         self.exits = nn.ModuleList([PoolClassifier(c, num_classes)])
         self.exit_after = [0]
         self.apply(he_normal_init)
-        self.register_buffer("block_cost_share", self._block_cost_share(stem), persistent=False)
+        self.apply(reference_linear_init)
 
     def _gate(self, kind: str, channels: int, embed_dim: int) -> nn.Module:
         if kind == "ffgate1":
@@ -266,52 +290,25 @@ class SkipNet(MultiExitNetwork):
         assert self.controller is not None
         return RecurrentGate(channels, self.controller, embed_dim)
 
-    @torch.no_grad()
-    def _block_cost_share(self, stem: str) -> torch.Tensor:
-        """Each gated block's share of all gated blocks' convolution MACs. Every block's map scales with the input
-        area alike, so the shares hold for any input size; they weigh the gate-cost loss term."""
-        was_training = self.training
-        self.eval()
-        macs: list[float] = []
-
-        def count(m: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-            assert isinstance(m, nn.Conv2d)
-            macs[-1] += m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1] * out[0, 0].numel()
-
-        size = 32 if stem == "cifar" else 64
-        x = self.stem(torch.zeros(1, 3, size, size))
-        for block in self.body.blocks:
-            macs.append(0.0)
-            handles = [c.register_forward_hook(count) for c in block.modules() if isinstance(c, nn.Conv2d)]
-            x = block(x)
-            for h in handles:
-                h.remove()
-        self.train(was_training)
-        gated = torch.tensor(macs[1:], dtype=torch.float32)
-        return gated / gated.sum()
-
     @property
     def body(self) -> GatedResidualBody:
         body = self.stages[0]
         assert isinstance(body, GatedResidualBody)
         return body
 
+    def gated_body(self) -> GatedResidualBody:
+        return self.body
+
     def forward(self, x: torch.Tensor, upto: int | None = None) -> DynamicOutput:  # type: ignore[override]  # + gates
         logits = super().forward(x, upto)
         gates = self.body.last_gates
         assert gates is not None
         self.body.last_gates = None
-        share = self.block_cost_share
-        assert isinstance(share, torch.Tensor)
+        share = self.body.block_cost_share
         return DynamicOutput(logits, gates.gate_probs, gates.gate_actions, gates.action_log_prob, share)
 
 
-def gated_body(model: nn.Module) -> GatedResidualBody | None:
-    """The gated body of a gated network (its blocks, gates, ``threshold`` and ``gate_mode``), else None."""
-    return model.body if isinstance(model, SkipNet) else None
-
-
-CIFAR_DEPTHS = {38: 6, 74: 12, 110: 18, 152: 25}
+CIFAR_DEPTHS = {20: 3, 38: 6, 74: 12, 110: 18, 152: 25}  # 20: not in the paper; a small net for CPU runs
 IMAGENET_DEPTHS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
 
@@ -322,7 +319,7 @@ def skipnet(
     gate: Literal["ffgate1", "ffgate2", "rnn"] = "rnn",
     stem: Literal["cifar", "imagenet"] = "cifar",
 ) -> SkipNet:
-    """SkipNet-``depth``: CIFAR ResNet-38/74/110/152 (basic blocks, 16/32/64 channels) or ImageNet
+    """SkipNet-``depth``: CIFAR ResNet-20/38/74/110/152 (basic blocks, 16/32/64 channels) or ImageNet
     ResNet-50/101 (bottlenecks), with ``gate`` after every block but the last."""
     if stem == "cifar":
         if depth not in CIFAR_DEPTHS:

@@ -1,11 +1,20 @@
-"""Shared fixtures: a tiny MSDNet and a tiny run config, small enough for CPU tests in seconds."""
+"""Shared test helpers, small enough for CPU tests in seconds: a tiny MSDNet (``TINY_MSDNET``, ``tiny_msdnet``), a
+tiny run config (``tiny_config``), a batch-norm statistics randomiser, and the benchmark-script loader.
+
+Import the plain functions with ``from tests.conftest import ...``; the fixtures need no import.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
+import torch
 import yaml
+from torch import nn
 
 TINY_MSDNET = {
     "name": "msdnet",
@@ -23,6 +32,49 @@ TINY_MSDNET = {
     "bottleneck": True,
     "head_channels": 8,
 }
+
+
+def tiny_msdnet_section(**changes: Any) -> dict[str, Any]:
+    """The tiny MSDNet as a config ``model:`` section (a fresh dict), with ``changes`` applied."""
+    return {**TINY_MSDNET, **changes}
+
+
+def randomise_batchnorm(
+    model: nn.Module, mean: tuple[float, float] = (-0.5, 0.5), var: tuple[float, float] = (0.5, 2.0)
+) -> nn.Module:
+    """Draw every BatchNorm2d's running mean and variance uniformly from ``mean`` and ``var`` (in place; the
+    global torch RNG), so an untrained model's exits disagree and its confidences (or gate probabilities)
+    spread instead of sitting at the values fresh statistics give. Returns ``model``."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(*mean)
+                m.running_var.uniform_(*var)
+    return model
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as the module ``benchmarks.<name>``: definitions only, nothing measured. Call it
+    inside a test (or a fixture), never at module level, so collecting the tests runs no benchmark code."""
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def anytime_run_record(
+    method: str, seed: int, test_top1: list[float], *, tier: int = 1, clean: float = 99.0
+) -> dict[str, Any]:
+    """A run file of ``benchmarks/anytime.py`` (one peer) with chosen per-exit test top-1, exits at 1, 2, 3 M MACs
+    and a budgeted curve through the first exit's accuracy; no training behind it."""
+    macs = [1e6 * (k + 1) for k in range(len(test_top1))]
+    budgeted = [{"q": q, "avg_macs": 1e6 + q * 1e6, "test_top1": test_top1[0] + q} for q in (0.0, 1.0, 2.0)]
+    peer = {
+        "exit_macs": macs,
+        "params_cumulative": [10 * (k + 1) for k in range(len(test_top1))],
+        "test_top1": test_top1,
+        "val_top1": test_top1,
+        "train_top1_clean": [clean] * len(test_top1),
+        "budgeted": budgeted,
+    }
+    return {"method": method, "seed": seed, "tier": tier, "train_seconds": 60.0, "last_epoch": {}, "peers": [peer]}
 
 
 @pytest.fixture

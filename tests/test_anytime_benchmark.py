@@ -1,59 +1,44 @@
-"""benchmarks/anytime.py end to end on tiny runs; its statistics on numbers with known answers."""
+"""benchmarks/anytime.py's statistics on numbers with known answers (the grid itself: test_anytime_experiment.py).
 
-import json
+The modules are imported inside the tests (``load_benchmark``), so collecting this file runs no benchmark code.
+"""
+
+import math
 
 import numpy as np
 import pytest
 
-from tests.test_benchmarks import load_script
-
-anytime = load_script("anytime")
+from tests.conftest import anytime_run_record, load_benchmark
 
 
-def test_interval_and_paired_test_known_values():
-    i = anytime.interval(np.array([1.0, 2.0, 3.0]))
-    assert i["mean"] == 2.0 and i["std"] == 1.0
-    assert i["ci95"] == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) * s / sqrt(n)
-    p = anytime.paired(np.array([2.0, 3.0, 4.5]), np.array([1.0, 2.0, 3.0]))
-    assert p["mean"] == pytest.approx(7 / 6) and 0 < p["p_value"] < 0.05
-    assert anytime.anytime_area(np.array([1.0, 3.0]), np.array([50.0, 70.0])) == pytest.approx(60.0)
+def test_interval_known_values():
+    interval = load_benchmark("paired_stats").interval
+    i = interval(np.array([1.0, 2.0, 3.0]))
+    assert i["mean"] == 2.0 and i["std"] == 1.0 and i["n"] == 3
+    assert i["ci95"] == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) * s / sqrt(n), t from tables
+    one = interval(np.array([5.0]))
+    assert one["mean"] == 5.0 and math.isnan(one["ci95"])  # one seed has no interval, not a zero-width one
 
 
-def test_grid_on_tiny_runs(tiny_config, tmp_path, capsys):
-    config = tiny_config()
-    out = tmp_path / "results"
-    argv = [
-        "--config",
-        str(config),
-        "--seeds",
-        "0",
-        "1",
-        "--methods",
-        "sila_features",
-        "dml",
-        "--runs-root",
-        str(tmp_path / "runs"),
-        "--results-dir",
-        str(out),
-    ]
-    assert anytime.main(argv) == 0
-    payload = json.loads((out / "anytime_cifar10_dev.json").read_text())
-    methods = payload["summary"]["methods"]
-    assert list(methods) == ["baseline", "sila_features", "dml"]
-    assert methods["baseline"]["vs_baseline"]["anytime_area"]["mean"] == 0.0
-    assert len(methods["dml"]["test_top1"]) == 3 and methods["dml"]["seeds"] == 2
-    assert len(payload["runs"]["dml"][0]["peers"]) == 2
-    md = (out / "anytime_cifar10_dev.md").read_text()
-    assert "## Verdict" in md and "sila_features" in md and "Generalisation" in md
-    assert (out / "anytime_cifar10_dev.png").read_bytes()[:4] == b"\x89PNG"
-    # a second invocation reuses every finished run
-    capsys.readouterr()
-    assert anytime.main(argv) == 0
-    assert capsys.readouterr().out.count("reused") == 6
+def test_difference_to_the_baseline_is_the_paired_difference_of_anytime_areas():
+    """The reported difference is computed from each seed's own area, paired by seed: hand-computed here from
+    the per-exit accuracies (exits at 1, 2, 3 M MACs: area = (a1 + 2 a2 + a3) / 4 by the trapezoid rule)."""
+    anytime, summarise = load_benchmark("anytime"), load_benchmark("anytime_report").summarise
+    base = {0: [50.0, 60.0, 70.0], 1: [40.0, 52.0, 61.0], 2: [55.0, 57.0, 75.0]}  # seeds differ a lot ...
+    sila = {0: [51.0, 62.0, 70.0], 1: [40.0, 53.0, 64.0], 2: [57.0, 57.0, 76.0]}  # ... the pairs much less
+    runs = [anytime_run_record("baseline", s, t) for s, t in base.items()]
+    runs += [anytime_run_record("sila_features", s, t) for s, t in sila.items()]
+    summary = summarise(runs, anytime.METHODS)
 
+    def area(a):
+        return (a[0] + 2 * a[1] + a[2]) / 4
 
-def test_missing_dataset_is_one_clear_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert anytime.main(["--preset", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert "cifar10_dev.npz" in err and err.count("\n") == 1
+    diffs = [area(sila[s]) - area(base[s]) for s in (0, 1, 2)]  # 1.25, 1.5, 1.25
+    (compared,) = [c for c in summary["comparisons"] if c["method"] == "sila_features"]
+    assert compared["reference"] == "baseline"
+    assert compared["area"]["mean"] == pytest.approx(np.mean(diffs))
+    assert compared["area"]["std"] == pytest.approx(np.std(diffs, ddof=1))  # paired: not the spread over seeds
+    assert compared["area"]["ci95"] < summary["methods"]["baseline"]["anytime_area"]["ci95"] / 10
+    base_area = summary["methods"]["baseline"]["anytime_area"]["mean"]
+    assert base_area == pytest.approx(np.mean([area(b) for b in base.values()]))
+    assert all(c["method"] != c["reference"] for c in summary["comparisons"])  # no method against itself

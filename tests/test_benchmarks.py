@@ -1,31 +1,168 @@
-"""The benchmark scripts run end to end on tiny runs (their real results live in benchmarks/results/)."""
+"""The benchmark toolkit's pieces on known answers, and every benchmark script end to end in its smoke mode (their
+real results live in benchmarks/results/; a smoke run's numbers mean nothing and are written to tmp_path)."""
 
-import importlib.util
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
 
 from dynsila.config import load_config
 from dynsila.train import train
+from tests.conftest import load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+# the scripts that use benchmarks/toolkit.py (anytime.py joins when its issue-17 rewrite lands)
+TOOLKIT_SCRIPTS = ("budgeted_sweep_speed", "early_exit_speed", "flops_vs_acc", "skip_speed", "throughput")
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_command_line_keeps_the_flags_of_a_shell_call(monkeypatch):
+    toolkit = load_benchmark("toolkit")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/skip_speed.py", "--gate", "rnn", "--out", "a b"])
+    assert toolkit.command_line("/x/benchmarks/skip_speed.py", None) == (
+        "python benchmarks/skip_speed.py --gate rnn --out 'a b'"
+    )
+    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/skip_speed.py"  # given: not sys.argv
+    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/skip_speed.py --smoke"
+
+
+def test_script_run_from_a_shell_in_another_directory_records_its_flags(tmp_path):
+    """``python benchmarks/x.py`` (not imported): the toolkit import works and the saved command has the flags."""
+    script = REPO / "benchmarks" / "budgeted_sweep_speed.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--results-dir", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "budgeted_sweep_speed.json").read_text())
+    assert result["command"] == f"python benchmarks/budgeted_sweep_speed.py --smoke --results-dir {tmp_path}"
+    assert result["setup"]["val"] == 200 and result["max_abs_test_top1_difference"] < 1e-9
+    md = (tmp_path / "budgeted_sweep_speed.md").read_text()
+    assert md.startswith("# Budgeted sweep speed\n\nCommand: `python benchmarks/budgeted_sweep_speed.py --smoke")
+    assert f"; torch {torch.__version__}; device cpu" in md.splitlines()[3]
+
+
+def test_timing_synchronises_cuda_only_on_cuda(monkeypatch):
+    toolkit = load_benchmark("toolkit")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", str(device))))
+    toolkit.run_seconds(lambda: calls.append("run"), "cuda:0")
+    assert calls == [("sync", "cuda:0"), "run", ("sync", "cuda:0")]  # queue drained before and after the call
+    calls.clear()
+    assert toolkit.timed(lambda: calls.append("run"), "cpu", repeats=3, warmup=2) >= 0
+    assert calls == ["run"] * 5
+
+
+def test_paired_ratio_alternates_and_takes_the_median_ratio(monkeypatch):
+    toolkit = load_benchmark("toolkit")
+    order = []
+    seconds = iter([2.0, 1.0, 9.0, 3.0, 6.0, 2.0])  # fn, baseline, fn, baseline, ...: ratios 2, 3, 3
+
+    def fake_run_seconds(fn, device="cpu"):
+        fn()
+        return next(seconds)
+
+    monkeypatch.setattr(toolkit, "run_seconds", fake_run_seconds)
+    ratio = toolkit.paired_ratio(lambda: order.append("fn"), lambda: order.append("base"), repeats=3, warmup=1)
+    assert ratio == 3.0
+    # one untimed run of each right before its timed run, then back to back
+    assert order == ["fn", "fn", "base", "base"] * 3
+
+
+def test_accuracy_curve_helpers_on_known_numbers():
+    toolkit = load_benchmark("toolkit")
+    points = [{"avg_macs": 3.0, "test_top1": 70.0}, {"avg_macs": 1.0, "test_top1": 50.0}]  # unsorted on purpose
+    assert toolkit.accuracy_at(points, 2.0) == pytest.approx(60.0)
+    inside_outside = toolkit.accuracy_at(points, np.array([1.5, 0.5, 3.5]))
+    assert inside_outside[0] == pytest.approx(55.0) and np.isnan(inside_outside[1:]).all()  # never extrapolated
+    # trapezoid over unevenly spaced exits, divided by the MACs range: (1 * 55 + 3 * 80) / 4
+    assert toolkit.anytime_area(np.array([1.0, 2.0, 5.0]), np.array([50.0, 60.0, 100.0])) == pytest.approx(73.75)
+    assert toolkit.anytime_area(np.array([4.0]), np.array([42.0])) == 42.0
+    report = {"curves": [{"criterion": "entropy", "points": []}, {"criterion": "max_prob", "points": points}]}
+    assert toolkit.budget_points(report) is points
+
+
+def test_write_results_is_strict_json_and_markdown(tmp_path):
+    toolkit = load_benchmark("toolkit")
+    payload = {"a": float("inf"), "b": [float("nan"), np.float32(0.5)], "c": torch.tensor([1, 2]), "d": tmp_path}
+    out = toolkit.write_results("r", payload, "# title", tmp_path / "new")
+    assert out == tmp_path / "new" / "r"
+    text = out.with_suffix(".json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data == {"a": "inf", "b": ["nan", 0.5], "c": [1, 2], "d": str(tmp_path)}
+    assert out.with_suffix(".md").read_text() == "# title\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.json", "r.md"]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", TOOLKIT_SCRIPTS)
+def test_scripts_share_the_toolkit_instead_of_their_own_copies(name):
+    source = (REPO / "benchmarks" / f"{name}.py").read_text()
+    assert "from benchmarks.toolkit import" in source
+    for own_copy in ("platform.machine", "datetime.date", "atomic_write_text(", "time.perf_counter", '/ "results"'):
+        assert own_copy not in source, f"{name}.py has its own {own_copy}; use benchmarks/toolkit.py"
+
+
+def test_skip_speed_smoke(tmp_path, capsys):
+    assert load_benchmark("skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "skip_speed.json").read_text())
+    assert result["command"] == f"python benchmarks/skip_speed.py --smoke --results-dir {tmp_path}"
+    assert 0 < result["skipped_fraction"] < 1 and 0 < result["macs_ratio"] < 1
+    assert result["met"] == (result["wall_ratio"] <= result["target_wall_ratio"])
+    assert "Target wall-time ratio <= 0.65" in (tmp_path / "skip_speed.md").read_text()
+
+
+def test_early_exit_speed_smoke(tmp_path, capsys):
+    assert load_benchmark("early_exit_speed").main(["--smoke", "--results-dir", str(tmp_path), "--out", "ee"]) == 0
+    result = json.loads((tmp_path / "ee.json").read_text())
+    costs = result["exit_macs_cumulative"]
+    assert len(costs) == 3 and costs == sorted(costs)
+    assert [(r["batch_size"], r["target_fraction"]) for r in result["rows"]] == [
+        (b, f) for b in (8, 1) for f in (0.25, 0.5, 0.75)
+    ]
+    for r in result["rows"]:
+        assert sum(r["exit_histogram"]) == r["images"] and 0 < r["macs_ratio"] <= 1 and r["wall_ratio"] > 0
+    assert set(result["targets"]) == {"batch8_mix50", "batch1_exit1"}
+    assert result["targets"]["batch1_exit1"]["macs_share"] == pytest.approx(costs[0] / costs[-1])
+    assert "device cpu" in (tmp_path / "ee.md").read_text()
+
+
+def test_throughput_smoke(tmp_path, capsys):
+    assert load_benchmark("throughput").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    (row,) = result["rows"]
+    assert row["variant"] == "train_sila_eager" and "error" not in row and row["images_per_second"] > 0
+    memory = result["paired"]["memory_bytes"]
+    # SiLa adds heads (parameters) and their activations; pruned heads are not in the baseline
+    assert memory["sila"]["parameters_grads_momentum"] > memory["baseline"]["parameters_grads_momentum"]
+    assert result["sila_training_memory_ratio"] > 1 and not math.isnan(result["sila_step_time_ratio"])
+
+
+def test_smoke_run_never_overwrites_the_committed_result(monkeypatch, capsys):
+    committed = REPO / "benchmarks" / "results" / "budgeted_sweep_speed.json"
+    before = committed.read_bytes()
+    written = []
+    script = load_benchmark("budgeted_sweep_speed")
+    monkeypatch.setattr(script, "write_results", lambda *a, **k: written.append(a))
+    assert script.main(["--smoke"]) == 0
+    assert written == [] and committed.read_bytes() == before
 
 
 def test_flops_vs_acc_on_two_tiny_runs(tiny_config, tmp_path, capsys):
     a = train(load_config(tiny_config("tiny_base"), ["sila.enabled=false"])).run_dir
     b = train(load_config(tiny_config("tiny_sila"))).run_dir
-    script = load_script("flops_vs_acc")
+    script = load_benchmark("flops_vs_acc")
     out_dir = tmp_path / "results"
     assert script.main(["--runs", str(a), str(b), "--out", "cmp", "--results-dir", str(out_dir)]) == 0
     payload = json.loads((out_dir / "cmp.json").read_text())
     assert [e["report"]["run"] for e in payload["runs"]] == ["tiny_base", "tiny_sila"]
-    assert payload["command"].startswith("python benchmarks/flops_vs_acc.py --runs")
+    assert payload["command"] == f"python benchmarks/flops_vs_acc.py --runs {a} {b} --out cmp --results-dir {out_dir}"
     md = (out_dir / "cmp.md").read_text()
     assert "MACs" in md and "| tiny_base | msdnet | digits | 0 | 1 |" in md
     assert (out_dir / "cmp.png").read_bytes()[:4] == b"\x89PNG"

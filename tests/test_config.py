@@ -1,10 +1,12 @@
 import dataclasses
+import time
+import typing
 from pathlib import Path
 
 import pytest
 
 from dynsila import models
-from dynsila.config import config_from_yaml, config_to_yaml, load_config
+from dynsila.config import Config, check_range, config_from_yaml, config_to_yaml, count_exits, load_config
 from dynsila.errors import ConfigError
 from dynsila.rundir import build_model
 
@@ -112,3 +114,85 @@ def test_scientific_notation_without_a_dot_is_a_float(tmp_path):
     assert load_config(path).train.lr == 0.02
     with pytest.raises(ConfigError, match="expects int"):
         load_config(None, ["train.epochs=1e3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=-1", "config key 'train.epochs' must lie in [1, inf], got -1"),
+        ("train.epochs=0", "config key 'train.epochs' must lie in [1, inf], got 0"),
+        ("data.batch_size=0", "config key 'data.batch_size' must lie in [1, inf], got 0"),
+        ("train.lr=-1", "config key 'train.lr' must lie in (0.0, inf], got -1.0"),
+        ("train.lr=0", "config key 'train.lr' must lie in (0.0, inf], got 0.0"),
+        ("sila.weight=-5", "config key 'sila.weight' must lie in [0.0, inf], got -5.0"),
+        ("train.momentum=1.5", "config key 'train.momentum' must lie in [0.0, 1.0], got 1.5"),
+        ("train.gamma=0", "config key 'train.gamma' must lie in (0.0, 1.0], got 0.0"),
+        ("train.weight_decay=-1e-4", "config key 'train.weight_decay' must lie in [0.0, inf], got -0.0001"),
+        ("train.warmup_epochs=-1", "config key 'train.warmup_epochs' must lie in [0.0, inf], got -1.0"),
+        ("train.accumulate_steps=0", "config key 'train.accumulate_steps' must lie in [1, inf], got 0"),
+        ("train.log_every=0", "config key 'train.log_every' must lie in [1, inf], got 0"),
+        ("train.milestones=[0.5,1.5]", "config key 'train.milestones' must lie in [0.0, 1.0], got 1.5"),
+        ("data.val_size=-0.1", "config key 'data.val_size' must lie in [0.0, inf], got -0.1"),
+        ("sila.temperature=0", "config key 'sila.temperature' must lie in (0.0, inf], got 0.0"),
+        ("dml.peers=0", "config key 'dml.peers' must lie in [1, inf], got 0"),
+        ("dml.temperature=-2", "config key 'dml.temperature' must lie in (0.0, inf], got -2.0"),
+        ("loss.exit_weights=[1,-1,1]", "config key 'loss.exit_weights' must lie in [0.0, inf], got -1.0"),
+        ("seed=-3", "config key 'seed' must lie in [0, inf], got -3"),
+    ],
+)
+def test_values_out_of_range_fail_with_one_line(tiny_config, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_config(), [override])
+    assert str(err.value) == message
+
+
+def numeric_fields(cls, prefix=""):
+    """(key, field) of every int / float config field (optional, or a list of numbers), sections recursed."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_fields(hint, f"{prefix}{f.name}.")
+            continue
+        arms = [typing.get_args(a)[0] if typing.get_origin(a) is list else a for a in typing.get_args(hint) or [hint]]
+        if any(a in (int, float) for a in arms):  # bool is not int here: identity, not subclass
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_numeric_key_has_a_range():
+    keys = dict(numeric_fields(Config))
+    assert {"train.epochs", "train.milestones", "loss.exit_weights", "data.val_size", "sila.weight"} <= set(keys)
+    unbounded = [key for key, f in keys.items() if "range" not in f.metadata]
+    assert not unbounded, f"numeric config keys without a range (use config.bounded): {unbounded}"
+    # and every default lies in its own range
+    cfg = load_config(None)
+    for key, f in keys.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        check_range(value, f.metadata["range"], key)
+
+
+def test_exit_weights_of_the_wrong_length_fail_with_the_config(tiny_config):
+    cfg = load_config(tiny_config(), ["loss.exit_weights=[1,2,3]"])  # the tiny MSDNet has 3 exits
+    assert cfg.loss.exit_weights == [1.0, 2.0, 3.0]
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny_config(), ["loss.exit_weights=[1,2]"])
+    assert str(err.value) == (
+        "config key 'loss.exit_weights' has 2 entries but model (msdnet) has 3 exits; "
+        "give one weight per exit, or null for all 1"
+    )
+    # every DML peer is checked: a 4-exit second peer does not fit 3 weights
+    four = {**load_config(tiny_config()).model, "n_blocks": 4}
+    with pytest.raises(ConfigError, match=r"dml.models\[1\] \(msdnet\) has 4 exits"):
+        load_config(
+            tiny_config(dml={"peers": 2, "align": "tail", "models": [load_config(tiny_config()).model, four]}),
+            ["loss.exit_weights=[1,1,1]"],
+        )
+
+
+def test_exit_count_comes_from_the_meta_device_without_allocating():
+    # the paper-scale ImageNet MSDNet: counted without initialising its 24M parameters
+    start = time.perf_counter()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/imagenet/msdnet_sila.yaml")
+    assert count_exits(cfg.model, "model", 1000) == 5
+    assert time.perf_counter() - start < 30

@@ -1,3 +1,4 @@
+import logging
 import pickle
 
 import numpy as np
@@ -68,21 +69,81 @@ def test_cifar100_pickle_folder(tmp_path):
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (24, 6, 12, 100)
 
 
-def test_npz_with_and_without_a_test_split(tmp_path):
-    rng = np.random.default_rng(0)
-    arrays = {
-        "x_train": rng.integers(0, 256, (40, 12, 12, 3), dtype=np.uint8),
-        "y_train": np.arange(40) % 4,
-        "x_val": rng.integers(0, 256, (8, 12, 12, 3), dtype=np.uint8),
-        "y_val": np.arange(8) % 4,
+def npz_arrays(rng, n_train=40, n_val=8, size=12):
+    return {
+        "x_train": rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+        "y_train": np.arange(n_train) % 4,
+        "x_val": rng.integers(0, 256, (n_val, size, size, 3), dtype=np.uint8),
+        "y_val": np.arange(n_val) % 4,
     }
-    np.savez(tmp_path / "a.npz", **arrays)
-    s = build_splits(DataConfig(name="npz", root=str(tmp_path / "a.npz"), val_size=0.25, image_size=12))
+
+
+def test_npz_with_x_val_only_uses_it_as_test_and_says_so(tmp_path, caplog):
+    arrays = npz_arrays(np.random.default_rng(0))
+    np.savez(tmp_path / "a.npz", **arrays, classes=np.array(["a", "b", "c", "d"]))
+    with caplog.at_level(logging.INFO, logger="dynsila"):
+        s = build_splits(DataConfig(name="npz", root=str(tmp_path / "a.npz"), val_size=0.25, image_size=12))
     assert (len(s.train), len(s.val), len(s.test), s.num_classes) == (30, 10, 8, 4)
-    assert torch.equal(labels_of(s.test), torch.arange(8) % 4)  # x_val serves as the test split
-    np.savez(tmp_path / "b.npz", **arrays, x_test=arrays["x_val"][:5], y_test=arrays["y_val"][:5])
-    s = build_splits(DataConfig(name="npz", root=str(tmp_path / "b.npz"), val_size=0.25, image_size=12))
-    assert len(s.test) == 5
+    assert torch.equal(s.test.images, torch.from_numpy(arrays["x_val"]).permute(0, 3, 1, 2))  # x_val is test
+    assert "x_val (8) is the test split (the file has no x_test)" in caplog.text
+    assert "data.val_size=0.25 of x_train" in caplog.text
+    assert "arrays not used: classes" in caplog.text
+
+
+def test_npz_with_x_val_and_x_test_uses_both_as_given(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    arrays = npz_arrays(rng)
+    x_test = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "b.npz", **arrays, x_test=x_test, y_test=np.arange(5) % 4, note=np.array("hi"))
+    with caplog.at_level(logging.INFO, logger="dynsila"):
+        s = build_splits(DataConfig(name="npz", root=str(tmp_path / "b.npz"), val_size=0.25, image_size=12))
+    assert (len(s.train), len(s.val), len(s.test)) == (40, 8, 5)  # nothing carved out of train
+    nchw = {k: torch.from_numpy(v).permute(0, 3, 1, 2) for k, v in (*arrays.items(), ("x_test", x_test)) if k[0] == "x"}
+    assert torch.equal(s.train.images, nchw["x_train"])
+    assert torch.equal(s.val.images, nchw["x_val"]) and torch.equal(s.val.labels, torch.arange(8) % 4)
+    assert torch.equal(s.test.images, nchw["x_test"])
+    assert "x_val (8) is the validation split and x_test (5) the test split" in caplog.text
+    assert "data.val_size=0.25 is not used" in caplog.text and "arrays not used: note" in caplog.text
+
+
+def test_npz_with_x_test_only_carves_validation_from_train(tmp_path, caplog):
+    arrays = npz_arrays(np.random.default_rng(2))
+    np.savez(
+        tmp_path / "c.npz",
+        x_train=arrays["x_train"],
+        y_train=arrays["y_train"],
+        x_test=arrays["x_val"],
+        y_test=arrays["y_val"],
+    )
+    with caplog.at_level(logging.INFO, logger="dynsila"):
+        s = build_splits(DataConfig(name="npz", root=str(tmp_path / "c.npz"), val_size=10, image_size=12))
+    assert (len(s.train), len(s.val), len(s.test)) == (30, 10, 8)
+    assert "x_test (8) is the test split; validation is data.val_size=10" in caplog.text
+    assert "arrays not used" not in caplog.text
+
+
+def test_npz_channels_first_is_recognised_and_transposed(tmp_path, caplog):
+    arrays = npz_arrays(np.random.default_rng(3))
+    first = {k: v.transpose(0, 3, 1, 2) if k.startswith("x_") else v for k, v in arrays.items()}
+    np.savez(tmp_path / "nhwc.npz", **arrays)
+    np.savez(tmp_path / "nchw.npz", **first)
+    last = build_splits(DataConfig(name="npz", root=str(tmp_path / "nhwc.npz"), image_size=12))
+    with caplog.at_level(logging.WARNING, logger="dynsila"):
+        chw = build_splits(DataConfig(name="npz", root=str(tmp_path / "nchw.npz"), image_size=12))
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(last, split).images, getattr(chw, split).images), split
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "x_train is channels-first N x C x H x W (40, 3, 12, 12)" in warnings[0]
+    # grayscale channels-first too
+    np.savez(
+        tmp_path / "gray.npz",
+        x_train=first["x_train"][:, :1],
+        y_train=arrays["y_train"],
+        x_val=first["x_val"][:, :1],
+        y_val=arrays["y_val"],
+    )
+    gray = build_splits(DataConfig(name="npz", root=str(tmp_path / "gray.npz"), image_size=12))
+    assert gray.train.images.shape == (36, 3, 12, 12)
 
 
 def test_npz_problems_are_one_line_errors(tmp_path):
@@ -95,14 +156,26 @@ def test_npz_problems_are_one_line_errors(tmp_path):
         y_val=np.zeros(2),
     )
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    x, y = np.zeros((4, 6, 6, 3), np.uint8), np.zeros(4, np.int64)
+    np.savez(tmp_path / "no_y_test.npz", x_train=x, y_train=y, x_test=x)
+    np.savez(tmp_path / "no_eval.npz", x_train=x, y_train=y)
+    np.savez(tmp_path / "rgba.npz", x_train=np.zeros((4, 6, 6, 4), np.uint8), y_train=y, x_val=x, y_val=y)
+    np.savez(tmp_path / "short_y.npz", x_train=x, y_train=y[:3], x_val=x, y_val=y)
+    np.savez(tmp_path / "fraction_y.npz", x_train=x, y_train=y + 0.5, x_val=x, y_val=y)
     for name, message in (
         ("missing.npz", "npz dataset not found"),
         ("no_train.npz", "no x_train"),
         ("floats.npz", "must be uint8"),
         ("junk.npz", "not a readable .npz"),
+        ("no_y_test.npz", "has x_test but no y_test; add y_test or remove x_test"),
+        ("no_eval.npz", "neither x_test/y_test nor x_val/y_val"),
+        ("rgba.npz", "neither 1 nor 3 channels"),
+        ("short_y.npz", "y_train must hold 4 whole-number labels"),
+        ("fraction_y.npz", "y_train must hold 4 whole-number labels"),
     ):
-        with pytest.raises(DataError, match=message):
+        with pytest.raises(DataError, match=message) as err:
             build_splits(DataConfig(name="npz", root=str(tmp_path / name)))
+        assert "\n" not in str(err.value)
 
 
 def test_imagefolder(tmp_path):

@@ -4,12 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynsila import losses
+from dynsila import train as train_module
 from dynsila.config import DMLConfig, load_config
 from dynsila.dml import dml_loss, exit_pairs
 from dynsila.errors import ConfigError, DynsilaError
 from dynsila.flops import count_params
-from dynsila.rundir import build_model, load_deploy_model
+from dynsila.rundir import build_model, load_deploy_model, read_metrics, read_run_config
 from dynsila.train import train
+from tests.conftest import tiny_msdnet_section
 
 
 def test_kl_gradients_and_detachment():
@@ -42,10 +45,22 @@ def test_exit_matching_rules():
         exit_pairs(4, 2, "strict")
 
 
-def test_one_peer_reproduces_a_plain_run(tiny_config):
-    plain = train(load_config(tiny_config("plain")))
+def test_one_peer_reproduces_a_plain_run(tiny_config, monkeypatch):
+    """The reference has no dml section and runs with the DML functions removed, so it cannot have gone through
+    mutual learning; one peer with a large DML weight must train exactly like it."""
+
+    def no_dml(*args, **kwargs):
+        raise AssertionError("the plain run reached DML code")
+
+    with monkeypatch.context() as absent:
+        absent.setattr(losses, "dml_loss", no_dml)
+        absent.setattr(train_module, "exit_pairs", no_dml)
+        plain = train(load_config(tiny_config("plain")))
     one = train(load_config(tiny_config("one_peer"), ["dml.peers=1", "dml.weight=3"]))
+    assert read_run_config(one.run_dir).dml.weight == 3  # the override was applied, not dropped
     assert plain.val_top1 == one.val_top1 and plain.test_top1 == one.test_top1
+    rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(run.run_dir)] for run in (plain, one)]
+    assert rows[0] == rows[1] and "dml" not in rows[1][0]  # every loss term equal; no DML term with one peer
     a, _ = load_deploy_model(plain.run_dir)
     b, _ = load_deploy_model(one.run_dir)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
@@ -67,19 +82,7 @@ def test_sila_with_dml_prunes_to_independent_baseline_sized_models(tiny_config):
 
 
 def test_heterogeneous_peers(tiny_config, capsys):
-    small = {
-        "name": "msdnet",
-        "stem": "cifar",
-        "n_blocks": 2,
-        "step": 1,
-        "base": 1,
-        "n_channels": 4,
-        "growth_rate": 4,
-        "gr_factor": [1, 2],
-        "bn_factor": [1, 2],
-        "head_channels": 8,
-    }
-    three = dict(small, n_blocks=3)
+    small, three = tiny_msdnet_section(n_blocks=2), tiny_msdnet_section()
     path = tiny_config("hetero", dml={"peers": 2, "models": [small, three]})
     with pytest.raises(ConfigError, match="2 and 3 exits"):
         train(load_config(path))
@@ -92,5 +95,5 @@ def test_dml_config_errors(tiny_config):
         load_config(tiny_config(), ["dml.peers=3", "dml.models=[{name: msdnet}]"])
     with pytest.raises(ConfigError, match="did you mean 'dml.models\\[0\\].growth_rate'"):
         load_config(tiny_config(), ["dml.peers=1", "dml.models=[{name: msdnet, growth: 2}]"])
-    with pytest.raises(ConfigError, match="at least 1"):
+    with pytest.raises(ConfigError, match=r"dml.peers. must lie in \[1, inf\], got 0"):
         load_config(tiny_config(), ["dml.peers=0"])

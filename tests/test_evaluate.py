@@ -5,15 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from dynsila.evaluate import (
+from dynsila.evaluate import main, read_report, topk_accuracy
+from dynsila.thresholds import (
     CONFIDENCE,
     budgeted_sweep,
     exit_indices,
     fit_thresholds,
     geometric_fractions,
-    main,
     thresholds_for_budget,
-    topk_accuracy,
 )
 from dynsila.train import main as train_main
 
@@ -188,5 +187,46 @@ def test_evaluate_cli_writes_eval_json(tiny_config, capsys):
     assert [c["criterion"] for c in report["curves"]] == ["max_prob", "margin"]
     assert len(report["exits"]) == 3 and len(report["curves"][0]["points"]) == 39
     assert report["curves"][0]["points"][0]["thresholds"][-1] == "-inf"
+    assert read_report(run_dir).to_dict() == report  # the typed report reads back to the same JSON
+    assert "avg MACs as evaluated (the MSDNet paper's convention" in out  # the default, stated in every table
+    assert main([str(run_dir), "--criteria", "max_prob", "--macs", "lazy"]) == 0
+    assert "avg MACs lazy (what a sample pays" in capsys.readouterr().out
+    lazy = read_report(run_dir)
+    assert lazy.macs_convention == "lazy"
+    exit_lazy = [e.macs_lazy for e in lazy.exits]
+    assert exit_lazy[0] < lazy.exits[0].macs_cumulative  # the tiny MSDNet's exit 1 leaves its finest scale out
+    for p in lazy.curves[0].points:
+        assert p.avg_macs == pytest.approx(float(np.dot(p.exit_fractions, exit_lazy)))
     assert main([str(path.parent / "missing_run")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_report_round_trips_through_json():
+    from dynsila.report import AnytimeExit, BudgetedCurve, EvalReport
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(40, 2, 4, generator=g), torch.randint(0, 4, (40,), generator=g)
+    rows = budgeted_sweep(logits, labels, logits, labels, [1.0, 3.0], qs=[0.0001, 1.0])
+    assert rows[0].thresholds[-1] == -math.inf
+    exits = [AnytimeExit(k + 1, 10 * k, 11 * k, 12 * k, 13 * k, 5, 6, 50.0, 51.0, None) for k in range(2)]
+    report = EvalReport("r", "runs/r", "msdnet", "digits", True, 0, "MACs", {"val": 40, "test": 40}, exits, [])
+    report.curves = [BudgetedCurve("max_prob", rows)]
+    data = json.loads(report.to_json())  # strict JSON: the -inf threshold is a string
+    assert data["curves"][0]["points"][0]["thresholds"][-1] == "-inf"
+    assert data["curves"][0]["name"] == "budgeted (max_prob)" and data["curves"][0]["kind"] == "budgeted"
+    assert EvalReport.from_dict(data) == report
+    assert not report.gated and report.budgeted("max_prob") is report.curves[0] and report.budgeted("margin") is None
+
+
+def test_gated_report_round_trips_and_reads_the_older_form():
+    from dynsila.report import EvalReport, GatedCurve, GatedExit, GatedPoint
+
+    row = GatedExit(1, 2.5e6, 2.5e6, 100, 100, 80.0, 79.0, None, 4_000_000, 3_900_000, 0.5)
+    points = [GatedPoint(0.5, 2.5e6, 79.0, 80.0, 2.4e6, 0.5, 0.64)]
+    report = EvalReport("g", "runs/g", "skipnet", "digits", False, 0, "MACs", {"val": 1, "test": 1}, [row], [])
+    report.curves = [GatedCurve(points)]
+    data = report.to_dict()
+    assert data["curves"][0]["kind"] == "gated" and data["curves"][0]["criterion"] == "gate_threshold"
+    assert EvalReport.from_dict(json.loads(json.dumps(data))) == report and report.gated
+    data["exits"][0].update(fvcore_total=None, fvcore_total_cumulative=None)  # how gated rows were written before
+    assert EvalReport.from_dict(data).exits == [row]

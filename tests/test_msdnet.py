@@ -6,6 +6,7 @@ import torch
 from dynsila import models
 from dynsila.config import load_config
 from dynsila.flops import exit_params_cumulative
+from tests.conftest import randomise_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,6 +18,11 @@ def paper_model_kwargs(preset: str, num_classes: int) -> dict:
 
 CIFAR100_B7 = paper_model_kwargs("cifar100/msdnet_baseline.yaml", 100)
 IMAGENET_STEP4 = paper_model_kwargs("imagenet/msdnet_baseline.yaml", 1000)
+
+
+# Cumulative parameters per exit (blocks up to exit k plus classifiers 1..k) of the authors' PyTorch
+# implementation, github kalviny/MSDNet-PyTorch models/msdnet.py, built with the README's CIFAR-100 b7 and ImageNet
+# step-4 commands (figures as given in this project's issue 2, which took them from that code).
 
 
 def test_cifar100_parameters_per_exit_match_the_paper_code():
@@ -72,3 +78,33 @@ def test_every_exit_ends_in_a_linear_named_fc():
     model = models.build("msdnet", **CIFAR100_B7)
     assert all(isinstance(e.fc, torch.nn.Linear) for e in model.exits)
     assert model.exit_after == list(range(7))
+
+
+@pytest.mark.parametrize(
+    ("changes", "size"),
+    [
+        (dict(gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], step=2, base=2), 8),  # CIFAR form, prune max
+        (dict(gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4], prune="min", step=2, base=2, stem="imagenet"), 32),
+        (dict(gr_factor=[1, 2, 4], bn_factor=[1, 2, 4], stepmode="lin_grow", reduction=0.0), 8),
+    ],
+)
+def test_deferred_split_computes_each_stage_in_two_parts(tiny_model_kwargs, changes, size):
+    torch.manual_seed(0)
+    model = models.build("msdnet", num_classes=5, **{**tiny_model_kwargs, **changes}).double().eval()
+    randomise_batchnorm(model)
+    x = torch.randn(3, 3, size, size, dtype=torch.float64)
+    splits = 0
+    with torch.no_grad():
+        state = model.stem(x)
+        for i, stage in enumerate(model.stages):
+            full = stage(state)
+            split = model.deferred_split(i)
+            if split is not None:
+                splits += 1
+                exit_state, pending = split.for_exits(state)
+                assert torch.equal(model.exits[i](exit_state), model.exits[i](full))  # the exit reads the same
+                assert exit_state[0] is None  # ... without the finest scale of the stage's last layer
+                completed = split.complete(pending)
+                assert len(completed) == len(full) and all(map(torch.equal, completed, full))
+            state = full
+    assert splits > 0

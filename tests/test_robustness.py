@@ -10,8 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from dynsila import checkpoint as ckpt
+from dynsila import models
+from dynsila import train as train_module
 from dynsila.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from dynsila.config import load_config
 from dynsila.errors import CheckpointError, ConfigError
@@ -58,14 +61,15 @@ def test_sigkill_mid_run_then_resume_gives_identical_final_metrics(tiny_config):
 
 
 SAVER = """
-import sys, torch
+import sys, time, torch
 from dynsila.checkpoint import save_checkpoint
 big = {"w": torch.randn(12_000_000)}
-i = 0
-while True:
+i, stop = 0, time.monotonic() + 300  # saves until killed; ends by itself should the test die first
+while time.monotonic() < stop:
     i += 1
     save_checkpoint(sys.argv[1], {"model": big, "epoch": i})
 """
+FIRST_SAVE_TIMEOUT_S = 120  # the child imports torch and writes 48 MB once: seconds, minutes on a loaded machine
 
 
 def test_kill_during_save_never_leaves_a_truncated_checkpoint(tmp_path):
@@ -73,11 +77,16 @@ def test_kill_during_save_never_leaves_a_truncated_checkpoint(tmp_path):
     rng = np.random.default_rng(0)
     for attempt in range(6):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(target)])
-        while not target.exists():  # first save done
-            time.sleep(0.01)
-        time.sleep(float(rng.uniform(0.0, 0.6)))  # then die somewhere inside a later save
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        try:
+            deadline = time.monotonic() + FIRST_SAVE_TIMEOUT_S
+            while not target.exists():  # first save done
+                assert proc.poll() is None, f"the saver exited with {proc.returncode} before its first save"
+                assert time.monotonic() < deadline, f"no first save within {FIRST_SAVE_TIMEOUT_S} s"
+                time.sleep(0.01)
+            time.sleep(float(rng.uniform(0.0, 0.6)))  # then die somewhere inside a later save
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
         checkpoint = load_checkpoint(target)  # always a whole file: the old or the new one
         assert checkpoint["model"]["w"].numel() == 12_000_000, attempt
 
@@ -162,9 +171,43 @@ def test_missing_dataset_root_on_the_command_line(tiny_config, capsys, tmp_path)
     assert "cifar10 not found" in err and "nowhere" in err and err.count("\n") == 1
 
 
-def test_precision_and_layout_options(tiny_config):
+def watch_first_conv(model: nn.Module, seen: list[dict]) -> nn.Module:
+    """Record, for every training-mode call of the model's first convolution, the layout of its input and weight
+    and the dtype it computed in: what autocast and channels-last actually did."""
+
+    def channels_last(t: torch.Tensor) -> bool:  # strictly: a (N, C>1, H, W) channels-last tensor is not contiguous
+        return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+    def record(module, inputs, output):
+        if module.training:
+            seen.append(
+                {
+                    "input_channels_last": channels_last(inputs[0]),
+                    "weight_channels_last": channels_last(module.weight),
+                    "output_dtype": output.dtype,
+                    "weight_dtype": module.weight.dtype,
+                }
+            )
+
+    next(m for m in model.modules() if isinstance(m, nn.Conv2d)).register_forward_hook(record)
+    return model
+
+
+def test_precision_and_layout_options(tiny_config, tiny_model_kwargs, monkeypatch):
+    seen: list[dict] = []
+    build_model = train_module.build_model
+    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: watch_first_conv(build_model(*a, **k), seen))
     result = train(load_config(tiny_config("bf16"), ["train.amp=bf16", "train.channels_last=true"]))
     assert all(np.isfinite(result.val_top1))
+    expected = {"input_channels_last": True, "weight_channels_last": True, "output_dtype": torch.bfloat16}
+    assert seen and all({k: s[k] for k in expected} == expected for s in seen), seen[:1]
+    assert all(s["weight_dtype"] == torch.float32 for s in seen)  # autocast keeps float32 master weights
+    # the control: the same watch on a plain float32 forward sees float32 and the default layout
+    plain: list[dict] = []
+    model = watch_first_conv(models.build("msdnet", num_classes=10, **tiny_model_kwargs).train(), plain)
+    model(torch.randn(4, 3, 8, 8))
+    layout_and_dtype = {"input_channels_last": False, "weight_channels_last": False, "output_dtype": torch.float32}
+    assert plain == [{**layout_and_dtype, "weight_dtype": torch.float32}]
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         train(load_config(tiny_config("fp16"), ["train.amp=fp16"]))
     with pytest.raises(ConfigError, match="divisible"):

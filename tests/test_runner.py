@@ -1,26 +1,27 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dynsila import models
-from dynsila.evaluate import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
 from dynsila.flops import exit_costs
 from dynsila.fuse import fold_batchnorm
 from dynsila.infer import main as infer_main
 from dynsila.models import MultiExitNetwork
 from dynsila.runner import EarlyExitRunner
+from dynsila.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
 from dynsila.train import main as train_main
+from tests.conftest import randomise_batchnorm
 
 
 def tiny_msdnet(kwargs, seed=0):
     torch.manual_seed(seed)
     model = models.build("msdnet", num_classes=5, **kwargs).double().eval()
-    # random batch-norm statistics, so exits disagree and confidences spread
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    return model
+    return randomise_batchnorm(model)  # so exits disagree and confidences spread
 
 
 @pytest.mark.parametrize("criterion", sorted(CONFIDENCE))
@@ -59,13 +60,14 @@ def test_samples_that_exit_are_not_computed_further(tiny_model_kwargs):
     for i, stage in enumerate(model.stages):
         stage.register_forward_hook(lambda m, inp, out, i=i: seen.append((f"stage{i}", inp[0][0].shape[0])))
     x = torch.randn(16, 3, 8, 8).double()
-    EarlyExitRunner(model, [-float("inf"), 0, 0], costs=[1, 2, 3])(x)  # everyone exits at exit 1
+    # deferred=False: every stage runs whole, so its hook sees who enters it (deferral: the next test)
+    EarlyExitRunner(model, [-float("inf"), 0, 0], costs=[1, 2, 3], deferred=False)(x)  # everyone leaves at exit 1
     assert seen == [("stage0", 16)]
     with torch.no_grad():
         conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
     seen.clear()
     t = [conf[:, 0].median().item(), -float("inf"), 0.0]  # half leave at exit 1, the rest at exit 2
-    result = EarlyExitRunner(model, t, costs=[1, 2, 3])(x)
+    result = EarlyExitRunner(model, t, costs=[1, 2, 3], deferred=False)(x)
     assert seen == [("stage0", 16), ("stage1", int((result.exit_index == 1).sum()))]
     assert 0 < (result.exit_index == 1).sum() < 16 and (result.exit_index != 2).all()
 
@@ -106,7 +108,7 @@ def test_streaming_regroups_survivors_into_full_groups(tiny_model_kwargs):
         conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
     sizes.clear()
     thresholds = fit_thresholds(conf, geometric_fractions([1.0], 3))[0]
-    runner = EarlyExitRunner(model, thresholds, costs=[1, 2, 3], fold_batchnorm=False)
+    runner = EarlyExitRunner(model, thresholds, costs=[1, 2, 3], fold_batchnorm=False, deferred=False)
     result = runner.run_stream(x.split(20))
     assert all(s >= 20 for s in sizes[:-1]) and sum(sizes) == int((result.exit_index == 2).sum())
     assert torch.equal(result.exit_index, runner(x).exit_index)
@@ -141,3 +143,124 @@ def test_infer_cli(tiny_config, capsys):
     assert infer_main([run_dir, "--budget", "1", "--split", "val"]) == 0
     out = capsys.readouterr().out
     assert "below exit 1's cost" in out
+
+
+def _python(code: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and return its stdout and stderr."""
+    clean = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=120, check=True
+    )
+    return done.stdout + done.stderr
+
+
+def test_runner_and_thresholds_import_neither_the_evaluator_nor_heavy_libraries():
+    code = (
+        "import os, sys\n"
+        "import dynsila.thresholds\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dynsila')))\n"
+        "import dynsila.runner\n"
+        "heavy = ('dynsila.evaluate', 'dynsila.flops', 'torchvision', 'timm', 'fvcore')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+        "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))\n"
+    )
+    thresholds_only, heavy, onednn = _python(code).splitlines()[-3:]
+    assert thresholds_only == "['dynsila', 'dynsila.thresholds']"  # the threshold maths imports torch alone
+    assert heavy == "[]"
+    assert onednn == "None"  # importing sets nothing in the environment
+
+
+CACHE_PROBE = """
+import torch
+from dynsila.runner import raise_primitive_cache
+if {raise_cache}:
+    raise_primitive_cache()  # after importing torch, before the first convolution
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(4, 4, 3, padding=1).eval()
+with torch.no_grad():
+    for batch in range(2, 600):  # ~1,200 primitives (a convolution and a reorder per shape) > 1,024
+        conv(torch.randn(batch, 4, 6, 6))
+    print("PROBE", flush=True)
+    conv(torch.randn(2, 4, 6, 6))
+"""
+
+
+def _first_shape_was_cached(raise_cache: bool) -> bool | None:
+    """Whether oneDNN still had the first shape's convolution after ~1,200 other primitives (None: no oneDNN
+    log)."""
+    out = _python(CACHE_PROBE.format(raise_cache=raise_cache), ONEDNN_VERBOSE="profile_create")
+    after = out.split("PROBE", 1)[-1]
+    created = [line for line in after.splitlines() if ",convolution," in line and "create:cache_" in line]
+    return None if not created else "create:cache_hit" in created[0]
+
+
+def test_primitive_cache_setting_works_when_set_before_the_first_convolution():
+    raised = _first_shape_was_cached(True)
+    if raised is None:
+        pytest.skip("this torch build logs no oneDNN convolution primitives")
+    assert raised  # the variable was read at the first convolution, after it was set
+    assert _first_shape_was_cached(False) is False  # the default cache evicted it: the setting matters
+
+
+# Three scales and two layers per block, so the last layers before each exit compute finer scales that only later
+# exits read (the deferred part) and the runner's lazy evaluation has something to leave out.
+THREE_SCALES = {"gr_factor": [1, 2, 4], "bn_factor": [1, 2, 4], "step": 2, "base": 2}
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_each_sample_pays_exactly_the_counted_cost_of_its_exit(tiny_model_kwargs, deferred):
+    model = tiny_msdnet(tiny_model_kwargs | THREE_SCALES).float()
+    costs = exit_costs(model, (3, 8, 8))
+    model.double()
+    assert costs[0].macs_deferred > 0 and costs[1].macs_deferred > 0  # the case is not trivial
+    assert all(c.macs_lazy + c.macs_deferred == c.macs_cumulative for c in costs)
+    charged = [c.macs_lazy if deferred else c.macs_cumulative for c in costs]
+    x = torch.randn(6, 3, 8, 8).double()
+    for k in range(3):  # everyone goes on to exit k and leaves there
+        thresholds = [float("inf")] * k + [-float("inf")] * (3 - k)
+        runner = EarlyExitRunner(model, thresholds, costs=charged, deferred=deferred)
+        with FlopCounterMode(display=False) as counter:
+            result = runner(x)
+        assert (result.exit_index == k).all()
+        assert counter.get_total_flops() == 2 * 6 * charged[k]  # torch counts a multiply-add as 2 FLOPs
+    with torch.no_grad():
+        conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
+    runner = EarlyExitRunner(model, [conf[:, 0].median().item(), -float("inf"), 0.0], costs=charged, deferred=deferred)
+    with FlopCounterMode(display=False) as counter:
+        result = runner(x)  # some leave at exit 1, the rest at exit 2: each pays its own exit's cost
+    assert 0 < (result.exit_index == 0).sum() < 6
+    assert counter.get_total_flops() == 2 * int(result.macs.sum())
+
+
+def test_lazy_runner_gives_the_eager_networks_decisions_and_confidences(tiny_model_kwargs):
+    model = tiny_msdnet(tiny_model_kwargs | THREE_SCALES)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 3, 8, 8, generator=g).double()
+    with torch.no_grad():
+        logits = torch.stack(model(x), 1)  # the normal forward: every stage whole
+    conf = CONFIDENCE["max_prob"](logits)
+    thresholds = fit_thresholds(conf, geometric_fractions([1.0], 3))[0]
+    expected = exit_indices(conf, thresholds[None])[0]
+    assert len(set(expected.tolist())) == 3
+    lazy = EarlyExitRunner(model, thresholds, fold_batchnorm=False, channels_last=False, costs=[1, 2, 3])
+    for result in (lazy(x), lazy.run_stream(x.split(16))):
+        assert torch.equal(result.exit_index, expected)
+        assert torch.equal(result.predictions, logits.argmax(-1)[torch.arange(64), expected])
+        # the exit's logits are the eager ones: their confidence agrees to float64 rounding
+        assert torch.allclose(result.confidence, conf[torch.arange(64), expected], rtol=0, atol=1e-12)
+
+
+def test_compaction_keeps_the_channels_last_layout(tiny_model_kwargs):
+    model = tiny_msdnet(tiny_model_kwargs | THREE_SCALES)
+    layouts: list[bool] = []
+    runner = EarlyExitRunner(model, [0.0, 0.0, 0.0], costs=[1, 2, 3])  # folded copy, channels-last
+    for stage in runner.model.stages[1:]:
+        stage[0].register_forward_pre_hook(
+            lambda m, inp: layouts.extend(t.is_contiguous(memory_format=torch.channels_last) for t in inp[0])
+        )
+    x = torch.randn(32, 3, 8, 8).double()
+    with torch.no_grad():
+        conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
+    runner.thresholds = torch.tensor([conf[:, 0].median().item(), conf[:, 1].median().item(), 0.0]).double()
+    runner(x)
+    assert layouts and all(layouts)

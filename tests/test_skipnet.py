@@ -9,11 +9,16 @@ from dynsila import models
 from dynsila.config import SiLaConfig, load_config
 from dynsila.flops import count_params, gated_costs
 from dynsila.infer import main as infer_main
+from dynsila.models import DynamicOutput, GatedBody, MultiExitNetwork
+from dynsila.models.layers import PoolClassifier
 from dynsila.models.skipnet import SkipNet, skip
 from dynsila.sila import SiLa, prune
 from dynsila.train import train
+from tests.conftest import randomise_batchnorm
 
-# The public implementation builds a gate after the last block that nothing reads; dynsila leaves it out, so
+# Parameter counts of the public implementation, github ucbdrive/skipnet: cifar/models.py (cifar10_feedforward_38,
+# cifar10_rnn_gate_110, FeedforwardGateII) and imagenet/models.py (imagenet_rnn_gate_101), as given in this
+# project's issue 5. That code builds a gate after the last block that nothing reads; dynsila leaves it out, so
 # its published counts are ours plus that gate: FFGate-I 74,114, FFGate-II 37,122, RNN (64 channels) 650, and
 # for ImageNet ResNet-101 the 2,048-channel embedding of the recurrent gate, 20,490.
 PUBLISHED = [
@@ -36,17 +41,13 @@ def test_parameter_counts_match_the_public_code(kwargs, published, final_gate):
 def test_backbone_without_gates_is_the_plain_resnet():
     model = models.build("skipnet", num_classes=10, depth=110, gate="rnn")
     plain = count_params(model.stem) + sum(count_params(b) for b in model.body.blocks) + count_params(model.exits[0])
-    assert plain == 1_730_714
+    assert plain == 1_730_714  # ucbdrive/skipnet cifar/models.py cifar10_resnet_110 (10 classes), per issue 5
 
 
 def tiny(gate="ffgate2", seed=0):
     torch.manual_seed(seed)
     model = models.build("skipnet", num_classes=5, depth=38, gate=gate)
-    for m in model.modules():  # spread the gate probabilities around 0.5
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return model
+    return randomise_batchnorm(model, mean=(-0.2, 0.2), var=(0.5, 1.5))  # spread the gate probabilities around 0.5
 
 
 @pytest.mark.parametrize("gate", ["ffgate1", "ffgate2", "rnn"])
@@ -147,3 +148,76 @@ def test_hrl_needs_a_gated_model(tiny_config):
 
     with pytest.raises(ConfigError, match="needs a gated model"):
         train(load_config(tiny_config(), ["train.stage=hrl"]))
+
+
+class ToyGatedBody(GatedBody):
+    """A second gated family, defined only here: 3x3 conv blocks mixed with the mask, a pooled linear gate each."""
+
+    def __init__(self) -> None:
+        blocks = [nn.Conv2d(3, 4, 3, padding=1)] + [nn.Conv2d(4, 4, 3, padding=1) for _ in range(2)]
+        gates = [nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1), nn.Flatten(0)) for _ in range(2)]
+        super().__init__(blocks, gates)
+        self.probs: list[torch.Tensor] = []
+
+    def skip_path(self, index: int) -> nn.Module | None:
+        return None  # identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, self.probs = self.blocks[0](x), []
+        for block, gate in zip(self.blocks[1:], self.gates, strict=True):
+            self.probs.append(torch.sigmoid(gate(x)))
+            run = (self.probs[-1] >= self.threshold).float().view(-1, 1, 1, 1)
+            x = run * block(x) + (1 - run) * x
+        return x
+
+
+class ToyGated(MultiExitNetwork):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.stages = nn.Identity(), nn.ModuleList([ToyGatedBody()])
+        self.exits, self.exit_after = nn.ModuleList([PoolClassifier(4, 3)]), [0]
+
+    def gated_body(self) -> GatedBody:
+        body = self.stages[0]
+        assert isinstance(body, ToyGatedBody)
+        return body
+
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> DynamicOutput:  # type: ignore[override]
+        logits, body = super().forward(x, upto), self.gated_body()
+        actions = [(p >= body.threshold).float() for p in body.probs]
+        return DynamicOutput(logits, body.probs, actions, None, body.block_cost_share)
+
+
+def test_a_second_gated_family_needs_no_edits_elsewhere():
+    model = ToyGated().eval()
+    assert models.build("msdnet", num_classes=3).gated_body() is None  # the default: not gated
+    costs = gated_costs(model, (3, 8, 8))
+    # conv MACs = C_in x C_out x 3 x 3 x H x W (8 x 8 output); linear MACs = in x out
+    block0, block, gate, classifier = 3 * 4 * 9 * 64, 4 * 4 * 9 * 64, 4 * 1, 4 * 3
+    assert costs.blocks == [block, block] and costs.shortcuts == [0, 0]
+    assert costs.always == block0 + classifier and costs.gates == 2 * gate
+    assert costs.plain == block0 + 2 * block + classifier
+    model.gated_body().set_block_costs([1.0, 3.0])
+    assert model(torch.randn(2, 3, 8, 8)).block_cost_share.tolist() == [0.25, 0.75]
+
+
+def test_the_builder_hands_in_block_costs_that_an_independent_counter_confirms():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dynsila.rundir import build_model
+
+    overrides = ["model.name=skipnet", "model.depth=38", "model.gate=rnn", "data.image_size=16"]
+    model = build_model(load_config(None, [*overrides, "loss.gate_cost=0.5"])).eval()
+    macs = []
+    with torch.no_grad():
+        x = model.body.blocks[0](model.stem(torch.zeros(1, 3, 16, 16)))
+        for block in model.body.blocks[1:]:
+            with FlopCounterMode(display=False) as counter:
+                x = block(x)
+            macs.append(counter.get_total_flops() // 2)  # torch counts a multiply-add as 2 FLOPs
+    expected = torch.tensor(macs, dtype=torch.float64) / sum(macs)
+    assert expected.unique().numel() > 1  # blocks with a projection or a stride cost differently
+    assert torch.allclose(model.body.block_cost_share.double(), expected)
+    assert torch.equal(model(torch.zeros(1, 3, 16, 16)).block_cost_share, model.body.block_cost_share)
+    unweighted = build_model(load_config(None, overrides)).body.block_cost_share  # gate_cost 0: not counted
+    assert torch.allclose(unweighted, torch.full_like(unweighted, 1 / len(unweighted)))

@@ -1,4 +1,7 @@
 import json
+import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +30,10 @@ def test_one_epoch_run_writes_every_file(tiny_config, capsys):
     assert len(rows) == 1
     assert {"epoch", "loss", "ce", "sila", "lr", "val_top1", "test_top1", "train_top1", "seconds"} <= set(rows[0])
     assert len(rows[0]["val_top1"]) == 3
+    # the twin/main monitor is averaged like a loss term, written, and never added to the loss
+    assert {f"twin_gap_e{k}" for k in range(3)} <= set(rows[0]) and rows[0]["twin_gap_e0"] > 0
+    assert rows[0]["loss"] == pytest.approx(rows[0]["ce"] + rows[0]["sila"], rel=1e-6)  # float32 sums
+    assert "twin_gap" not in out  # metrics only, not the progress lines
 
     checkpoint = load_checkpoint(run / "last.pt")  # weights_only=True inside
     assert checkpoint["epoch"] == 1 and any(k.startswith("peers.0.heads.") for k in checkpoint["model"])
@@ -73,6 +80,50 @@ def test_baseline_run_has_no_sila_terms(tiny_config):
     result = train(load_config(tiny_config(), ["sila.enabled=false"]))
     row = json.loads((result.run_dir / "metrics.jsonl").read_text())
     assert "sila" not in row and "ce" in row
+    assert not [k for k in row if k.startswith("twin_")]
+
+
+def test_library_logs_and_the_command_line_prints_the_same_lines(tiny_config, capsys, caplog):
+    with caplog.at_level(logging.INFO, logger="dynsila"):
+        train(load_config(tiny_config("library")))
+    assert capsys.readouterr().out == ""  # the library never prints
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("dynsila")]
+    assert any(m.startswith("library: msdnet on digits") for m in logged)
+    assert any("epoch 1/1  step" in m for m in logged) and any("anytime prediction" in m for m in logged)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dynsila"):
+        assert main([str(tiny_config("cli"))]) == 0
+    printed = capsys.readouterr().out
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("dynsila")]
+    assert printed == "".join(m + "\n" for m in logged)  # bare messages, one per record, nothing else
+    assert logging.getLogger("dynsila").handlers == []  # the command line removed its handler
+
+
+def test_python_dash_m_prints_the_progress(tiny_config):
+    # under ``python -m`` the module is __main__: its log lines must still reach stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "dynsila.train", str(tiny_config())], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tiny: msdnet on digits" in done.stdout and "epoch 1/1  step 8/8" in done.stdout
+    assert "deploy weights (training-only heads pruned)" in done.stdout
+
+
+def test_wrong_length_exit_weights_stop_before_the_run_directory_exists(tiny_config, capsys):
+    path = tiny_config()
+    assert main([str(path), "loss.exit_weights=[1,1]"]) == 2
+    err = capsys.readouterr().err
+    assert "'loss.exit_weights' has 2 entries but model (msdnet) has 3 exits" in err and err.count("\n") == 1
+    assert not load_config(path).run_dir.exists()
+
+
+@pytest.mark.parametrize("override", ["train.epochs=-1", "data.batch_size=0", "train.lr=-1", "sila.weight=-5"])
+def test_out_of_range_values_stop_with_one_line(tiny_config, capsys, override):
+    path = tiny_config()
+    assert main([str(path), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config key '{override.split('=')[0]}' must lie in") and err.count("\n") == 1
+    assert not load_config(path).run_dir.exists()
 
 
 def test_bad_config_fails_before_anything_runs(tiny_config, capsys):

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run as ``python benchmarks/<name>.py``, sharing ``benchmarks.toolkit``."""

@@ -1,0 +1,302 @@
+"""The aggregate of ``benchmarks/anytime.py``: statistics, the Markdown verdict and the plot, from run files alone.
+
+A run file holds one (method, seed) training: per exit its MACs, parameters, val / test / clean-train top-1, the
+budgeted curve, and its last epoch's metrics (with the SiLa twin monitors). Everything here is a pure function
+of the list of run files, so the committed aggregate can be recomputed without training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Protocol
+
+import numpy as np
+
+from benchmarks.paired_stats import beyond_noise, interval, paired
+from benchmarks.toolkit import accuracy_at, anytime_area, save_figure
+
+WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference must be narrower than +-1.0
+GAP_TARGET = 10.0  # points: the baseline's train-test gap the regime must reach
+POSITIVE_CONTROL = "self_distill"
+LOSS_SCALE_CONTROL = "baseline_x2"
+BUDGET_POINTS = 8
+
+
+class MethodInfo(Protocol):
+    tier: int
+    about: str
+
+
+def peer0(run: dict[str, Any]) -> dict[str, Any]:
+    """DML runs train two exchangeable peers; statistics use peer 0."""
+    return run["peers"][0]
+
+
+def by_method(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    grouped: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for run in runs:
+        grouped[run["method"]][run["seed"]] = run
+    return grouped
+
+
+def budget_grid(runs: list[dict[str, Any]]) -> np.ndarray:
+    """Average-MACs points every run's budgeted curve covers (full-width runs only: half width costs less)."""
+    full = [peer0(r) for r in runs if not r["method"].startswith("half_")]
+    lo = max(min(p["avg_macs"] for p in r["budgeted"]) for r in full)
+    hi = min(max(p["avg_macs"] for p in r["budgeted"]) for r in full)
+    return np.linspace(lo, hi, BUDGET_POINTS)
+
+
+def run_scores(run: dict[str, Any], grid: np.ndarray) -> dict[str, Any]:
+    """The per-run numbers the comparisons pair up: anytime area, budgeted mean, train-test gap."""
+    p = peer0(run)
+    test, clean = np.array(p["test_top1"]), np.array(p["train_top1_clean"])
+    budget = accuracy_at(p["budgeted"], grid)
+    return {
+        "area": anytime_area(np.array(p["exit_macs"], dtype=float), test),
+        "budgeted": float(np.nanmean(budget)) if not np.all(np.isnan(budget)) else math.nan,
+        "gap": float(np.mean(clean - test)),
+        "clean_last": float(clean[-1]),
+        "test": test,
+        "budget_curve": budget,
+    }
+
+
+def twin_monitors(seeds: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """Mean over seeds of the last epoch's twin-head monitors (keys starting with ``twin_``)."""
+    values: dict[str, list[float]] = defaultdict(list)
+    for run in seeds.values():
+        for key, value in run["last_epoch"].items():
+            if key.startswith("twin_") and isinstance(value, int | float):
+                values[key].append(float(value))
+    return {k: float(np.mean(v)) for k, v in sorted(values.items())}
+
+
+def method_row(name: str, seeds: dict[int, dict[str, Any]], grid: np.ndarray) -> dict[str, Any]:
+    scores = {s: run_scores(r, grid) for s, r in seeds.items()}
+    first = peer0(next(iter(seeds.values())))
+    test = np.array([sc["test"] for sc in scores.values()])
+    return {
+        "seeds": sorted(seeds),
+        "test_top1": [interval(test[:, k]) for k in range(test.shape[1])],
+        "anytime_area": interval([sc["area"] for sc in scores.values()]),
+        "budgeted_mean": interval([sc["budgeted"] for sc in scores.values()]),
+        "budgeted_curve": [interval(col) for col in np.array([sc["budget_curve"] for sc in scores.values()]).T],
+        "gap_mean": interval([sc["gap"] for sc in scores.values()]),
+        "train_clean_last_exit": interval([sc["clean_last"] for sc in scores.values()]),
+        "deploy_params": first["params_cumulative"][-1],
+        "deploy_macs": first["exit_macs"],
+        "train_minutes": interval([r["train_seconds"] / 60 for r in seeds.values()]),
+        "twin_monitors": twin_monitors(seeds),
+        "_scores": scores,
+    }
+
+
+def comparisons(rows: dict[str, dict[str, Any]], methods: dict[str, MethodInfo]) -> list[dict[str, Any]]:
+    """Every method against the baseline; every SiLa reading also against the loss-scale control. A comparison
+    is tier 1 when both sides are tier-1 methods (the ones the design is sized for)."""
+    out = []
+    for name in rows:
+        references = ["baseline"] if name != "baseline" else []
+        if name.startswith("sila") and LOSS_SCALE_CONTROL in rows:
+            references.append(LOSS_SCALE_CONTROL)
+        for ref in references:
+            if ref not in rows or ref == name:
+                continue
+            mine, theirs = rows[name]["_scores"], rows[ref]["_scores"]
+            diffs = {
+                key: paired({s: v[key] for s, v in mine.items()}, {s: v[key] for s, v in theirs.items()})
+                for key in ("area", "budgeted", "gap")
+            }
+            tier = max(methods[name].tier, methods[ref].tier)
+            out.append({"method": name, "reference": ref, "tier": tier, **diffs})
+    return out
+
+
+def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]) -> dict[str, Any]:
+    """Could this experiment see an effect? The regime (the baseline fits its training set, with a gap), the
+    interval widths of the tier-1 comparisons, and whether the positive control shows up."""
+    base = rows.get("baseline")
+    tier1 = [c for c in compared if c["tier"] == 1]
+    widths = [c["area"]["ci95"] for c in tier1 if math.isfinite(c["area"]["ci95"])]
+    control = next((c for c in compared if c["method"] == POSITIVE_CONTROL and c["reference"] == "baseline"), None)
+    return {
+        "baseline_train_clean_last_exit": base["train_clean_last_exit"]["mean"] if base else math.nan,
+        "baseline_gap": base["gap_mean"]["mean"] if base else math.nan,
+        "gap_target": GAP_TARGET,
+        "widest_tier1_ci95": max(widths) if widths else math.nan,
+        "width_target": WIDTH_TARGET,
+        "widths_met": bool(widths) and max(widths) < WIDTH_TARGET,
+        "largest_tier1_mde": max((c["area"]["mde"] for c in tier1 if math.isfinite(c["area"]["mde"])),
+                                 default=math.nan),
+        "positive_control": control["area"] if control else None,
+        "positive_control_seen": bool(control and beyond_noise(control["area"]) and control["area"]["mean"] > 0),
+    }  # fmt: skip
+
+
+def summarise(runs: list[dict[str, Any]], methods: dict[str, MethodInfo]) -> dict[str, Any]:
+    grouped = by_method(runs)
+    grid = budget_grid(runs)
+    order = [m for m in methods if m in grouped]
+    rows = {m: method_row(m, grouped[m], grid) for m in order}
+    compared = comparisons(rows, methods)
+    check = design_check(rows, compared)
+    for row in rows.values():
+        del row["_scores"]
+    return {"budget_grid_macs": grid.tolist(), "methods": rows, "comparisons": compared, "design": check}
+
+
+# --- Markdown -----------------------------------------------------------------------------------------------
+
+
+def fmt(i: dict[str, float], digits: int = 2) -> str:
+    if not math.isfinite(i.get("ci95", math.nan)):
+        return f"{i['mean']:.{digits}f} (n={i['n']})"
+    return f"{i['mean']:.{digits}f} ± {i['ci95']:.{digits}f}"
+
+
+def diff_cell(d: dict[str, float]) -> str:
+    if d["n"] < 2:
+        return f"{d['mean']:+.2f} (n={d['n']})"
+    mark = " **beyond noise**" if beyond_noise(d) else ""
+    return f"{d['mean']:+.2f} ± {d['ci95']:.2f} (p {d['p_value']:.3f}, MDE {d['mde']:.2f}, n={d['n']}){mark}"
+
+
+def verdict_lines(payload: dict[str, Any]) -> list[str]:
+    s = payload["summary"]
+    rows = s["methods"]
+    lines = [
+        "| method | tier | seeds | anytime area | Δ vs baseline | Δ vs baseline ×2 | train–test gap | deploy params "
+        "| MACs (last exit) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        cells = {}
+        for c in s["comparisons"]:
+            if c["method"] == name:
+                cells[c["reference"]] = diff_cell(c["area"])
+        lines.append(
+            f"| {name} | {payload['methods'][name]['tier']} | {len(row['seeds'])} | {fmt(row['anytime_area'])} | "
+            f"{cells.get('baseline', '-')} | {cells.get(LOSS_SCALE_CONTROL, '-')} | {fmt(row['gap_mean'])} | "
+            f"{row['deploy_params']:,} | {row['deploy_macs'][-1] / 1e6:.2f}M |"
+        )
+    return lines
+
+
+def design_lines(design: dict[str, Any]) -> list[str]:
+    control = design["positive_control"]
+    seen = "**seen**" if design["positive_control_seen"] else "**not seen**"
+    widths = "met" if design["widths_met"] else "not met"
+    lines = [
+        f"- Regime: baseline clean train top-1 (last exit) {design['baseline_train_clean_last_exit']:.1f} %, "
+        f"train–test gap (mean over exits) {design['baseline_gap']:.1f} points (target ≥ {design['gap_target']:.0f}).",
+        "- Power: widest 95 % interval of a tier-1 paired difference in anytime area "
+        f"±{design['widest_tier1_ci95']:.2f} points (target < ±{design['width_target']:.1f}: {widths}); largest "
+        f"minimum detectable effect (80 % power, 5 % two-sided) {design['largest_tier1_mde']:.2f} points.",
+    ]
+    if control is not None:
+        lines.append(f"- Positive control (self-distillation vs baseline): {diff_cell(control)} — {seen}.")
+    if not design["positive_control_seen"]:
+        lines.append(
+            "- The positive control does not beat the baseline beyond noise, so this experiment is **not sensitive "
+            "enough** to call any method's null result negative: read non-significant rows as inconclusive."
+        )
+    return lines
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    s = payload["summary"]
+    rows = s["methods"]
+    first = next(iter(rows.values()))
+    exits = [f"exit {k + 1} ({m / 1e6:.2f}M)" for k, m in enumerate(first["deploy_macs"])]
+    lines = [
+        f"# Does SiLa help? Anytime prediction, preset `{payload['preset']}`",
+        "",
+        f"Command: `{payload['command']}`  ",
+        f"Recomputed from {payload['finished_runs']} run files (of {payload['planned_runs']} planned) under "
+        f"`benchmarks/results/anytime_*/runs/`; config `{payload['config']}`; overrides per run in each file.",
+        "",
+        "Test top-1 in % on the held-out test split, mean ± 95 % t-interval over seeds; differences paired by seed. "
+        "MACs and parameters of the deploy model (training-only heads pruned), as evaluated (paper convention). "
+        "Anytime area = mean test top-1 over the exits' MACs range (trapezoid). DML rows report peer 0.",
+        "",
+        "## Can this experiment see an effect?",
+        "",
+        *design_lines(s["design"]),
+        "",
+        "## Verdict (anytime area)",
+        "",
+        *verdict_lines(payload),
+        "",
+        "## Test top-1 per exit",
+        "",
+        *table(["method", *exits], [[n, *[fmt(i) for i in r["test_top1"]]] for n, r in rows.items()]),
+        "",
+        "## Budgeted batch classification (max_prob thresholds fitted on val), test top-1 at matched average MACs",
+        "",
+        *table(
+            ["method", *[f"{m / 1e6:.2f}M" for m in s["budget_grid_macs"]]],
+            [[n, *[fmt(i, 1) for i in r["budgeted_curve"]]] for n, r in rows.items()],
+        ),
+        "",
+        "## Twin heads: do they differ from the main exits? (last epoch, mean over seeds)",
+        "",
+        *twin_lines(rows),
+        "",
+        "## Methods",
+        "",
+        *[f"- `{n}` (tier {m['tier']}): {m['about']}; `{' '.join(m['overrides'])}`" for n, m in
+          payload["methods"].items() if n in rows],
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def twin_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
+    keys = sorted({k for r in rows.values() for k in r["twin_monitors"]})
+    if not keys:
+        return ["No run logged twin monitors."]
+    body = [[n, *[f"{r['twin_monitors'].get(k, math.nan):.3f}" for k in keys]] for n, r in rows.items()
+            if r["twin_monitors"]]  # fmt: skip
+    return table(["method", *keys], body)
+
+
+# --- plot ---------------------------------------------------------------------------------------------------
+
+
+def plot(payload: dict[str, Any], path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = payload["summary"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    for i, (name, row) in enumerate(s["methods"].items()):
+        macs = np.array(row["deploy_macs"]) / 1e6
+        ax1.errorbar(macs, [x["mean"] for x in row["test_top1"]], yerr=[x["ci95"] for x in row["test_top1"]],
+                     marker="o", capsize=3, label=name, color=f"C{i % 10}", ls="--" if i >= 10 else "-")  # fmt: skip
+    ax1.set_xlabel("MACs per image (millions)")
+    ax1.set_ylabel("test top-1 (%)")
+    ax1.set_title("anytime prediction (mean ± 95 % CI)")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    compared = [c for c in s["comparisons"] if c["area"]["n"] >= 2]
+    for j, c in enumerate(compared):
+        d = c["area"]
+        ax2.errorbar(d["mean"], j, xerr=d["ci95"], fmt="o", color="C0" if c["tier"] == 1 else "C7", capsize=3)
+    ax2.set_yticks(range(len(compared)), [f"{c['method']} − {c['reference']}" for c in compared], fontsize=7)
+    ax2.axvline(0, color="k", lw=0.8)
+    ax2.set_xlabel("paired Δ anytime area (points, 95 % CI); blue = tier 1")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

@@ -1,0 +1,416 @@
+"""Staged ONNX export of an early-exit run: ``python -m dynsila.export RUN_DIR [--q Q | --budget MACS]``.
+
+An early-exit network cannot be one graph: the point is to stop between stages. The deploy model (batch-norm
+folded into the convolutions) is exported as one ONNX graph per stage (``stage0.onnx`` includes the stem) and one
+per exit head (``exit<k>.onnx``). Each stage graph reads the previous stage state and writes the next as named
+tensors, ``state<k>_<j>`` (stage k's output, tensor j: MSDNet's scales, finest first); the first reads ``image``.
+Every graph has a dynamic batch axis. ``manifest.json`` holds the exit order, the tensor names, the thresholds
+fitted on the run's validation split (as ``python -m dynsila.infer`` fits them), the criterion, the per-exit MACs
+and the preprocessing. ``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
+
+Graphs come from ``torch.onnx.export``: the torch.export-based ("dynamo") exporter by default; a graph that it
+fails on is exported with the TorchScript exporter instead, and the manifest records which exporter wrote each
+graph and why. After export every exit's logits are checked against PyTorch on validation images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from dynsila.checkpoint import atomic_write_text
+from dynsila.console import log_lines_to
+from dynsila.data import Splits, build_splits, make_loader, normalize
+from dynsila.errors import DynsilaError
+from dynsila.evaluate import collect_logits
+from dynsila.flops import exit_costs
+from dynsila.fuse import fold_batchnorm
+from dynsila.models import MultiExitNetwork, gated_body
+from dynsila.onnx_runner import DEPLOY_EXTRA, MANIFEST, MANIFEST_FORMAT, OnnxEarlyExitResult, OnnxEarlyExitRunner
+from dynsila.report import json_safe
+from dynsila.rundir import input_shape, load_deploy_model
+from dynsila.sila import unwrap
+from dynsila.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions, thresholds_for_budget
+
+__all__ = ["OnnxEarlyExitResult", "OnnxEarlyExitRunner", "ThresholdFit", "export_onnx", "fit_run_thresholds", "main"]
+
+log = logging.getLogger(__name__)
+EXPORTERS = ("auto", "dynamo", "torchscript")
+INPUT_NAME = "image"
+VERIFY_TOLERANCE = 1e-3  # absolute and relative, on logits: rounding differs between runtimes, a wrong graph not
+
+
+# --- one graph per stage and per exit -------------------------------------------------------------------------
+
+
+class StageGraph(nn.Module):
+    """A stage (with the stem in front for the first) as a module of flat tensors: state leaves in, leaves out."""
+
+    def __init__(self, stage: nn.Module, stem: nn.Module | None, spec: TreeSpec | None) -> None:
+        super().__init__()
+        self.stage, self.stem, self.spec = stage, stem, spec
+
+    def state(self, *leaves: torch.Tensor) -> Any:
+        """The stage's output as the model has it: a tensor or a list of tensors."""
+        if self.stem is not None:
+            return self.stage(self.stem(leaves[0]))
+        assert self.spec is not None
+        return self.stage(tree_unflatten(list(leaves), self.spec))
+
+    def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(tree_flatten(self.state(*leaves))[0])
+
+
+class ExitGraph(nn.Module):
+    """An exit head reading the flat leaves of the stage state it follows; returns its logits ``N x C``."""
+
+    def __init__(self, head: nn.Module, spec: TreeSpec) -> None:
+        super().__init__()
+        self.head, self.spec = head, spec
+
+    def forward(self, *leaves: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(tree_unflatten(list(leaves), self.spec))
+        return logits
+
+
+def _require(*packages: str) -> None:
+    """One clear line when the optional ``deploy`` dependencies are missing."""
+    missing = []
+    for name in packages:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise DynsilaError(f"ONNX export needs {', '.join(missing)} (the deploy extra): {DEPLOY_EXTRA}")
+
+
+def refuse_gated(model: nn.Module) -> None:
+    """Gated networks (SkipNet) are not exported: say so in one line."""
+    if gated_body(model) is not None:
+        raise DynsilaError(
+            "ONNX export of gated networks (SkipNet) is not supported: their gates skip blocks per sample inside "
+            "one stage, which per-stage graphs cannot express; export an early-exit network (msdnet, timm_exits)"
+        )
+
+
+def export_graph(
+    module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, names: tuple[list[str], list[str]], exporter: str
+) -> str:
+    """Write ``module`` (called on ``example``) to ``path`` with a dynamic batch axis on every input and output;
+    returns how: "dynamo", "torchscript", or "torchscript (dynamo failed: ...)" under ``exporter="auto"``."""
+    input_names, output_names = names
+    module.eval()
+    if exporter in ("auto", "dynamo"):
+        batch = torch.export.Dim("batch", min=1)
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    module,
+                    example,
+                    str(path),
+                    dynamo=True,
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_shapes=(tuple({0: batch} for _ in example),),
+                    external_data=False,
+                    verbose=False,
+                )
+            return "dynamo"
+        except Exception as e:  # any exporter failure: fall back (auto) or report it (dynamo)
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if exporter == "dynamo":
+                raise DynsilaError(f"the dynamo exporter failed on {path.name}: {reason}; try --exporter auto") from e
+            log.warning("the dynamo exporter failed on %s (%s); using the TorchScript exporter", path.name, reason)
+            exporter = f"torchscript (dynamo failed: {reason})"
+    axes = {name: {0: "batch"} for name in input_names + output_names}
+    with _quiet():
+        torch.onnx.export(
+            module,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+        )
+    return exporter
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporters print progress and warn about deprecations and axis names: none of it is the user's concern."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _graph_entry(path: Path, exporter: str) -> dict[str, Any]:
+    """A written graph's manifest entry: its file, the inputs it really reads (the TorchScript exporter drops
+    unused ones), its opset, and which exporter wrote it."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    return {"file": path.name, "inputs": [i.name for i in graph.graph.input], "opset": opset, "exporter": exporter}
+
+
+# --- the export -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ThresholdFit:
+    """Thresholds for one budget, fitted on the validation split (``python -m dynsila.infer``'s rule)."""
+
+    thresholds: list[float]  # per exit, on the criterion's scale; the last is -inf (everyone left exits)
+    criterion: str
+    q: float | None  # the exit distribution share_k ~ q^k that was fitted, or None for a budget
+    budget: float | None  # average MACs per image asked for, or None for a q
+    val_images: int
+    val_exit_fractions: list[float]
+    val_avg_macs: float
+
+
+def export_onnx(
+    model: nn.Module,
+    out_dir: Path,
+    example: torch.Tensor,
+    costs: list[dict[str, int]],
+    fit: ThresholdFit,
+    *,
+    exporter: str = "auto",
+    force: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Export ``model``'s stages and exits to ``out_dir`` (written to a temporary folder beside it, then renamed
+    into place) and return the manifest. ``example``: a few normalised inputs ``N x C x H x W`` (N >= 2) to trace
+    and verify with; ``costs``: per exit ``{"macs", "macs_cumulative"}``; ``extra``: more manifest entries."""
+    bare = unwrap(model)
+    refuse_gated(bare)
+    if exporter not in EXPORTERS:
+        raise DynsilaError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    _require("onnx", "onnxruntime", *(["onnxscript"] if exporter != "torchscript" else []))
+    if example.shape[0] < 2:
+        raise DynsilaError("export needs at least 2 example images (batch 1 would fix the batch axis)")
+    if not len(costs) == len(fit.thresholds) == bare.num_exits:
+        raise DynsilaError(
+            f"{len(costs)} exit costs and {len(fit.thresholds)} thresholds for a model with {bare.num_exits} exits"
+        )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise DynsilaError(f"{out_dir} exists; pass --force to replace it or choose another --out")
+    folded = unwrap(fold_batchnorm(bare)).float().eval()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
+    try:
+        with torch.no_grad():
+            stages, exits = _export_graphs(folded, example.float(), staging, exporter)
+        manifest = _manifest(example, stages, exits, costs, fit, dict(extra or {}))
+        atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
+        manifest["verified_max_abs_logit_difference"] = _verify(folded, example, staging)
+        atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_graphs(
+    model: MultiExitNetwork, example: torch.Tensor, folder: Path, exporter: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every stage graph and exit graph of ``model`` into ``folder``; their manifest entries."""
+    leaves, names, spec = [example], [INPUT_NAME], None
+    stages: list[dict[str, Any]] = []
+    exits: list[dict[str, Any]] = [{} for _ in range(model.num_exits)]
+    for s, stage in enumerate(model.stages):
+        graph = StageGraph(stage, model.stem if s == 0 else None, spec)
+        out_leaves, spec = tree_flatten(graph.state(*leaves))
+        out_names = [f"state{s}_{j}" for j in range(len(out_leaves))]
+        path = folder / f"stage{s}.onnx"
+        how = export_graph(graph, tuple(leaves), path, (names, out_names), exporter)
+        stages.append(_graph_entry(path, how) | {"outputs": out_names})
+        leaves, names = out_leaves, out_names
+        for k in (k for k, after in enumerate(model.exit_after) if after == s):
+            path = folder / f"exit{k}.onnx"
+            how = export_graph(ExitGraph(model.exits[k], spec), tuple(leaves), path, (names, [f"logits{k}"]), exporter)
+            exits[k] = _graph_entry(path, how) | {"after_stage": s, "output": f"logits{k}"}
+    return stages, exits
+
+
+def _manifest(
+    example: torch.Tensor,
+    stages: list[dict[str, Any]],
+    exits: list[dict[str, Any]],
+    costs: list[dict[str, int]],
+    fit: ThresholdFit,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    for k, entry in enumerate(exits):
+        entry.update(exit=k + 1, threshold=fit.thresholds[k], **costs[k])
+    fitted = {k: v for k, v in fit.__dict__.items() if k not in ("thresholds", "criterion")}
+    image = {"name": INPUT_NAME, "shape": list(example.shape[1:]), "dtype": "float32", "layout": "NCHW"}
+    return {
+        "format": MANIFEST_FORMAT,
+        "input": image | extra.pop("input", {}),
+        "criterion": fit.criterion,
+        "thresholds_fitted_on_val": fitted,
+        "macs_units": "MACs (multiply-accumulates, conv+linear), batch 1, deploy model; cumulative = as evaluated",
+        "batchnorm": "folded into the convolutions (dynsila.fuse.fold_batchnorm)",
+        "torch": torch.__version__,
+        "stages": stages,
+        "exits": exits,
+        **extra,
+    }
+
+
+def _verify(model: MultiExitNetwork, example: torch.Tensor, folder: Path) -> float:
+    """Every exit's logits from the written graphs against PyTorch's on ``example``; the largest difference.
+    A wrong graph stops the export (nothing is published)."""
+    with torch.no_grad():
+        expected = torch.stack(model(example.float()), dim=1).numpy()
+    got = OnnxEarlyExitRunner(folder).all_exit_logits(example.numpy())
+    difference = float(np.abs(got - expected).max())
+    if not np.allclose(got, expected, rtol=VERIFY_TOLERANCE, atol=VERIFY_TOLERANCE):
+        raise DynsilaError(
+            f"the exported graphs disagree with PyTorch by up to {difference:.3g} on the example images; "
+            "try --exporter torchscript and report the model"
+        )
+    return difference
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Rename the finished folder into place; an older export there is renamed away first, then removed."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- from a run directory -------------------------------------------------------------------------------------
+
+
+def fit_run_thresholds(
+    model: nn.Module, splits: Splits, costs: list[float], criterion: str, q: float | None, budget: float | None
+) -> ThresholdFit:
+    """Thresholds fitted on the validation split as ``python -m dynsila.infer`` fits them: for the exit
+    distribution share_k ~ q^k, or for the largest average validation cost within ``budget`` MACs."""
+    if (q is None) == (budget is None):
+        raise DynsilaError("give exactly one of q and budget")
+    val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, "cpu")
+    conf = CONFIDENCE[criterion](val_logits)
+    if q is not None:
+        thresholds = fit_thresholds(conf, geometric_fractions([q], len(costs)))[0]
+    else:
+        assert budget is not None
+        thresholds, _ = thresholds_for_budget(val_logits, costs, budget, criterion)
+    exits = exit_indices(conf, thresholds[None])[0]
+    fractions = torch.bincount(exits, minlength=len(costs)).double() / len(exits)
+    return ThresholdFit(
+        thresholds=thresholds.tolist(),
+        criterion=criterion,
+        q=q,
+        budget=budget,
+        val_images=len(exits),
+        val_exit_fractions=fractions.tolist(),
+        val_avg_macs=float(fractions @ torch.as_tensor(costs, dtype=torch.float64)),
+    )
+
+
+def export_run(
+    run_dir: Path, out_dir: Path, criterion: str, q: float | None, budget: float | None, exporter: str, force: bool
+) -> dict[str, Any]:
+    """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
+    export. Returns the manifest."""
+    model, cfg = load_deploy_model(run_dir)
+    refuse_gated(model)
+    splits = build_splits(cfg.data)
+    measured = exit_costs(model, input_shape(cfg))
+    costs = [{"macs": c.macs, "macs_cumulative": c.macs_cumulative} for c in measured]
+    fit = fit_run_thresholds(model, splits, [c.macs_cumulative for c in measured], criterion, q, budget)
+    images, _ = next(iter(make_loader(splits.val, 8, shuffle=False)))
+    example = normalize(images, splits.mean, splits.std)
+    preprocess = {
+        "input": {
+            "preprocess": "x = (pixels * scale - mean) / std per channel, pixels uint8",
+            "scale": 1 / 255,
+            "mean": list(splits.mean),
+            "std": list(splits.std),
+        }
+    }
+    extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, **preprocess}
+    return export_onnx(model, out_dir, example, costs, fit, exporter=exporter, force=force, extra=extra)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynsila.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--format", choices=("onnx",), default="onnx")
+    parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/onnx)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--q", type=float, help="exit distribution share_k ~ q^k (default 1.0: equal shares)")
+    target.add_argument("--budget", type=float, help="average MACs per image to stay within (on validation)")
+    parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    q = 1.0 if args.q is None and args.budget is None else args.q
+    out_dir = args.out or args.run_dir / "onnx"
+    start = time.perf_counter()
+    try:
+        with log_lines_to(sys.stdout):
+            manifest = export_run(args.run_dir, out_dir, args.criterion, q, args.budget, args.exporter, args.force)
+    except DynsilaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(manifest, out_dir, time.perf_counter() - start))
+    return 0
+
+
+def format_summary(manifest: dict[str, Any], out_dir: Path, seconds: float) -> str:
+    """What the command prints: where the graphs went, how they were exported, the thresholds and costs."""
+    fitted = manifest["thresholds_fitted_on_val"]
+    target = f"q {fitted['q']}" if fitted["q"] is not None else f"budget {fitted['budget'] / 1e6:.2f}M MACs"
+    exporters = sorted({g["exporter"] for g in manifest["stages"] + manifest["exits"]})
+    lines = [
+        f"exported {len(manifest['stages'])} stage graphs and {len(manifest['exits'])} exit graphs to {out_dir} "
+        f"in {seconds:.1f} s (exporter: {'; '.join(exporters)})",
+        f"checked against PyTorch: max |logit difference| {manifest['verified_max_abs_logit_difference']:.2e}",
+        f"thresholds ({manifest['criterion']}, {target}) fitted on {fitted['val_images']} val images: "
+        f"{fitted['val_avg_macs'] / 1e6:.3f}M MACs on average",
+        "exit  after stage  threshold  val share  MACs (as evaluated)",
+    ]
+    for e, share in zip(manifest["exits"], fitted["val_exit_fractions"], strict=True):
+        t = "(rest)" if e["exit"] == len(manifest["exits"]) else f"{float(e['threshold']):.4f}"
+        lines.append(
+            f"{e['exit']:>4}  {e['after_stage']:>11}  {t:>9}  {share:>9.2f}  {e['macs_cumulative'] / 1e6:>8.2f}M"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

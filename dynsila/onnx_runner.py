@@ -1,0 +1,269 @@
+"""Early exit on ONNX Runtime: run a directory written by ``python -m dynsila.export`` with numpy only.
+
+``OnnxEarlyExitRunner(DIR)`` reads ``manifest.json`` and opens one ONNX Runtime session per stage graph and per
+exit graph. A batch goes through stage by stage; after each exit the samples whose confidence reaches that
+exit's threshold are finalised and dropped from the stage state (every state tensor is indexed), exactly as
+``dynsila.runner.EarlyExitRunner`` does in PyTorch. Neither the model code nor the checkpoint is needed: this
+module imports numpy and onnxruntime, nothing of torch. Confidences are computed in float64, as the PyTorch
+criteria (``dynsila.evaluate.CONFIDENCE``) are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # inside the dynsila package (which imports torch); a copy of this file alone raises ValueError
+    from dynsila.errors import DynsilaError as _DeployError
+except ImportError:  # pragma: no cover - exercised by the torch-free test in a subprocess
+    _DeployError = ValueError  # type: ignore[misc,assignment]
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dynsila-onnx-1"
+DEPLOY_EXTRA = 'pip install -e ".[deploy]"'
+
+Array = np.ndarray
+
+
+# --- confidence criteria: logits N x C (any float) -> confidence N (float64), higher = more confident ---------
+
+
+def _softmax(logits: Array) -> Array:
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def max_prob(logits: Array) -> Array:
+    return _softmax(logits).max(axis=-1)
+
+
+def negative_entropy(logits: Array) -> Array:
+    z = np.asarray(logits, dtype=np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return (np.exp(log_p) * log_p).sum(axis=-1)
+
+
+def margin(logits: Array) -> Array:
+    p = _softmax(logits)
+    if p.shape[-1] < 2:
+        return p[..., 0]
+    top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[..., -2:]  # the two largest, in ascending order
+    return top2[..., 1] - top2[..., 0]
+
+
+NUMPY_CONFIDENCE: dict[str, Callable[[Array], Array]] = {
+    "max_prob": max_prob,
+    "entropy": negative_entropy,
+    "margin": margin,
+}
+
+
+# --- the runner ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OnnxEarlyExitResult:
+    predictions: Array  # N, int64 class index
+    exit_index: Array  # N, int64 0-based exit each sample left at
+    macs: Array  # N, float64 multiply-accumulates spent on each sample (as evaluated: earlier exits included)
+    confidence: Array  # N, float64 the criterion's value at the exit taken
+    logits: Array  # N x C, float32 logits of the exit taken
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise _DeployError(f"running ONNX exports needs onnxruntime: {DEPLOY_EXTRA}") from None
+    return onnxruntime
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise _DeployError(f"{directory} holds no {MANIFEST}; export a run first: python -m dynsila.export RUN_DIR")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise _DeployError(f"{path} is not a {MANIFEST_FORMAT} manifest; re-export with python -m dynsila.export")
+    return manifest
+
+
+class _Graph:
+    """One ONNX Runtime session and the tensor names it reads and writes."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = [i.name for i in session.get_inputs()]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def __call__(self, state: dict[str, Array]) -> dict[str, Array]:
+        results = self.session.run(self.outputs, {name: state[name] for name in self.inputs})
+        return dict(zip(self.outputs, results, strict=True))
+
+
+class OnnxEarlyExitRunner:
+    """Stage-by-stage inference on ONNX Runtime (CPU) with batch compaction.
+
+    directory: what ``python -m dynsila.export`` wrote (``manifest.json`` and the ``.onnx`` graphs).
+    thresholds: one per exit on the criterion's scale (default: the manifest's, fitted on the run's validation
+    split; the last is ignored, every remaining sample exits there). criterion: default the manifest's; another
+    one needs its own thresholds. threads: ONNX Runtime intra-op threads (None: its default).
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        thresholds: Sequence[float] | None = None,
+        criterion: str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        ort = _import_onnxruntime()
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        criterion = criterion or self.manifest["criterion"]
+        if criterion not in NUMPY_CONFIDENCE:
+            raise _DeployError(f"unknown criterion {criterion!r}; choose one of {sorted(NUMPY_CONFIDENCE)}")
+        if criterion != self.manifest["criterion"] and thresholds is None:
+            raise _DeployError(f"the manifest's thresholds are for {self.manifest['criterion']}; pass thresholds")
+        exits = self.manifest["exits"]
+        # float(): the manifest writes infinities as "inf" / "-inf" (strict JSON has none)
+        chosen = [float(e["threshold"]) for e in exits] if thresholds is None else [float(t) for t in thresholds]
+        if len(chosen) != len(exits):
+            raise _DeployError(f"{len(chosen)} thresholds for an export with {len(exits)} exits")
+        self.thresholds = np.asarray(chosen, dtype=np.float64)
+        self.confidence = NUMPY_CONFIDENCE[criterion]
+        self.costs = np.asarray([e["macs_cumulative"] for e in exits], dtype=np.float64)
+        self.exit_after = [int(e["after_stage"]) for e in exits]
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+
+        def open_graph(entry: dict[str, Any]) -> _Graph:
+            path = str(self.directory / entry["file"])
+            return _Graph(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+
+        self.stages = [open_graph(s) for s in self.manifest["stages"]]
+        self.exits = [open_graph(e) for e in exits]
+        self.input_name = self.manifest["input"]["name"]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    def __call__(self, x: Array) -> OnnxEarlyExitResult:
+        """One batch ``N x C x H x W`` (normalised as the manifest's ``input`` says): after each exit the samples
+        that leave are dropped and the rest go on. Lowest latency; later stages run on ever smaller batches."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        finished = _Finished()
+        group: _Group | None = _Group({self.input_name: x}, np.arange(x.shape[0]))
+        for stage_index in range(len(self.stages)):
+            if group is None:
+                break
+            group = self._advance(stage_index, group, finished)
+        return finished.result(x.shape[0], self.costs)
+
+    def run_stream(self, batches: Iterable[Array], group_size: int | None = None) -> OnnxEarlyExitResult:
+        """Many batches: the samples that go on past an exit wait until ``group_size`` of them (default: the
+        first batch's size) are ready for the next stage, so every stage runs on full-size groups. Same
+        decisions as ``__call__``; results in input order."""
+        pending: list[list[_Group]] = [[] for _ in self.stages]  # groups waiting to enter each stage
+        finished = _Finished()
+        seen = 0
+        for x in batches:
+            group_size = group_size or x.shape[0]
+            state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+            pending[0].append(_Group(state, np.arange(seen, seen + x.shape[0])))
+            seen += x.shape[0]
+            self._drain(pending, finished, group_size)
+        self._drain(pending, finished, 1)
+        return finished.result(seen, self.costs)
+
+    def all_exit_logits(self, x: Array) -> Array:
+        """Every exit's logits for every sample, ``N x K x C`` (no early exit: the anytime outputs)."""
+        state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        logits: list[Array] = []
+        for stage_index, stage in enumerate(self.stages):
+            state = stage(state)
+            for k in (k for k, after in enumerate(self.exit_after) if after == stage_index):
+                logits.append(self._exit_logits(k, state))
+        return np.stack(logits, axis=1)
+
+    def _exit_logits(self, k: int, state: dict[str, Array]) -> Array:
+        (logits,) = self.exits[k](state).values()
+        return logits
+
+    def _drain(self, pending: list[list[_Group]], finished: _Finished, group_size: int) -> None:
+        for stage_index, waiting in enumerate(pending):
+            if not waiting or sum(len(g) for g in waiting) < group_size:
+                continue
+            group = _Group.concatenate(waiting)
+            waiting.clear()
+            survivors = self._advance(stage_index, group, finished)
+            if survivors is not None:
+                pending[stage_index + 1].append(survivors)
+
+    def _advance(self, stage_index: int, group: _Group, finished: _Finished) -> _Group | None:
+        """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None)."""
+        state = self.stages[stage_index](group.state)
+        positions = group.positions
+        for k in (k for k, after in enumerate(self.exit_after) if after == stage_index):
+            logits = self._exit_logits(k, state)
+            conf = self.confidence(logits)
+            last = k == self.num_exits - 1
+            leaving = np.ones(len(conf), dtype=bool) if last else conf >= self.thresholds[k]
+            finished.add(positions[leaving], logits[leaving], k, conf[leaving])
+            if leaving.all():
+                return None
+            if leaving.any():
+                staying = ~leaving
+                positions = positions[staying]
+                state = {name: t[staying] for name, t in state.items()}
+        return _Group(state, positions)
+
+
+@dataclass
+class _Group:
+    """Samples travelling together: their stage state (tensor name -> array) and input positions."""
+
+    state: dict[str, Array]
+    positions: Array
+
+    def __len__(self) -> int:
+        return int(self.positions.shape[0])
+
+    @staticmethod
+    def concatenate(groups: list[_Group]) -> _Group:
+        if len(groups) == 1:
+            return groups[0]
+        state = {name: np.concatenate([g.state[name] for g in groups]) for name in groups[0].state}
+        return _Group(state, np.concatenate([g.positions for g in groups]))
+
+
+class _Finished:
+    """Decisions collected as samples leave, assembled in input order at the end."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[Array, Array, int, Array]] = []
+
+    def add(self, positions: Array, logits: Array, exit_k: int, confidence: Array) -> None:
+        if positions.size:
+            self.chunks.append((positions, logits, exit_k, confidence))
+
+    def result(self, n: int, costs: Array) -> OnnxEarlyExitResult:
+        num_classes = self.chunks[0][1].shape[1] if self.chunks else 0
+        logits = np.empty((n, num_classes), dtype=np.float32)
+        exit_index = np.empty(n, dtype=np.int64)
+        confidence = np.empty(n, dtype=np.float64)
+        for positions, chunk_logits, k, conf in self.chunks:
+            logits[positions] = chunk_logits
+            exit_index[positions] = k
+            confidence[positions] = conf
+        return OnnxEarlyExitResult(logits.argmax(axis=1), exit_index, costs[exit_index], confidence, logits)

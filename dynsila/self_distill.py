@@ -1,0 +1,29 @@
+"""Self-distillation in a multi-exit network: the last exit teaches the earlier ones.
+
+As in Li et al., "Improved Techniques for Training Adaptive Deep Networks" (ICCV 2019) and Zhang et al., "Be Your
+Own Teacher" (ICCV 2019). For a network with exits 0..K, each exit k < K adds
+
+    w_k * T^2 * KL(p_K || p_k),    p = softmax(z / T), p_K detached,
+
+so the teacher exit (and everything that only it depends on) gets no gradient from this term; the earlier exits,
+and the shared trunk through them, do. T^2 keeps the gradient scale independent of T (Hinton et al., 2015).
+``losses.loss_terms`` multiplies the sum by ``loss.self_distill`` and names it ``self_distill``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def self_distillation_loss(logits: list[torch.Tensor], exit_weights: list[float], temperature: float) -> torch.Tensor:
+    """sum_{k<K} w_k T^2 KL(softmax(z_K/T) || softmax(z_k/T)), teacher detached. ``logits[k]``: N x C of exit k.
+
+    A network with one exit has no student: the result is then 0 (a 0-d tensor on the logits' device)."""
+    *students, teacher = logits
+    target = F.log_softmax(teacher.detach() / temperature, dim=1)
+    total = teacher.new_zeros(())
+    for w, z in zip(exit_weights, students, strict=False):  # exit_weights also holds w_K, which is not used
+        kl = F.kl_div(F.log_softmax(z / temperature, dim=1), target, reduction="batchmean", log_target=True)
+        total = total + w * kl * temperature * temperature
+    return total

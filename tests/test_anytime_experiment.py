@@ -1,0 +1,121 @@
+"""benchmarks/anytime.py: paired statistics, the design check, and a resumable grid that reports from run files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import anytime
+from benchmarks.anytime_report import summarise
+from benchmarks.paired_stats import minimum_detectable_effect, paired
+
+
+def fake_run(method: str, seed: int, test: list[float], clean: float = 99.0) -> dict:
+    macs = [1e6, 2e6, 3e6]
+    return {
+        "method": method,
+        "seed": seed,
+        "tier": anytime.METHODS[method].tier,
+        "train_seconds": 60.0,
+        "last_epoch": {"twin_gap_e1": 0.5} if method.startswith("sila") else {},
+        "peers": [
+            {
+                "exit_macs": macs,
+                "params_cumulative": [10, 20, 30],
+                "test_top1": test,
+                "val_top1": test,
+                "train_top1_clean": [clean] * 3,
+                "budgeted": [{"q": q, "avg_macs": 1e6 + q * 1e6, "test_top1": test[0] + q} for q in (0.0, 1.0, 2.0)],
+            }
+        ],
+    }
+
+
+def grid_runs(shift: dict[str, float], seeds: int = 5, noise: float = 0.3) -> list[dict]:
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in range(seeds):
+        base = 60 + 3 * rng.standard_normal()  # seeds differ a lot; paired differences do not
+        for method, delta in shift.items():
+            level = base + delta + noise * rng.standard_normal()
+            runs.append(fake_run(method, seed, [level - 4, level - 2, level]))
+    return runs
+
+
+def test_paired_difference_matches_a_hand_computation() -> None:
+    d = paired({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.0})  # differences 2, 3, 2
+    assert d["mean"] == pytest.approx(7 / 3)
+    std = np.std([2, 3, 2], ddof=1)
+    assert d["ci95"] == pytest.approx(4.302653 * std / math.sqrt(3), rel=1e-5)  # t(0.975, 2) = 4.3027
+    assert d["mde"] == pytest.approx((4.302653 + 1.060660) * std / math.sqrt(3), rel=1e-5)  # t(0.80, 2) = 1.0607
+    assert minimum_detectable_effect(1.0, 1) != minimum_detectable_effect(1.0, 1)  # one pair: nan
+
+
+def test_pairs_only_seeds_both_sides_have() -> None:
+    assert paired({0: 1.0, 1: 2.0, 7: 9.0}, {0: 0.0, 1: 0.0})["n"] == 2
+
+
+def test_a_real_effect_is_seen_and_a_null_is_not() -> None:
+    runs = grid_runs({"baseline": 0.0, "baseline_x2": 0.0, "sila_features": 0.0, "self_distill": 2.0})
+    summary = summarise(runs, anytime.METHODS)
+    found = {(c["method"], c["reference"]): c["area"] for c in summary["comparisons"]}
+    control = found[("self_distill", "baseline")]
+    assert control["mean"] == pytest.approx(2.0, abs=0.5)
+    assert abs(control["mean"]) > control["ci95"]
+    assert summary["design"]["positive_control_seen"]
+    null = found[("sila_features", "baseline")]
+    assert abs(null["mean"]) < 0.6
+    assert ("sila_features", "baseline_x2") in found  # each SiLa reading also against the loss-scale control
+    baseline_test = [r["peers"][0]["test_top1"] for r in runs if r["method"] == "baseline"]
+    assert summary["design"]["baseline_gap"] == pytest.approx(99.0 - np.mean(baseline_test))
+
+
+def test_without_a_visible_positive_control_the_report_says_inconclusive() -> None:
+    runs = grid_runs({"baseline": 0.0, "self_distill": 0.0}, noise=2.0)
+    payload = {
+        "command": "x",
+        "preset": "cpu",
+        "config": "c.yaml",
+        "planned_runs": 10,
+        "finished_runs": len(runs),
+        "methods": {n: {"tier": m.tier, "about": m.about, "overrides": list(m.overrides)} for n, m in
+                    anytime.METHODS.items()},
+        "summary": summarise(runs, anytime.METHODS),
+    }  # fmt: skip
+    text = anytime.markdown(payload)
+    assert "not sensitive enough" in text
+    assert "**not seen**" in text
+
+
+def test_plan_is_seed_major_and_half_width_methods_get_half_width_overrides() -> None:
+    preset = anytime.PRESETS["cpu"]
+    specs = anytime.plan(preset, list(anytime.METHODS))
+    tier1 = [m for m, info in anytime.METHODS.items() if info.tier == 1]
+    assert [s.method for s in specs[: len(tier1)]] == tier1 and {s.seed for s in specs[: len(tier1)]} == {0}
+    assert sum(s.method == "baseline" for s in specs) == 5 and sum(s.method == "dml" for s in specs) == 3
+    half = anytime.run_overrides(preset, anytime.RunSpec("half_sila", 1))
+    full = anytime.run_overrides(preset, anytime.RunSpec("sila_joint_only", 1))
+    assert set(preset.half_width) <= set(half) and not set(preset.half_width) & set(full)
+
+
+def test_grid_trains_what_is_missing_then_reports_from_files_alone(tmp_path: Path, tiny_config, monkeypatch) -> None:
+    config = tiny_config("grid", train={"epochs": 1, "log_every": 100})
+    tiny = anytime.Preset("tiny", str(config), str(config), (), (), seeds={1: 1, 2: 0}, jobs=2, threads=1)
+    monkeypatch.setitem(anytime.PRESETS, "tiny", tiny)
+    args = ["--preset", "tiny", "--methods", "baseline", "sila_features", "--results-dir", str(tmp_path / "res"),
+            "--runs-root", str(tmp_path / "runs")]  # fmt: skip
+    assert anytime.main(args) == 0
+    files = sorted((tmp_path / "res" / "anytime_tiny" / "runs").glob("*.json"))
+    assert [f.name for f in files] == ["baseline_seed0.json", "sila_features_seed0.json"]
+    record = json.loads(files[0].read_text())
+    assert len(record["peers"][0]["train_top1_clean"]) == len(record["peers"][0]["test_top1"])
+    first = json.loads((tmp_path / "res" / "anytime_tiny.json").read_text())["summary"]
+    # the checkpoints are gone (as on another machine): the report comes back from the run files alone
+    for path in sorted((tmp_path / "runs").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    assert anytime.main([*args, "--report-only"]) == 0
+    assert json.loads((tmp_path / "res" / "anytime_tiny.json").read_text())["summary"] == first
