@@ -197,7 +197,12 @@ def design_lines(design: dict[str, Any]) -> list[str]:
     ]
     if control is not None:
         lines.append(f"- Positive control (self-distillation vs baseline): {diff_cell(control)} — {seen}.")
-    if not design["positive_control_seen"]:
+    if control is None or control["n"] < 2:
+        lines.append(
+            "- **Incomplete**: the positive control has fewer than two seeds paired with the baseline, so the "
+            "experiment's sensitivity is unknown and nothing below is evidence either way."
+        )
+    elif not design["positive_control_seen"]:
         lines.append(
             "- The positive control does not beat the baseline beyond noise, so this experiment is **not sensitive "
             "enough** to call any method's null result negative: read non-significant rows as inconclusive."

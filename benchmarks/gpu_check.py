@@ -1,22 +1,24 @@
 """The device check: dynsila's training, evaluation and early-exit speed on one GPU, in one command.
 
-    python benchmarks/gpu_check.py [--device cuda] [--budget-s 300] [--parts train64,sila,...] [--smoke]
+    python benchmarks/gpu_check.py [--device cuda] [--budget-s 420] [--parts train64,runner,...] [--smoke]
 
-Measured in one process, every timing CUDA-synchronised (``benchmarks/toolkit.py``) and after warm-up
-(compilation included in the warm-up and reported apart), on random weights and synthetic data (speed does not
-depend on either), in this order (``--parts`` picks some):
+Measured in one process, every timing CUDA-synchronised (``benchmarks/toolkit.py``) and after warm-up (the first
+epoch or pass, compilation included, is reported apart), on random weights and synthetic data (speed depends on
+neither), in this order (``--parts`` picks some):
 
-- ``train64`` / ``train256``: MSDNet CIFAR-100 b7 (``configs/cifar100/msdnet_baseline.yaml``) training img/s at
-  batch 64 (the paper's) and 256: a plain eager loop (CPU DataLoader with CPU augmentation, ``loss.item()`` every
-  step, fp32, NCHW) against dynsila's own training loop with every performance option this checkout has (data on
-  the device, channels-last, bf16 autocast, torch.compile); see ``benchmarks/gpu_training.py``.
-- ``sila``: SiLa's step-time overhead, baseline and SiLa epochs alternated, both on the optimised path.
+- ``train64``: MSDNet CIFAR-100 b7 (``configs/cifar100/msdnet_baseline.yaml``) training img/s at batch 64 (the
+  paper's): a plain eager loop (CPU DataLoader with CPU augmentation, ``loss.item()`` every step, fp32, NCHW)
+  against dynsila's own training loop with every performance option this checkout has (no per-step host sync,
+  data on the device, channels-last, bf16 autocast, torch.compile); see ``benchmarks/gpu_training.py``.
 - ``runner``: ``EarlyExitRunner`` wall time against MACs at exit mixes spending 25 / 50 / 75 % of the full
   network's MACs, batch 256 (``benchmarks/early_exit_speed.py``'s ``Bench`` and ``mix_rows``).
+- ``sila``: SiLa's training step-time overhead, baseline and SiLa epochs alternated, both on the optimised path.
 - ``skipnet``: SkipNet-110 (recurrent gates) evaluation with half the gate decisions skipping against every block
   executed (``benchmarks/skip_speed.py``'s threshold bisection), batch 256.
-- ``eval``: MSDNet evaluation img/s, batch 256: eager fp32 NCHW, channels-last, bf16, batch-norm folded, compiled.
-- ``ablation``: the training rows in between at batch 64 (each dynsila option's contribution).
+- ``ablation``: dynsila's options switched on one after another at batch 64 (each one's contribution).
+- ``eval``: MSDNet evaluation img/s, batch 256: eager fp32 NCHW, channels-last, bf16, batch-norm folded, compiled
+  (and compiled with CUDA graphs).
+- ``train256``: the two ends of ``train64`` at batch 256.
 
 Targets (issue 15, on one H100, ratios in one process): optimised training >= 2x the plain loop's img/s at batch
 64; SiLa step-time overhead <= 5 %; runner at the 50 % mix, batch 256: wall ratio <= 1.3 x the MACs ratio.
@@ -25,20 +27,24 @@ Parts run in that priority order under a time budget (``--budget-s``): a part th
 skipped with the reason, and the results are rewritten after every part, so a timeout still leaves what was done;
 a second run with ``--parts`` and another ``--out`` fills in what was skipped. MACs are counted with fvcore
 (``dynsila.flops``) when it is installed, else with ``torch.utils.flop_counter`` (the output says which); the
-parts that need ``dynsila.train``, ``early_exit_speed`` or ``skip_speed`` (all import fvcore) are skipped, naming
-the reason, without it. Writes ``benchmarks/results/gpu.{json,md}`` (``--out``, ``--results-dir``); ``--smoke``:
-tiny models on the CPU in seconds, no compilation (CI), written under ``--results-dir`` only.
+parts that need ``dynsila.train``, ``early_exit_speed`` or ``skip_speed`` (all three import fvcore) are skipped
+without it, naming the reason. Writes ``benchmarks/results/gpu.{json,md}`` (``--out``, ``--results-dir``);
+``--smoke``: tiny models on the CPU in seconds, no compilation (CI), written under ``--results-dir`` only.
 
-On the GPU machine (``/work/shared/device/README.md``: 15 minutes of device time, starts included). Once, here,
-from the repository root:
+On the GPU machine (``/work/shared/device/README.md``: 15 minutes of device time, starts included; its
+``python3`` lacks fvcore, and the ``dynsila/models`` symlink may not survive the copy). Once, here, from the
+repository root:
 
     mkdir -p .gpu && cp ../shared/device/wheels/*.whl .gpu/ && echo /.gpu/ >> .git/info/exclude
 
-then the device command, with carry [".gpu"] and timeout_s 360 (a rerun still fits in the 15 minutes):
+then this device command (the run tool's ``command``), with carry [".gpu"] and timeout_s 360, so that a rerun
+still fits in the 15 minutes; copy the two files it brings back into ``benchmarks/results/``:
 
     [ -e dynsila/models ] || ln -sfn ../models dynsila/models
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl && export PYTHONPATH=/tmp/site:$PWD
-    timeout 345 python3 benchmarks/gpu_check.py; cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+    timeout 345 python3 benchmarks/gpu_check.py --budget-s 300
+    cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -74,16 +80,18 @@ from benchmarks.toolkit import (
 from dynsila import models
 from dynsila.config import load_config
 from dynsila.fuse import fold_batchnorm
+from dynsila.models import MultiExitNetwork
 
 TARGET_TRAIN_SPEEDUP = 2.0  # dynsila's optimised training img/s / the plain eager loop's, batch 64: at least this
 MAX_SILA_STEP_OVERHEAD = 0.05  # SiLa training step time / baseline step time, optimised path: at most 1 + this
 MAX_WALL_PER_MACS_MIX50 = 1.3  # runner, 50 % mix, batch 256: wall-time ratio at most this x the MACs ratio
-DEFAULT_BUDGET_S = 300.0  # with imports and start-up, the device command ends within its 345 s timeout
+DEFAULT_BUDGET_S = 420.0  # seconds: the check ends within 8 minutes (the device command passes less)
 COMPILE_GUESS_S = 120.0  # what a compiled training run's first epoch is assumed to take until one is measured
 FVCORE_PACKAGES = {"fvcore", "iopath", "yacs", "termcolor"}  # fvcore and what it needs, missing on the device
-NO_REGROUPING = "rows_single_batch_compaction"  # early_exit_speed's name for each batch compacted on its own
+SMOKE_NOTE = "Smoke run: tiny models on the CPU, a few steps; the numbers mean nothing. "
 CUDA_SETTINGS = ("cuda", "cudnn", "cudnn_benchmark", "tf32_convolutions", "tf32_matmul")  # in the environment
-PARTS = ("train64", "sila", "runner", "skipnet", "eval", "ablation", "train256")  # priority order
+# Priority order: the three targets first (the runner's is cheap), then the cheap parts, then those that compile.
+PARTS = ("train64", "runner", "sila", "skipnet", "ablation", "eval", "train256")
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class Check:
         self.start = time.perf_counter()
         self.compile_seconds = COMPILE_GUESS_S
         self.kept: dict[str, training.Epochs] = {}  # runs a later part reuses (the optimised batch-64 run)
+        self.optimised_options: tuple[str, ...] | None = None  # what that run was built with
         self.setup = training.Setup(
             data=training.write_synthetic_cifar(workdir / "synthetic.npz", plan.images_per_epoch),
             device=device.type,
@@ -145,6 +154,7 @@ class Check:
             "environment": environment(device) | device_settings(device),
             "plan": asdict(plan),
             "budget_seconds": args.budget_s,
+            "smoke": args.smoke,
             "complete": False,
             "parts": {},
         }
@@ -191,7 +201,7 @@ def needs_fvcore(e: ImportError) -> bool:
 # --- costs --------------------------------------------------------------------------------------------------
 
 
-def exit_macs(model: torch.nn.Module) -> tuple[list[int], str]:
+def exit_macs(model: MultiExitNetwork) -> tuple[list[int], str]:
     """Per-exit MACs as evaluated (classifiers 1..k included), conv+linear, batch 1, and the counter used:
     fvcore through ``dynsila.flops`` when installed, else ``torch.utils.flop_counter`` (2 FLOPs per MAC; it
     counts exactly the convolutions and matrix products that run, which is dynsila's conv+linear convention)."""
@@ -204,23 +214,24 @@ def exit_macs(model: torch.nn.Module) -> tuple[list[int], str]:
     return [c.macs_cumulative for c in exit_costs(model, (3, 32, 32))], "fvcore (dynsila.flops.exit_costs)"
 
 
-def flop_counter_exit_macs(model: torch.nn.Module) -> list[int]:
+def flop_counter_exit_macs(model: MultiExitNetwork) -> list[int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     x, macs = torch.zeros(1, 3, 32, 32), []
     with torch.no_grad():
-        for k in range(model.num_exits):  # type: ignore[operator]  # a MultiExitNetwork
+        for k in range(model.num_exits):
             with FlopCounterMode(display=False) as counter:
                 model(x, upto=k)
             macs.append(counter.get_total_flops() // 2)
     return macs
 
 
-def msdnet(check: Check) -> torch.nn.Module:
+def msdnet(check: Check) -> MultiExitNetwork:
     """MSDNet CIFAR-100 b7 (the smoke model with ``--smoke``), random weights, on the CPU."""
     torch.manual_seed(0)
     kwargs = load_config(training.PRESETS[False]).model_kwargs()
-    return models.build("msdnet", num_classes=100, **(kwargs | (training.SMOKE_MODEL if check.args.smoke else {})))
+    kwargs |= training.SMOKE_MODEL if check.args.smoke else {}
+    return cast(MultiExitNetwork, models.build("msdnet", num_classes=100, **kwargs))
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -256,7 +267,10 @@ def training_row(
     return row, epochs
 
 
-def dynsila_row(check: Check, name: str, batch: int, options: Sequence[str]) -> tuple[dict[str, Any], Any]:
+def dynsila_row(
+    check: Check, name: str, batch: int, options: Sequence[str]
+) -> tuple[dict[str, Any], training.Epochs | None]:
+    """A dynsila training row with ``options``; a compiled one records its first epoch as the compile time."""
     compiled = "train.compile=true" in options
     if compiled:
         torch._dynamo.reset()  # each compiled run starts clean: no dynamic-shape recompilation across batch sizes
@@ -278,7 +292,8 @@ def train_ends(check: Check, batch: int) -> dict[str, Any]:
         options = tuple(o for o in options if o != "train.compile=true")
         optimised, epochs = dynsila_row(check, "dynsila optimised without compile", batch, options)
     if epochs is not None and batch == check.plan.batches[0]:
-        check.kept["optimised"] = epochs  # the SiLa part's baseline
+        check.kept["optimised"] = epochs  # the SiLa part's baseline, with the options that worked
+        check.optimised_options = options
     ratio = (
         None
         if "error" in plain or "error" in optimised
@@ -291,7 +306,7 @@ def part_sila(check: Check) -> dict[str, Any]:
     """SiLa's training step time against the baseline's, both on the optimised path at the first batch size,
     epochs alternated in one process so the machine's drift cancels in each ratio."""
     batch, device = check.plan.batches[0], check.device
-    options, _ = optimised_options(check)
+    options = check.optimised_options or optimised_options(check)[0]
     base = check.kept.pop("optimised", None)
     if base is None:  # train64 was not run (or failed): build the baseline here
         base = training.dynsila_epochs(training.training_config(check.setup, batch, options))
@@ -315,7 +330,7 @@ def part_sila(check: Check) -> dict[str, Any]:
 def part_ablation(check: Check) -> dict[str, Any]:
     """dynsila's options switched on one after another at the first batch size, up to (not including) compile,
     whose row is train64's optimised one: each option's contribution."""
-    batch, options, rows = check.plan.batches[0], [], []
+    batch, options, rows = check.plan.batches[0], list[str](), list[dict[str, Any]]()
     for label, row in training.STACK:
         if "train.compile=true" in row:
             break
@@ -333,7 +348,9 @@ def part_ablation(check: Check) -> dict[str, Any]:
 # --- evaluation ---------------------------------------------------------------------------------------------
 
 
-def eval_row(check: Check, name: str, net: torch.nn.Module, batches: list[torch.Tensor], bf16: bool) -> dict[str, Any]:
+def eval_row(
+    check: Check, name: str, net: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], bf16: bool
+) -> dict[str, Any]:
     """Images/s of ``net``'s forward over every exit, without gradients, over ``batches`` (already in the
     layout the form uses); the first pass (compilation) reported apart."""
     device = check.device
@@ -388,20 +405,20 @@ def part_runner(check: Check) -> dict[str, Any]:
     """EarlyExitRunner against the full network at the 25 / 50 / 75 % MACs mixes (early_exit_speed's
     measurement: thresholds fitted on calibration inputs, ``run_stream`` timed against the full network in the
     runner's own inference form, back-to-back pairs), plus the truncated forwards' time shares."""
-    from benchmarks.early_exit_speed import Bench, Sizes, mix_rows, truncated_time_share  # imports fvcore
+    from benchmarks.early_exit_speed import Bench, Sizes, mix_rows, per_exit_time_shares  # imports fvcore
 
     plan = check.plan
     sizes = Sizes(plan.runner_batched, plan.runner_single, plan.runner_calibration, plan.repeats)
     bench = Bench(msdnet(check).eval(), check.device, sizes)
-    rows, per_batch, full = mix_rows(bench)
+    rows, full = mix_rows(bench)
     return {
         "batch": plan.runner_batched[0],
         "cost_counter": "fvcore (dynsila.flops.exit_costs, in early_exit_speed.Bench)",
-        "exit_macs_cumulative": bench.costs,
+        "exit_macs_cumulative": bench.paper,
+        "exit_macs_lazy": bench.lazy,
         "rows": rows,
-        NO_REGROUPING: per_batch,
         "full_network_seconds": full,
-        "truncated_forward_time_share": truncated_time_share(bench),
+        "per_exit_time_share": per_exit_time_shares(bench, plan.runner_batched[0]),
     }
 
 
@@ -413,10 +430,12 @@ def part_skipnet(check: Check) -> dict[str, Any]:
 
     plan, device = check.plan, check.device
     torch.manual_seed(0)
-    model = models.build("skipnet", num_classes=10, depth=plan.skip_depth, gate="rnn").eval()
+    model = cast(MultiExitNetwork, models.build("skipnet", num_classes=10, depth=plan.skip_depth, gate="rnn"))
+    model.eval()
     costs = gated_costs(model, (3, 32, 32))  # on the CPU, before the model moves
     model.to(device)
     body = model.gated_body()
+    assert body is not None  # SkipNet is gated
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(plan.skip_batch, 3, 32, 32, generator=g).to(device) for _ in range(plan.skip_batches)]
     threshold = threshold_for_skipping(model, batches, SKIP_SHARE, plan.bisection_steps)
@@ -535,8 +554,7 @@ def training_lines(result: dict[str, Any]) -> list[str]:
         "",
         f"Synthetic CIFAR-shaped data ({plan['images_per_epoch']} images an epoch; every epoch starts its loader), "
         f"SGD lr {training.LEARNING_RATE}, momentum 0.9; img/s over {plan['timed_epochs']} epoch(s) after the "
-        "first, whose seconds (compilation, autotuning) are the last column but one. Options of the optimised row: "
-        "see the JSON (`options`).",
+        "first, whose seconds (compilation, autotuning) are the last column but one.",
         "",
     ]
     for key in ("train64", "train256"):
@@ -548,7 +566,8 @@ def training_lines(result: dict[str, Any]) -> list[str]:
         ablation = parts.get("ablation", {}).get("rows", []) if key == "train64" else []
         lines += ["| row | img/s | epoch (s) | first epoch (s) | x plain |", "| --- | --- | --- | --- | --- |"]
         lines += [row_cells(r, plain) for r in (part["rows"][:1] + ablation + part["rows"][1:])]
-        lines += ["", *(f"- left out: {why}" for why in part["left_out"]), ""]
+        lines += ["", f"- optimised row: {', '.join(part['rows'][-1].get('options', [])) or 'no options'}"]
+        lines += [*(f"- left out: {why}" for why in part["left_out"]), ""]
     sila = parts.get("sila")
     lines += ["## SiLa step-time overhead", "", *part_status(sila)]
     if sila and "step_time_ratio" in sila:
@@ -591,20 +610,21 @@ def runner_lines(result: dict[str, Any]) -> list[str]:
             "against the full network in the runner's own inference form (batch-norm folded, channels-last), "
             "back-to-back pairs. MACs counted with fvcore.",
             "",
-            "| batch | target share | MACs ratio | wall ratio | wall / MACs | wall ratio, no regrouping | exits |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| batch | target share | MACs ratio (paper) | lazy MACs ratio | wall ratio | wall / MACs | "
+            "wall ratio, no regrouping | exits |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-        per_batch = {(r["batch_size"], r["target_fraction"]): r["wall_ratio"] for r in part[NO_REGROUPING]}
         for r in part["rows"]:
-            single = per_batch.get((r["batch_size"], r["target_fraction"]))
+            single = r.get("per_batch_wall_ratio")
             lines.append(
-                f"| {r['batch_size']} | {r['target_fraction']:.2f} | {r['macs_ratio']:.3f} | {r['wall_ratio']:.3f} | "
+                f"| {r['batch_size']} | {r['target_fraction']:.2f} | {r['macs_ratio']:.3f} | "
+                f"{r.get('lazy_macs_ratio', float('nan')):.3f} | {r['wall_ratio']:.3f} | "
                 f"{r['wall_ratio'] / r['macs_ratio']:.2f} | {'-' if single is None else f'{single:.3f}'} | "
                 f"{r['exit_histogram']} |"
             )
-        shares = part["truncated_forward_time_share"]
-        lines += ["", "Time share of a truncated forward `model(x, upto=k)` (no runner) per exit:", ""]
-        lines += [f"- batch {b}: {', '.join(f'{s:.3f}' for s in v)}" for b, v in shares.items()]
+        shares = part["per_exit_time_share"]
+        lines += ["", "Time share of the full network to reach exit k and leave there, per exit:", ""]
+        lines += [f"- {kind}: {', '.join(f'{v:.3f}' for v in values)}" for kind, values in shares.items()]
         lines.append("")
     return lines
 
@@ -631,8 +651,8 @@ def markdown(result: dict[str, Any]) -> str:
         *header("GPU check: training, evaluation and early exit", result["command"], env),
         f"{settings or 'no CUDA settings (CPU run)'}. Time budget {result['budget_seconds']:.0f} s, elapsed "
         f"{result.get('elapsed_seconds', 0):.0f} s, {'complete' if result['complete'] else 'incomplete'}. "
-        f"Random weights, synthetic inputs. MSDNet per-exit MACs as evaluated (M, conv+linear, "
-        f"{result.get('cost_counter', '-')}): {macs}.",
+        f"{SMOKE_NOTE if result['smoke'] else ''}Random weights, synthetic inputs. MSDNet per-exit MACs as "
+        f"evaluated (M, conv+linear, {result.get('cost_counter', '-')}): {macs}.",
         "",
         "## Targets",
         "",
@@ -661,7 +681,7 @@ PART_FUNCTIONS: dict[str, Callable[[Check], dict[str, Any]]] = {
 def need_seconds(check: Check, name: str) -> float:
     """About how long a part takes on one GPU (a training compile counted as the last one measured)."""
     compile_s = check.compile_seconds if check.plan.compile else 0.0
-    return {"train64": 20, "sila": 15, "train256": 20}.get(name, 30) + (
+    return {"train64": 20, "sila": 15, "train256": 20, "runner": 40, "skipnet": 20}.get(name, 30) + (
         compile_s if name in ("train64", "sila", "train256") else 0.0
     )
 

@@ -24,7 +24,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from dynsila import models
 from dynsila.config import Config, DataConfig, TrainConfig, load_config
 from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.losses import exit_cross_entropy
+from dynsila.models import MultiExitNetwork
 
 PRESETS = {
     False: REPO_ROOT / "configs" / "cifar100" / "msdnet_baseline.yaml",
@@ -72,9 +73,8 @@ class Setup:
 class Epochs:
     """One training setup, ready to run: ``epoch()`` trains one epoch of ``images`` images."""
 
-    epoch: Callable[[], None]
+    epoch: Callable[[], object]
     images: int
-    run: Any = None  # the dynsila.train Run behind a dynsila row (None for the plain loop)
 
 
 def write_synthetic_cifar(path: Path, n_train: int, seed: int = 0) -> Path:
@@ -82,14 +82,14 @@ def write_synthetic_cifar(path: Path, n_train: int, seed: int = 0) -> Path:
     (``x_train``/``y_train`` plus ``x_test``/``y_test``); ``HELD_OUT`` more training images become validation."""
     rng = np.random.default_rng(seed)
     n = n_train + HELD_OUT
-    arrays = {
-        "x_train": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-        "y_train": rng.integers(0, NUM_CLASSES, n),
-        "x_test": rng.integers(0, 256, (HELD_OUT, 32, 32, 3), dtype=np.uint8),
-        "y_test": rng.integers(0, NUM_CLASSES, HELD_OUT),
-    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, NUM_CLASSES, n),
+        x_test=rng.integers(0, 256, (HELD_OUT, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, NUM_CLASSES, HELD_OUT),
+    )
     return path
 
 
@@ -132,7 +132,7 @@ def dynsila_epochs(cfg: Config) -> Epochs:
 
     run = build_run(cfg, distributed.setup(cfg.train.device), resuming=False)
     epochs, clock = itertools.count(), Clock(10**9)
-    return Epochs(lambda: train_one_epoch(run, next(epochs), clock), run.steps_per_epoch * run.per_rank_batch, run)
+    return Epochs(lambda: train_one_epoch(run, next(epochs), clock), run.steps_per_epoch * run.per_rank_batch)
 
 
 def plain_epochs(cfg: Config) -> Epochs:
@@ -140,7 +140,8 @@ def plain_epochs(cfg: Config) -> Epochs:
     device = torch.device(cfg.train.device)
     torch.manual_seed(cfg.seed)
     splits = build_splits(cfg.data)  # the training split augments each image on the CPU, in the workers
-    model = models.build(cfg.model["name"], num_classes=NUM_CLASSES, **cfg.model_kwargs()).to(device)
+    model = cast(MultiExitNetwork, models.build(cfg.model["name"], num_classes=NUM_CLASSES, **cfg.model_kwargs()))
+    model.to(device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
@@ -162,8 +163,8 @@ def plain_epochs(cfg: Config) -> Epochs:
 
 
 def throughput(epochs: Epochs, device: torch.device, timed_epochs: int) -> dict[str, Any]:
-    """Images per second over whole epochs (median of ``timed_epochs``), after one untimed-for-the-rate first
-    epoch whose seconds are reported (compilation, autotuning)."""
+    """Images per second over whole epochs (median of ``timed_epochs``), after a first epoch (compilation,
+    cuDNN autotuning) whose seconds are reported apart."""
     first = run_seconds(epochs.epoch, device)
     seconds = statistics.median(run_seconds(epochs.epoch, device) for _ in range(timed_epochs))
     return {

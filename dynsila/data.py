@@ -143,9 +143,10 @@ class DeviceBatches:
     Every random draw of an epoch (the order, each sample's crop offset and flip) comes from a CPU generator seeded
     with ``seed`` (the run passes a function of its seed and the epoch) and reaches the device in one copy per
     epoch, so the batches are a function of (seed, epoch) on any device, and a resumed run sees exactly what an
-    uninterrupted one would. Under DDP every rank draws the same global order and takes a strided shard of it, as
-    DistributedSampler does. The draws differ from the DataLoader path's: the two paths see different (equally
-    distributed) batches."""
+    uninterrupted one would. Under DDP every rank makes the same draws and takes a strided shard, as
+    DistributedSampler does, so N ranks see exactly the augmented micro-batches that one process with
+    ``train.accumulate_steps=N`` sees. The draws differ from the DataLoader path's: the two paths see different
+    (equally distributed) batches."""
 
     def __init__(
         self,
@@ -179,11 +180,11 @@ class DeviceBatches:
 
     def epoch(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's batches of one epoch: (augmented uint8 images B x 3 x H x W, labels B), on the device."""
-        generator = torch.Generator().manual_seed(seed)
-        total = self.per_rank * self.world_size
-        order = torch.randperm(len(self.labels), generator=generator)[:total]
-        offsets = torch.randint(0, 2 * self.pad + 1, (total, 2), generator=generator)
-        flips = (torch.rand(total, generator=generator) < 0.5) & self.flip
+        generator, n = torch.Generator().manual_seed(seed), len(self.labels)
+        total = self.per_rank * self.world_size  # draws for all n, used for the first total: the same on any world
+        order = torch.randperm(n, generator=generator)[:total]
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=generator)[:total]
+        flips = (torch.rand(n, generator=generator)[:total] < 0.5) & self.flip
         draws = [t[self.rank :: self.world_size][: len(self) * self.batch_size] for t in (order, offsets, flips)]
         if self.images.is_cuda:
             draws = [t.pin_memory() for t in draws]  # an asynchronous copy, no host sync

@@ -34,6 +34,7 @@ from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
 from dynsila.flops import ExitCost, GatedCosts, exit_costs, gated_costs
 from dynsila.models import GatedBody, MultiExitNetwork, exit_logits
+from dynsila.models.skipnet import skipnet_computation_percent
 from dynsila.report import (
     MACS_CONVENTIONS,
     MACS_UNITS,
@@ -166,6 +167,7 @@ def gated_exit(model: nn.Module, val: GatedPass, test: GatedPass, costs: GatedCo
         macs_all_blocks=costs.full,
         macs_plain_resnet=costs.plain,
         executed_fraction=float(test.executed.mean()),
+        skipnet_computation_percent=skipnet_computation_percent(test.executed),
     )
 
 

@@ -140,37 +140,6 @@ class ExitCost:
     macs_deferred: int  # what a sample that goes on pays on top: the exit's stage's deferred part
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    """The tensors of a tree of lists and tuples (None entries skipped)."""
-    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor)]
-
-
-class _LazyCountedForward(nn.Module):
-    """What a sample that leaves at exit ``upto`` computes under lazy evaluation: the stages before the exit's
-    whole (their deferred parts included, as it went on past their exits), the exit's stage only up to its exits'
-    needs, and classifiers 1..upto. Returns every tensor it computed, so the JIT trace keeps them all."""
-
-    def __init__(self, model: MultiExitNetwork, upto: int) -> None:
-        super().__init__()
-        self.model, self.upto = model, upto
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        model, last_stage = self.model, self.model.exit_after[self.upto]
-        computed, state = [], model.stem(x)
-        for i in range(last_stage + 1):
-            split = model.deferred_split(i)
-            if split is None:
-                exit_state = pending = model.stages[i](state)
-            else:
-                exit_state, pending = split.for_exits(state)
-            computed += [model.exits[k](exit_state) for k in range(self.upto + 1) if model.exit_after[k] == i]
-            computed += _tensors(pending)
-            if i < last_stage:
-                state = pending if split is None else split.complete(pending)
-                computed += _tensors(state)
-        return tuple(computed)
-
-
 class _CountedForward(nn.Module):
     """``model(x, upto=k)`` that also returns every stage's output, so the JIT trace keeps all computed ops."""
 
@@ -221,8 +190,7 @@ def exit_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Exit
         total = by_module[""]
         earlier = [by_module.get(f"model.exits.{j}", Counter()) for j in range(k)]
         conv_linear = _conv_linear(total)
-        deferred = bare.deferred_split(bare.exit_after[k]) is not None
-        lazy = _conv_linear(_count(_LazyCountedForward(bare, k), x)[""]) if deferred else conv_linear
+        deferred = _deferred_macs(bare, k, by_module)
         costs.append(
             ExitCost(
                 exit=k + 1,
@@ -232,11 +200,22 @@ def exit_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Exit
                 fvcore_total_cumulative=sum(total.values()),
                 params=params[k],
                 params_cumulative=params_cum[k],
-                macs_lazy=lazy,
-                macs_deferred=conv_linear - lazy,
+                macs_lazy=conv_linear - deferred,
+                macs_deferred=deferred,
             )
         )
     return costs
+
+
+def _deferred_macs(model: MultiExitNetwork, k: int, by_module: dict[str, Counter[str]]) -> int:
+    """conv+linear MACs of the deferred part of exit ``k``'s stage (0 when it has none), from the counts per
+    module of the truncated forward: the modules only the deferred part runs (``DeferredSplit.deferred_modules``;
+    each runs once per sample there, as in the forward that was counted)."""
+    split = model.deferred_split(model.exit_after[k])
+    if split is None:
+        return 0
+    names = {id(m): f"model.{name}" for name, m in model.named_modules()}
+    return sum(_conv_linear(by_module.get(names[id(m)], Counter())) for m in split.deferred_modules())
 
 
 def module_macs(module: nn.Module, *inputs: Any) -> tuple[int, int]:

@@ -61,7 +61,9 @@ class GatedExit:
     test_top5: float | None
     macs_all_blocks: int  # every gated block executed
     macs_plain_resnet: int  # the same network without gates
-    executed_fraction: float  # share of gated blocks run (SkipNet's "computation %")
+    executed_fraction: float  # dynsila's share of the G gated blocks run (the always-run first block not counted)
+    # SkipNet's "computation %", as its code reports it: (sum of gated blocks run + 1) / (G + 1) x 100
+    skipnet_computation_percent: float | None = None  # None: an eval.json written before it was reported
 
 
 ExitRow = AnytimeExit | GatedExit
@@ -87,7 +89,7 @@ class GatedPoint:
     test_top1: float
     val_top1: float
     val_avg_macs: float
-    executed_fraction: float  # SkipNet's "computation %": share of gated blocks run
+    executed_fraction: float  # share of the G gated blocks run (not SkipNet's computation %: see GatedExit)
     macs_fraction: float  # true MACs against the plain ResNet
 
 

@@ -323,10 +323,7 @@ def train_one_epoch(run: Run, epoch: int, clock: Clock) -> EpochSums:
     """One pass over this rank's shard of the training set; progress lines every ``train.log_every`` steps."""
     cfg, device = run.cfg, run.device
     run.ensemble.train()
-    sums = EpochSums(
-        hits=[torch.zeros(unwrap(n).num_exits, dtype=torch.float64, device=device) for n in run.nets],
-        nonfinite=torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=device),
-    )
+    sums = new_epoch_sums(run)
     for step, (images, labels) in enumerate(epoch_batches(run, epoch)):
         sums.lr = learning_rate(cfg.train, epoch * run.steps_per_epoch + step, run.steps_per_epoch)
         for group in run.optimizer.param_groups:
@@ -344,6 +341,14 @@ def train_one_epoch(run: Run, epoch: int, clock: Clock) -> EpochSums:
                 f"{clock.images_per_second():.0f} img/s  eta {clock.eta()}",
             )
     return sums
+
+
+def new_epoch_sums(run: Run) -> EpochSums:
+    """Zeroed statistics for one epoch, on the run's device."""
+    return EpochSums(
+        hits=[torch.zeros(unwrap(n).num_exits, dtype=torch.float64, device=run.device) for n in run.nets],
+        nonfinite=torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64, device=run.device),
+    )
 
 
 def epoch_batches(run: Run, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

@@ -89,6 +89,11 @@ class DeferredSplit:
     def complete(self, pending: Any) -> Any:
         raise NotImplementedError
 
+    def deferred_modules(self) -> list[nn.Module]:
+        """The modules only ``complete`` runs, each once per sample, as the stage's ``forward`` runs them: their
+        cost is what a sample that goes on pays on top (``dynsila.flops`` counts it from them)."""
+        raise NotImplementedError
+
 
 class MultiExitNetwork(nn.Module):
     """Base class: subclasses set ``stem``, ``stages``, ``exits`` and ``exit_after`` and inherit ``forward``."""

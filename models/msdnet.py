@@ -152,6 +152,10 @@ class MultiScaleDenseLayer(nn.Module):
             return (i, i + 1)
         return (i - 1, i) if i > 0 else (i,)
 
+    def scale_module(self, i: int) -> nn.Module:
+        """The module that computes output scale ``i``."""
+        return self.updates[i]
+
     def output_scale(self, x: PartialFeatures, i: int) -> torch.Tensor:
         """Output scale ``i`` alone, from the input scales it reads (the others may be None)."""
         if self.drops_finest:
@@ -176,6 +180,9 @@ class Transition(nn.Module):
     def inputs_of(self, i: int) -> tuple[int, ...]:
         return (i,)
 
+    def scale_module(self, i: int) -> nn.Module:
+        return self.convs[i]
+
     def output_scale(self, x: PartialFeatures, i: int) -> torch.Tensor:
         return self.convs[i](_scale(x, i))
 
@@ -190,6 +197,8 @@ class ScaleLayer(Protocol):
     def num_outputs(self) -> int: ...
 
     def inputs_of(self, i: int) -> tuple[int, ...]: ...
+
+    def scale_module(self, i: int) -> nn.Module: ...
 
     def output_scale(self, x: PartialFeatures, i: int) -> torch.Tensor: ...
 
@@ -238,6 +247,14 @@ class DeferredScales(DeferredSplit):
                 for i, t in enumerate(computed)
             ]
         return [_scale(x, i) for i in range(len(x))]
+
+    def deferred_modules(self) -> list[nn.Module]:
+        return [
+            layer.scale_module(i)
+            for layer, needed in zip(self.window, self.needed, strict=True)
+            for i in range(layer.num_outputs)
+            if i not in needed
+        ]
 
 
 # --- Classifier on the coarsest scale -------------------------------------------------------------------------

@@ -105,3 +105,12 @@ def tiny_config(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Benchmarks called in-process set torch's thread count; restore it so later tests (exact resume compares
+    an in-process run with a subprocess run) see the default the subprocesses get."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

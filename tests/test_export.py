@@ -134,7 +134,7 @@ def random_b7() -> MultiExitNetwork:
             "dynamo",
             marks=[
                 pytest.mark.slow,
-                pytest.mark.skipif(not RUN_SLOW, reason="dynamo export of b7 takes ~1 min here; DYNSILA_SLOW=1"),
+                pytest.mark.skipif(not RUN_SLOW, reason="~50 s CPU: dynamo export of 14 graphs; DYNSILA_SLOW=1"),
             ],
         ),
     ],

@@ -10,7 +10,7 @@ import torch
 from dynsila import models
 from dynsila.config import load_config
 from dynsila.errors import ConfigError
-from dynsila.hrl import action_log_probs, hrl_policy_loss, reward_to_go, skip_rewards
+from dynsila.hrl import Baseline, action_log_probs, hrl_policy_loss, reward_to_go, skip_rewards
 from dynsila.models.skipnet import BasicBlock, SkipNet, skipnet_computation_percent
 from dynsila.train import learning_rate
 
@@ -29,10 +29,10 @@ def test_reward_to_go_on_a_three_gate_toy():
     assert torch.allclose(reward_to_go(step, -CE), HAND_RETURNS)
 
 
-def policy_gradient(rl_weight: float, baseline: str = "none", batch_size: int = 2) -> torch.Tensor:
+def policy_gradient(rl_weight: float, baseline: Baseline = "none", batch_size: int = 2) -> torch.Tensor:
     """d loss / d gate logit for the toy, gate probabilities sigmoid(logits)."""
     logits = torch.tensor([[0.2, -0.4, 0.1], [1.0, 0.3, -0.6]], requires_grad=True)
-    loss = hrl_policy_loss(torch.sigmoid(logits), ACTIONS, CE, 0.3, rl_weight, batch_size, baseline)  # type: ignore[arg-type]
+    loss = hrl_policy_loss(torch.sigmoid(logits), ACTIONS, CE, 0.3, rl_weight, batch_size, baseline)
     (grad,) = torch.autograd.grad(loss, logits)
     return grad
 
@@ -143,3 +143,19 @@ def test_benchmark_acceptance_reads_the_points():
     assert checks == [True, False, True]  # ordered and below SP, but alpha 1 collapsed
     checks = [c["met"] for c in bench.acceptance(sp, [point(0.25, 0.9), point(1.0, 0.9)])]
     assert checks == [False, True, False]  # equal points, and above the SP model
+    hrl = [point(0.1, 0.5), point(0.25, 0.3), point(0.5, 0.0), point(1.0, 0.0)]
+    assert bench.passing_pairs(sp, hrl) == [(0.1, 0.25)]  # 0.5 and 1 collapsed
+
+
+def test_the_evaluator_reports_skipnet_computation_percent_beside_the_block_share():
+    from dynsila.evaluate import GatedPass, gated_exit
+    from dynsila.flops import gated_costs
+
+    model = models.build("skipnet", num_classes=10, depth=20, gate="rnn").eval()
+    costs = gated_costs(model, (3, 8, 8))
+    executed = torch.tensor([[1.0] * 8, [1.0, 0, 0, 0, 0, 0, 0, 1]])  # 8 gates; 10 of 16 decisions run
+    logits, labels = torch.eye(10)[:2], torch.tensor([0, 5])
+    one = GatedPass(logits, labels, executed, costs.per_sample(executed))
+    row = gated_exit(model, one, one, costs)
+    assert row.executed_fraction == pytest.approx(10 / 16)
+    assert row.skipnet_computation_percent == pytest.approx((8 * 10 / 16 + 1) / 9 * 100)
