@@ -78,9 +78,10 @@ class Sizes:
     calibration: int = 1024
     repeats: int = 7
     imagenet_images: int = 4
+    long_stream: int = 2560  # images of the batched 50 % mix timed again as a longer stream (0: skipped)
 
 
-SMOKE = Sizes(batched=(8, 16), single=(1, 4), calibration=64, repeats=1, imagenet_images=0)
+SMOKE = Sizes(batched=(8, 16), single=(1, 4), calibration=64, repeats=1, imagenet_images=0, long_stream=32)
 
 
 class Bench:
@@ -95,7 +96,7 @@ class Bench:
         model.to(device)
         g = torch.Generator().manual_seed(0)
         calibration = torch.randn(sizes.calibration, 3, size, size, generator=g).to(device)
-        n_images = max(sizes.batched[1], sizes.single[1])
+        n_images = max(sizes.batched[1], sizes.single[1], sizes.long_stream)
         self.images = torch.randn(n_images, 3, size, size, generator=g).to(device)
         with torch.no_grad():
             self.cal_logits = torch.cat([torch.stack(model(x), 1) for x in calibration.split(256)]).cpu()
@@ -166,6 +167,29 @@ def mix_rows(bench: Bench) -> tuple[list[dict[str, Any]], dict[int, dict[str, An
         }
         rows += [mix_row(bench, batches, fraction, run_full) for fraction in MIXES]
     return rows, full_seconds
+
+
+def long_stream_row(bench: Bench) -> dict[str, Any] | None:
+    """The batched 50 % mix again on a longer stream (``Sizes.long_stream`` images): the lazy runner's wall ratio.
+    At the end of a stream every stage runs its last, partial group at a smaller batch, where an image costs more;
+    a longer stream (a test set is thousands of images) shows how much of the short stream's ratio that is."""
+    batch_size, n_images = bench.sizes.batched[0], bench.sizes.long_stream
+    if n_images <= bench.sizes.batched[1]:
+        return None
+    batches = bench.images[:n_images].split(batch_size)
+    thresholds, _ = thresholds_for_budget(bench.cal_logits, bench.paper, 0.5 * bench.full)
+    lazy = bench.runner(thresholds)
+    histogram = torch.bincount(lazy.run_stream(batches).exit_index.cpu(), minlength=len(bench.paper)).double()
+    row = {
+        "batch_size": batch_size,
+        "images": n_images,
+        "macs_ratio": float(histogram @ torch.tensor(bench.paper).double()) / n_images / bench.full,
+        "lazy_macs_ratio": float(histogram @ torch.tensor(bench.lazy).double()) / n_images / bench.full,
+        "wall_ratio": bench.ratio(lambda: lazy.run_stream(batches), each(batches, bench.full_forward), 5),
+        "exit_histogram": histogram.long().tolist(),
+    }
+    print(row, flush=True)
+    return row
 
 
 def exit1_latency(bench: Bench) -> dict[str, float]:
@@ -249,13 +273,15 @@ def measure(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     rows, full_seconds = mix_rows(bench)
     exit1 = exit1_latency(bench)
     shares = {b: per_exit_time_shares(bench, b) for b in (sizes.batched[0], sizes.single[0])}
-    for r in rows:  # what a runner with zero overhead would achieve with this exit mix
+    long_row = long_stream_row(bench)
+    for r in [*rows, *([long_row] if long_row else [])]:  # what a runner with zero overhead would achieve
         lazy_share = shares[r["batch_size"]]["lazy"]
         r["ideal_wall_ratio"] = sum(n * lazy_share[k] for k, n in enumerate(r["exit_histogram"])) / r["images"]
     return {
         "exit_macs_cumulative": bench.paper,
         "exit_macs_lazy": bench.lazy,
         "rows": rows,
+        "long_stream": long_row,
         "full_network_seconds": full_seconds,
         "time_shares": shares,
         "lazy_over_eager_per_exit": {  # one batch of the batched size; a quarter of the batch-1 images
@@ -316,11 +342,22 @@ def compaction_costs(bench: Bench, batched: tuple[int, int]) -> dict[str, Any]:
             tree_map(lambda t, m=mask: t[m], tree)
 
     def rows(captured: list[tuple[Any, torch.Tensor]]) -> Callable[[], None]:
-        return lambda: [runner_module._select(tree, index) for tree, index in captured]  # type: ignore[func-returns-value]
+        def run() -> None:  # each copy dropped at once, as in `old` and in the runner (no heap growth to time)
+            for tree, index in captured:
+                runner_module._select(tree, index)
+
+        return run
 
     t_old, t_rows = paired_times(old, rows(eager), bench.device, 7, warmup=1)
     t_rows2, t_lazy = paired_times(rows(eager), rows(lazy), bench.device, 7, warmup=1)
+    runner = bench.runner(thresholds)
+    with_rows, with_indexing = (
+        _with_gather(gather, lambda: runner.run_stream(batches)) for gather in (runner_module._rows, _advanced)
+    )
+    end_to_end = bench.ratio(with_rows, with_indexing, bench.sizes.repeats * 2)
     return {
+        "batch_size": batched[0],
+        "end_to_end_rows_over_advanced_indexing": end_to_end,
         "compactions": len(eager),
         "old_seconds": statistics.median(t_old),
         "rows_seconds": statistics.median(t_rows),
@@ -355,6 +392,24 @@ def _captured(runner: EarlyExitRunner, batches: tuple[torch.Tensor, ...]) -> lis
     return captured
 
 
+def _advanced(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return t[index]
+
+
+def _with_gather(gather: Callable[..., torch.Tensor], run: Callable[[], Any]) -> Callable[[], None]:
+    """``run`` with the runner's row gather replaced by ``gather`` for its duration."""
+
+    def go() -> None:
+        original = runner_module._rows
+        runner_module._rows = gather
+        try:
+            run()
+        finally:
+            runner_module._rows = original
+
+    return go
+
+
 def _mask(tree: Any, index: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros(int(tree_leaves(tree)[0].shape[0]), dtype=torch.bool)
     mask[index] = True
@@ -387,6 +442,7 @@ def markdown(result: dict[str, Any], sizes: Sizes) -> str:
         *header("Early-exit wall time versus MACs", result["command"], result["environment"]),
         *_setup_lines(result, sizes),
         *_mix_table(result, batched),
+        *_long_stream_lines(result.get("long_stream")),
         *_per_exit_table(result, batched),
         *_compaction_lines(result["compaction"]),
         *_imagenet_lines(result["imagenet"]),
@@ -410,9 +466,9 @@ def _setup_lines(result: dict[str, Any], sizes: Sizes) -> list[str]:
         "(every stage whole, every exit up to the one taken), *lazy* = what the samples really cost with the "
         "finer scales an exit does not read computed only for the samples that go on (what the runner does).",
         "",
-        "The machine is shared (2 cores; other helpers' tests and benchmarks and a background training run): "
-        f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end. Only the paired "
-        "ratios are worth quoting; absolute seconds drift with the load. Full network, seconds for the whole "
+        f"1-minute load average of the machine: {load['start']:.1f} at the start, {load['end']:.1f} at the end "
+        "(above the thread count, other work shared the cores). Only the paired ratios are worth quoting; "
+        "absolute seconds drift with the load. Full network, seconds for the whole "
         f"set: {seconds}.",
         "",
     ]
@@ -436,6 +492,19 @@ def _mix_table(result: dict[str, Any], batched: int) -> list[str]:
             f"{r['eager_runner_wall_ratio']:.3f} | {per_batch} | {r['ideal_wall_ratio']:.3f} | {r['exit_histogram']} |"
         )
     return [*lines, ""]
+
+
+def _long_stream_lines(r: dict[str, Any] | None) -> list[str]:
+    if r is None:
+        return []
+    return [
+        f"The batch-{r['batch_size']} 50 % mix on a longer stream ({r['images']} images, median of 5 pairs; the "
+        "end-of-stream partial groups, run at smaller batches, weigh less): MACs ratio paper "
+        f"{r['macs_ratio']:.3f}, lazy {r['lazy_macs_ratio']:.3f}; wall ratio {r['wall_ratio']:.3f} "
+        f"({r['wall_ratio'] / r['lazy_macs_ratio']:.2f} x the lazy MACs ratio; ideal {r['ideal_wall_ratio']:.3f}); "
+        f"exit histogram {r['exit_histogram']}.",
+        "",
+    ]
 
 
 def _per_exit_table(result: dict[str, Any], batched: int) -> list[str]:
@@ -468,7 +537,9 @@ def _compaction_lines(c: dict[str, Any]) -> list[str]:
         f"{c['old_seconds'] * 1e3:.1f} ms; whole rows by one index on the same states {c['rows_seconds'] * 1e3:.1f} "
         f"ms (paired ratio {c['rows_over_old']:.2f}); whole rows of the lazy runner's pending states only "
         f"({c['lazy_megabytes']:.0f} MB) {c['lazy_rows_seconds'] * 1e3:.1f} ms (ratio to the previous "
-        f"{c['lazy_over_rows']:.2f}).",
+        f"{c['lazy_over_rows']:.2f}). End to end (batch {c['batch_size']}, 50 % mix, `run_stream`), the runner with "
+        f"the row gather over the same runner with advanced indexing `t[index]`: "
+        f"{c['end_to_end_rows_over_advanced_indexing']:.3f} (paired).",
         "",
     ]
 

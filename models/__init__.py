@@ -3,12 +3,13 @@ timm) is imported the first time it is built or its parameters are asked for."""
 
 from . import msdnet as _msdnet  # noqa: F401  (registers "msdnet")
 from . import skipnet as _skipnet  # noqa: F401  (registers "skipnet")
-from ._protocol import DynamicOutput, GatedBody, MultiExitNetwork, exit_logits, gated_body
+from ._protocol import DeferredSplit, DynamicOutput, GatedBody, MultiExitNetwork, exit_logits, gated_body
 from ._registry import build, list_models, model_constructor, model_parameters, register_deferred, register_model
 
 register_deferred("timm_exits", ".timm_exits")
 
 __all__ = [
+    "DeferredSplit",
     "DynamicOutput",
     "GatedBody",
     "MultiExitNetwork",

@@ -128,9 +128,13 @@ def test_early_exit_speed_smoke(tmp_path, capsys):
     ]
     for r in result["rows"]:
         assert sum(r["exit_histogram"]) == r["images"] and 0 < r["macs_ratio"] <= 1 and r["wall_ratio"] > 0
+    long_row = result["long_stream"]
+    assert long_row["images"] == 32 and sum(long_row["exit_histogram"]) == 32
+    assert long_row["lazy_macs_ratio"] <= long_row["macs_ratio"] <= 1 and long_row["ideal_wall_ratio"] > 0
     assert set(result["targets"]) == {"batch8_mix50", "batch1_exit1"}
     assert result["targets"]["batch1_exit1"]["macs_share"] == pytest.approx(costs[0] / costs[-1])
-    assert "device cpu" in (tmp_path / "ee.md").read_text()
+    md = (tmp_path / "ee.md").read_text()
+    assert "device cpu" in md and "longer stream (32 images" in md
 
 
 def test_throughput_smoke(tmp_path, capsys):
