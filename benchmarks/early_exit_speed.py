@@ -453,7 +453,7 @@ def markdown(result: dict[str, Any], sizes: Sizes) -> str:
 
 def _setup_lines(result: dict[str, Any], sizes: Sizes) -> list[str]:
     full = result["exit_macs_cumulative"][-1]
-    load = result["load_average_1min"]
+    load, threads = result["load_average_1min"], result["environment"].get("threads", "?")
     seconds = "; ".join(
         f"batch {b}: {v['full_seconds_prepared']:.3f} s folded + channels-last, "
         f"{v['full_seconds_plain_eager']:.3f} s plain eager ({v['images']} images)"
@@ -466,9 +466,9 @@ def _setup_lines(result: dict[str, Any], sizes: Sizes) -> list[str]:
         "(every stage whole, every exit up to the one taken), *lazy* = what the samples really cost with the "
         "finer scales an exit does not read computed only for the samples that go on (what the runner does).",
         "",
-        f"1-minute load average of the machine: {load['start']:.1f} at the start, {load['end']:.1f} at the end "
-        "(above the thread count, other work shared the cores). Only the paired ratios are worth quoting; "
-        "absolute seconds drift with the load. Full network, seconds for the whole "
+        f"1-minute load average of the machine: {load['start']:.1f} at the start, {load['end']:.1f} at the end, "
+        f"with {threads} benchmark thread(s) (a load above that means other work shared the cores). Only the paired "
+        "ratios are worth quoting; absolute seconds drift with the load. Full network, seconds for the whole "
         f"set: {seconds}.",
         "",
     ]
