@@ -109,8 +109,13 @@ def comparisons(rows: dict[str, dict[str, Any]], methods: dict[str, MethodInfo])
                 key: paired({s: v[key] for s, v in mine.items()}, {s: v[key] for s, v in theirs.items()})
                 for key in ("area", "budgeted", "gap")
             }
+            per_exit = [
+                paired({s: float(v["test"][k]) for s, v in mine.items()},
+                       {s: float(v["test"][k]) for s, v in theirs.items()})
+                for k in range(len(next(iter(mine.values()))["test"]))
+            ]  # fmt: skip
             tier = max(methods[name].tier, methods[ref].tier)
-            out.append({"method": name, "reference": ref, "tier": tier, **diffs})
+            out.append({"method": name, "reference": ref, "tier": tier, **diffs, "exits": per_exit})
     return out
 
 
@@ -242,6 +247,14 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *verdict_lines(payload),
         "",
+        "## Secondary: paired differences per exit, in the budgeted mean and in the train–test gap",
+        "",
+        "Points of test top-1 (gap: points of train–test gap; negative = a smaller gap). The primary endpoint is the "
+        "anytime area above; these are many tests without correction for multiplicity, so a single "
+        "**beyond noise** here is a lead, not a finding.",
+        "",
+        *secondary_lines(s["comparisons"], exits),
+        "",
         "## Test top-1 per exit",
         "",
         *table(["method", *exits], [[n, *[fmt(i) for i in r["test_top1"]]] for n, r in rows.items()]),
@@ -263,6 +276,21 @@ def markdown(payload: dict[str, Any]) -> str:
           payload["methods"].items() if n in rows],
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def secondary_lines(compared: list[dict[str, Any]], exits: list[str]) -> list[str]:
+    header = ["method", "vs", *[f"Δ {e}" for e in exits], "Δ budgeted mean", "Δ gap"]
+    body = [
+        [
+            c["method"],
+            c["reference"],
+            *[diff_cell(d) for d in c["exits"]],
+            diff_cell(c["budgeted"]),
+            diff_cell(c["gap"]),
+        ]
+        for c in compared
+    ]
+    return table(header, body) if body else ["No comparison yet."]
 
 
 def twin_lines(rows: dict[str, dict[str, Any]]) -> list[str]:

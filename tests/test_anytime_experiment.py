@@ -74,6 +74,20 @@ def test_a_real_effect_is_seen_and_a_null_is_not() -> None:
     assert summary["design"]["baseline_gap"] == pytest.approx(99.0 - np.mean(baseline_test))
 
 
+def test_per_exit_differences_find_an_effect_on_one_exit_only() -> None:
+    rng = np.random.default_rng(1)
+    runs = []
+    for seed in range(5):
+        level = 60 + 3 * rng.standard_normal()
+        for method, first_exit_gain in (("baseline", 0.0), ("self_distill", 3.0)):
+            test = [level - 4 + first_exit_gain, level - 2, level] + 0.2 * rng.standard_normal(3)
+            runs.append(fake_run(method, seed, test.tolist()))
+    (compared,) = summarise(runs, anytime.METHODS)["comparisons"]
+    first, *later = compared["exits"]
+    assert first["mean"] == pytest.approx(3.0, abs=0.4) and first["mean"] > first["ci95"]
+    assert all(abs(d["mean"]) < 0.4 and d["n"] == 5 for d in later)
+
+
 def test_without_a_visible_positive_control_the_report_says_inconclusive() -> None:
     runs = grid_runs({"baseline": 0.0, "self_distill": 0.0}, noise=2.0)
     payload = {
@@ -89,6 +103,7 @@ def test_without_a_visible_positive_control_the_report_says_inconclusive() -> No
     text = anytime.markdown(payload)
     assert "not sensitive enough" in text
     assert "**not seen**" in text
+    assert "| self_distill | baseline | " in text  # the secondary table pairs it per exit
 
 
 def test_plan_is_seed_major_and_half_width_methods_get_half_width_overrides() -> None:
