@@ -1,16 +1,20 @@
 """Staged ONNX export of an early-exit run: ``python -m dynsila.export RUN_DIR [--q Q | --budget MACS]``.
 
-An early-exit network cannot be one graph: the point is to stop between stages. The deploy model (batch-norm
-folded into the convolutions) is exported as one ONNX graph per stage (``stage0.onnx`` includes the stem) and one
-per exit head (``exit<k>.onnx``). Each stage graph reads the previous stage state and writes the next as named
-tensors, ``state<k>_<j>`` (stage k's output, tensor j: MSDNet's scales, finest first); the first reads ``image``.
-Every graph has a dynamic batch axis. ``manifest.json`` holds the exit order, the tensor names, the thresholds
-fitted on the run's validation split (as ``python -m dynsila.infer`` fits them), the criterion, the per-exit MACs
-and the preprocessing. ``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
+An early-exit network cannot be one graph: the point is to stop between stages. The deploy model (batch-norm folded
+into the convolutions) is exported as one ONNX graph per stage (``stage0.onnx`` includes the stem) and one per exit
+head (``exit<k>.onnx``). Each stage graph reads the previous stage state and writes the next as named tensors,
+``state<k>_<j>`` (stage k's output, tensor j: MSDNet's scales, finest first); the first reads ``image``. A stage
+that declares a deferred split (``MultiExitNetwork.deferred_split``; MSDNet: the finer scales only later exits read)
+is written as two graphs, as the PyTorch runner evaluates it lazily: ``stage<k>.onnx`` computes what its exits read
+(``exit_state<k>_<j>``) and what the rest needs (``pending<k>_<j>``); ``stage<k>_rest.onnx`` turns the pending
+tensors of the samples that go on into the stage's output. Every graph has a dynamic batch axis. ``manifest.json``
+holds the exit order, the tensor names, the thresholds fitted on the run's validation split (as ``python -m
+dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs exit only, as
+evaluated and lazy). ``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
 
-Graphs come from ``torch.onnx.export``: the torch.export-based ("dynamo") exporter by default; a graph that it
-fails on is exported with the TorchScript exporter instead, and the manifest records which exporter wrote each
-graph and why. After export every exit's logits are checked against PyTorch on validation images.
+Graphs come from ``torch.onnx.export``: the torch.export-based ("dynamo") exporter by default; a graph that it fails
+on is exported with the TorchScript exporter instead, and the manifest records which exporter wrote each graph and
+why. After export every exit's logits are checked against PyTorch on validation images.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,23 @@ VERIFY_TOLERANCE = 1e-3  # absolute and relative, on logits: rounding differs be
 # --- one graph per stage and per exit -------------------------------------------------------------------------
 
 
+Layout = tuple[TreeSpec, list[bool]]  # a state's tree, and which of its leaves are tensors (the rest are None)
+
+
+def flatten_state(tree: Any) -> tuple[list[torch.Tensor], Layout]:
+    """A state's tensors in order, without its None entries (a graph has no None inputs or outputs)."""
+    leaves, spec = tree_flatten(tree)
+    present = [leaf is not None for leaf in leaves]
+    return [leaf for leaf in leaves if leaf is not None], (spec, present)
+
+
+def unflatten_state(tensors: Sequence[torch.Tensor], layout: Layout) -> Any:
+    """Inverse of ``flatten_state``."""
+    spec, present = layout
+    remaining = iter(tensors)
+    return tree_unflatten([next(remaining) if p else None for p in present], spec)
+
+
 class StageGraph(nn.Module):
     """A stage (with the stem in front for the first) as a module of flat tensors: state leaves in, leaves out."""
 
@@ -79,15 +100,48 @@ class StageGraph(nn.Module):
         return tuple(tree_flatten(self.state(*leaves))[0])
 
 
+class SplitExitsGraph(nn.Module):
+    """The exit path of a stage with a deferred split (``DeferredSplit.for_exits``): state leaves in (the image
+    for the first stage), the exits' state leaves and then the pending leaves out."""
+
+    def __init__(self, split: Any, stem: nn.Module | None, spec: TreeSpec | None, modules: nn.Module) -> None:
+        super().__init__()
+        self.split, self.stem, self.spec, self.modules_ = split, stem, spec, modules  # modules_: for .eval()/.to()
+
+    def parts(self, *leaves: torch.Tensor) -> tuple[Any, Any]:
+        if self.stem is not None:
+            state = self.stem(leaves[0])
+        else:
+            assert self.spec is not None
+            state = tree_unflatten(list(leaves), self.spec)
+        result: tuple[Any, Any] = self.split.for_exits(state)
+        return result
+
+    def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        exit_state, pending = self.parts(*leaves)
+        return (*flatten_state(exit_state)[0], *flatten_state(pending)[0])
+
+
+class SplitRestGraph(nn.Module):
+    """The deferred part of a stage (``DeferredSplit.complete``): pending leaves in, the stage's output leaves out."""
+
+    def __init__(self, split: Any, layout: Layout, modules: nn.Module) -> None:
+        super().__init__()
+        self.split, self.layout, self.modules_ = split, layout, modules
+
+    def forward(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(tree_flatten(self.split.complete(unflatten_state(leaves, self.layout)))[0])
+
+
 class ExitGraph(nn.Module):
     """An exit head reading the flat leaves of the stage state it follows; returns its logits ``N x C``."""
 
-    def __init__(self, head: nn.Module, spec: TreeSpec) -> None:
+    def __init__(self, head: nn.Module, layout: Layout) -> None:
         super().__init__()
-        self.head, self.spec = head, spec
+        self.head, self.layout = head, layout
 
     def forward(self, *leaves: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self.head(tree_unflatten(list(leaves), self.spec))
+        logits: torch.Tensor = self.head(unflatten_state(leaves, self.layout))
         return logits
 
 
@@ -238,25 +292,81 @@ def export_onnx(
 
 
 def _export_graphs(
-    model: MultiExitNetwork, example: torch.Tensor, folder: Path, exporter: str
+    model: MultiExitNetwork, example: torch.Tensor, folder: Path, exporter: str, lazy: bool = True
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every stage graph and exit graph of ``model`` into ``folder``; their manifest entries."""
+    """Every stage graph and exit graph of ``model`` into ``folder``; their manifest entries. With ``lazy``, a
+    stage that declares a deferred split is written as two graphs (exit path, deferred rest)."""
     leaves, names, spec = [example], [INPUT_NAME], None
     stages: list[dict[str, Any]] = []
     exits: list[dict[str, Any]] = [{} for _ in range(model.num_exits)]
     for s, stage in enumerate(model.stages):
-        graph = StageGraph(stage, model.stem if s == 0 else None, spec)
-        out_leaves, spec = tree_flatten(graph.state(*leaves))
-        out_names = [f"state{s}_{j}" for j in range(len(out_leaves))]
-        path = folder / f"stage{s}.onnx"
-        how = export_graph(graph, tuple(leaves), path, (names, out_names), exporter)
-        stages.append(_graph_entry(path, how) | {"outputs": out_names})
-        leaves, names = out_leaves, out_names
+        stem = model.stem if s == 0 else None
+        split = model.deferred_split(s) if lazy else None
+        if split is None:
+            entry, exit_view, (leaves, names, spec) = _whole_stage(StageGraph(stage, stem, spec), s, leaves, names,
+                                                                   folder, exporter)  # fmt: skip
+        else:
+            entry, exit_view, (leaves, names, spec) = _split_stage(split, stage, stem, spec, s, leaves, names,
+                                                                   folder, exporter)  # fmt: skip
+        stages.append(entry)
+        exit_leaves, exit_names, exit_layout = exit_view
         for k in (k for k, after in enumerate(model.exit_after) if after == s):
             path = folder / f"exit{k}.onnx"
-            how = export_graph(ExitGraph(model.exits[k], spec), tuple(leaves), path, (names, [f"logits{k}"]), exporter)
+            graph = ExitGraph(model.exits[k], exit_layout)
+            how = export_graph(graph, tuple(exit_leaves), path, (exit_names, [f"logits{k}"]), exporter)
             exits[k] = _graph_entry(path, how) | {"after_stage": s, "output": f"logits{k}"}
     return stages, exits
+
+
+Leaves = tuple[list[torch.Tensor], list[str], Any]  # a state's flat tensors, their graph names, its tree
+
+
+def _whole_stage(
+    graph: StageGraph, s: int, leaves: list[torch.Tensor], names: list[str], folder: Path, exporter: str
+) -> tuple[dict[str, Any], Leaves, Leaves]:
+    """Stage ``s`` as one graph; its manifest entry, what its exits read, and its output (the same)."""
+    out_leaves, spec = tree_flatten(graph.state(*leaves))
+    out_names = [f"state{s}_{j}" for j in range(len(out_leaves))]
+    path = folder / f"stage{s}.onnx"
+    how = export_graph(graph, tuple(leaves), path, (names, out_names), exporter)
+    entry = _graph_entry(path, how) | {"outputs": out_names}
+    return entry, (out_leaves, out_names, (spec, [True] * len(out_leaves))), (out_leaves, out_names, spec)
+
+
+def _split_stage(
+    split: Any,
+    stage: nn.Module,
+    stem: nn.Module | None,
+    spec: TreeSpec | None,
+    s: int,
+    leaves: list[torch.Tensor],
+    names: list[str],
+    folder: Path,
+    exporter: str,
+) -> tuple[dict[str, Any], Leaves, Leaves]:
+    """Stage ``s`` as two graphs, the exits' path and the deferred rest (lazy evaluation, as the PyTorch runner
+    does it); its manifest entry, what its exits read, and its output."""
+    modules = nn.ModuleList([stage] + ([stem] if stem is not None else []))
+    first = SplitExitsGraph(split, stem, spec, modules)
+    exit_state, pending = first.parts(*leaves)
+    exit_leaves, exit_layout = flatten_state(exit_state)
+    pending_leaves, pending_layout = flatten_state(pending)
+    exit_names = [f"exit_state{s}_{j}" for j in range(len(exit_leaves))]
+    pending_names = [f"pending{s}_{j}" for j in range(len(pending_leaves))]
+    path = folder / f"stage{s}.onnx"
+    how = export_graph(first, tuple(leaves), path, (names, exit_names + pending_names), exporter)
+    rest = SplitRestGraph(split, pending_layout, modules)
+    out_leaves, out_spec = tree_flatten(split.complete(pending))
+    out_names = [f"state{s}_{j}" for j in range(len(out_leaves))]
+    rest_path = folder / f"stage{s}_rest.onnx"
+    rest_how = export_graph(rest, tuple(pending_leaves), rest_path, (pending_names, out_names), exporter)
+    entry = _graph_entry(path, how) | {
+        "outputs": out_names,
+        "exit_outputs": exit_names,
+        "pending_outputs": pending_names,
+        "rest": _graph_entry(rest_path, rest_how) | {"outputs": out_names},
+    }
+    return entry, (exit_leaves, exit_names, exit_layout), (out_leaves, out_names, out_spec)
 
 
 def _manifest(
@@ -350,7 +460,7 @@ def export_run(
     refuse_gated(model)
     splits = build_splits(cfg.data)
     measured = exit_costs(model, input_shape(cfg))
-    costs = [{"macs": c.macs, "macs_cumulative": c.macs_cumulative} for c in measured]
+    costs = [{"macs": c.macs, "macs_cumulative": c.macs_cumulative, "macs_lazy": c.macs_lazy} for c in measured]
     fit = fit_run_thresholds(model, splits, [c.macs_cumulative for c in measured], criterion, q, budget)
     images, _ = next(iter(make_loader(splits.val, 8, shuffle=False)))
     example = normalize(images, splits.mean, splits.std)
@@ -395,19 +505,23 @@ def format_summary(manifest: dict[str, Any], out_dir: Path, seconds: float) -> s
     """What the command prints: where the graphs went, how they were exported, the thresholds and costs."""
     fitted = manifest["thresholds_fitted_on_val"]
     target = f"q {fitted['q']}" if fitted["q"] is not None else f"budget {fitted['budget'] / 1e6:.2f}M MACs"
-    exporters = sorted({g["exporter"] for g in manifest["stages"] + manifest["exits"]})
+    rests = [s["rest"] for s in manifest["stages"] if "rest" in s]
+    exporters = sorted({g["exporter"] for g in manifest["stages"] + rests + manifest["exits"]})
+    split = f" ({len(rests)} of them split for lazy evaluation)" if rests else ""
     lines = [
-        f"exported {len(manifest['stages'])} stage graphs and {len(manifest['exits'])} exit graphs to {out_dir} "
-        f"in {seconds:.1f} s (exporter: {'; '.join(exporters)})",
+        f"exported {len(manifest['stages'])} stage graphs{split} and {len(manifest['exits'])} exit graphs to "
+        f"{out_dir} in {seconds:.1f} s (exporter: {'; '.join(exporters)})",
         f"checked against PyTorch: max |logit difference| {manifest['verified_max_abs_logit_difference']:.2e}",
         f"thresholds ({manifest['criterion']}, {target}) fitted on {fitted['val_images']} val images: "
         f"{fitted['val_avg_macs'] / 1e6:.3f}M MACs on average",
-        "exit  after stage  threshold  val share  MACs (as evaluated)",
+        "exit  after stage  threshold  val share  MACs (as evaluated)  MACs (lazy)",
     ]
     for e, share in zip(manifest["exits"], fitted["val_exit_fractions"], strict=True):
         t = "(rest)" if e["exit"] == len(manifest["exits"]) else f"{float(e['threshold']):.4f}"
+        lazy = f"{e['macs_lazy'] / 1e6:>10.2f}M" if "macs_lazy" in e else f"{'-':>11}"
         lines.append(
-            f"{e['exit']:>4}  {e['after_stage']:>11}  {t:>9}  {share:>9.2f}  {e['macs_cumulative'] / 1e6:>8.2f}M"
+            f"{e['exit']:>4}  {e['after_stage']:>11}  {t:>9}  {share:>9.2f}  {e['macs_cumulative'] / 1e6:>18.2f}M  "
+            f"{lazy}"
         )
     return "\n".join(lines)
 

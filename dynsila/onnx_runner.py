@@ -1,11 +1,13 @@
 """Early exit on ONNX Runtime: run a directory written by ``python -m dynsila.export`` with numpy only.
 
-``OnnxEarlyExitRunner(DIR)`` reads ``manifest.json`` and opens one ONNX Runtime session per stage graph and per
-exit graph. A batch goes through stage by stage; after each exit the samples whose confidence reaches that
-exit's threshold are finalised and dropped from the stage state (every state tensor is indexed), exactly as
-``dynsila.runner.EarlyExitRunner`` does in PyTorch. Neither the model code nor the checkpoint is needed: this
-module imports numpy and onnxruntime, nothing of torch. Confidences are computed in float64, as the PyTorch
-criteria (``dynsila.evaluate.CONFIDENCE``) are.
+``OnnxEarlyExitRunner(DIR)`` reads ``manifest.json`` and opens one ONNX Runtime session per stage graph and per exit
+graph. A batch goes through stage by stage; after each exit the samples whose confidence reaches that exit's
+threshold are finalised and dropped from the stage state (every state tensor is indexed), exactly as
+``dynsila.runner.EarlyExitRunner`` does in PyTorch, lazily too: a stage exported in two graphs runs its second (the
+finer scales only later exits read) for the samples that go on only, and a sample is charged the lazy MACs of its
+exit (``cost_convention``: "lazy"; "paper", the cumulative count, for exports without split stages). Neither the
+model code nor the checkpoint is needed: this module imports numpy and onnxruntime, nothing of torch. Confidences
+are computed in float64, as the PyTorch criteria (``dynsila.evaluate.CONFIDENCE``) are.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ NUMPY_CONFIDENCE: dict[str, Callable[[Array], Array]] = {
 class OnnxEarlyExitResult:
     predictions: Array  # N, int64 class index
     exit_index: Array  # N, int64 0-based exit each sample left at
-    macs: Array  # N, float64 multiply-accumulates spent on each sample (as evaluated: earlier exits included)
+    macs: Array  # N, float64 multiply-accumulates spent on each sample, earlier exits included (``cost_convention``)
     confidence: Array  # N, float64 the criterion's value at the exit taken
     logits: Array  # N x C, float32 logits of the exit taken
 
@@ -139,7 +141,10 @@ class OnnxEarlyExitRunner:
             raise _DeployError(f"{len(chosen)} thresholds for an export with {len(exits)} exits")
         self.thresholds = np.asarray(chosen, dtype=np.float64)
         self.confidence = NUMPY_CONFIDENCE[criterion]
-        self.costs = np.asarray([e["macs_cumulative"] for e in exits], dtype=np.float64)
+        stage_entries = self.manifest["stages"]
+        lazy = any("rest" in st for st in stage_entries) and all("macs_lazy" in e for e in exits)
+        self.cost_convention = "lazy" if lazy else "paper"  # what ``macs`` in the results counts
+        self.costs = np.asarray([e["macs_lazy" if lazy else "macs_cumulative"] for e in exits], dtype=np.float64)
         self.exit_after = [int(e["after_stage"]) for e in exits]
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
@@ -150,7 +155,11 @@ class OnnxEarlyExitRunner:
             path = str(self.directory / entry["file"])
             return _Graph(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
 
-        self.stages = [open_graph(s) for s in self.manifest["stages"]]
+        self.stages = [open_graph(s) for s in stage_entries]
+        # a stage written in two graphs (lazy evaluation): the exits' path, then the rest for those who go on
+        self.rests = [open_graph(s["rest"]) if "rest" in s else None for s in stage_entries]
+        self.exit_names = [s.get("exit_outputs") for s in stage_entries]
+        self.pending_names = [s.get("pending_outputs") for s in stage_entries]
         self.exits = [open_graph(e) for e in exits]
         self.input_name = self.manifest["input"]["name"]
 
@@ -190,11 +199,25 @@ class OnnxEarlyExitRunner:
         """Every exit's logits for every sample, ``N x K x C`` (no early exit: the anytime outputs)."""
         state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         logits: list[Array] = []
-        for stage_index, stage in enumerate(self.stages):
-            state = stage(state)
+        for stage_index in range(len(self.stages)):
+            exit_state, state = self._run_stage(stage_index, state)
             for k in (k for k, after in enumerate(self.exit_after) if after == stage_index):
-                logits.append(self._exit_logits(k, state))
+                logits.append(self._exit_logits(k, exit_state))
+            state = self._complete(stage_index, state)
         return np.stack(logits, axis=1)
+
+    def _run_stage(self, stage_index: int, state: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
+        """The stage's first graph: (what its exits read, what goes on): the same dict for a whole stage; for a
+        split stage the exit path and the pending tensors the rest graph reads."""
+        out = self.stages[stage_index](state)
+        exit_names, pending_names = self.exit_names[stage_index], self.pending_names[stage_index]
+        if exit_names is None or pending_names is None:
+            return out, out
+        return {n: out[n] for n in exit_names}, {n: out[n] for n in pending_names}
+
+    def _complete(self, stage_index: int, pending: dict[str, Array]) -> dict[str, Array]:
+        rest = self.rests[stage_index]
+        return pending if rest is None else rest(pending)
 
     def _exit_logits(self, k: int, state: dict[str, Array]) -> Array:
         (logits,) = self.exits[k](state).values()
@@ -212,10 +235,11 @@ class OnnxEarlyExitRunner:
 
     def _advance(self, stage_index: int, group: _Group, finished: _Finished) -> _Group | None:
         """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None)."""
-        state = self.stages[stage_index](group.state)
+        exit_state, state = self._run_stage(stage_index, group.state)
         positions = group.positions
-        for k in (k for k, after in enumerate(self.exit_after) if after == stage_index):
-            logits = self._exit_logits(k, state)
+        exits = [k for k, after in enumerate(self.exit_after) if after == stage_index]
+        for n, k in enumerate(exits):
+            logits = self._exit_logits(k, exit_state)
             conf = self.confidence(logits)
             last = k == self.num_exits - 1
             leaving = np.ones(len(conf), dtype=bool) if last else conf >= self.thresholds[k]
@@ -225,8 +249,13 @@ class OnnxEarlyExitRunner:
             if leaving.any():
                 staying = ~leaving
                 positions = positions[staying]
+                whole = exit_state is state
                 state = {name: t[staying] for name, t in state.items()}
-        return _Group(state, positions)
+                if whole:
+                    exit_state = state
+                elif n < len(exits) - 1:  # another exit after this stage reads the exit path
+                    exit_state = {name: t[staying] for name, t in exit_state.items()}
+        return _Group(self._complete(stage_index, state), positions)
 
 
 @dataclass

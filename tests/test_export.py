@@ -44,9 +44,9 @@ def compare_runners(model: MultiExitNetwork, onnx_dir: Path, x: torch.Tensor, ba
     with PyTorch's within 1e-4."""
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     thresholds = [float(e["threshold"]) for e in manifest["exits"]]
-    costs = [e["macs_cumulative"] for e in manifest["exits"]]
-    torch_runner = EarlyExitRunner(model, thresholds, manifest["criterion"], costs=costs)
     onnx_runner = OnnxEarlyExitRunner(onnx_dir, threads=1)
+    key = "macs_lazy" if onnx_runner.cost_convention == "lazy" else "macs_cumulative"
+    torch_runner = EarlyExitRunner(model, thresholds, manifest["criterion"], costs=[e[key] for e in manifest["exits"]])
     with torch.no_grad():
         reference = torch.stack(torch_runner.model(x.contiguous(memory_format=torch.channels_last)), 1).numpy()
     for batch, part in ((batch_size, x), (1, x[:singles])):
@@ -72,7 +72,8 @@ def assert_graphs_are_deployable(onnx_dir: Path) -> None:
     import onnx
 
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
-    for entry in manifest["stages"] + manifest["exits"]:
+    rests = [s["rest"] for s in manifest["stages"] if "rest" in s]
+    for entry in manifest["stages"] + rests + manifest["exits"]:
         graph = onnx.load(str(onnx_dir / entry["file"])).graph
         assert not [n for n in graph.node if n.op_type == "BatchNormalization"], entry["file"]
         for value in list(graph.input) + list(graph.output):
@@ -102,9 +103,9 @@ def test_digits_run_exports_and_the_onnx_runner_decides_as_pytorch(tiny_config, 
     val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std)
     fitted = fit_thresholds(CONFIDENCE["entropy"](val_logits), geometric_fractions([1.0], 3))[0]
     assert [float(e["threshold"]) for e in manifest["exits"]] == fitted.tolist()
-    assert [e["macs_cumulative"] for e in manifest["exits"]] == [
-        c.macs_cumulative for c in exit_costs(model, (3, 8, 8))
-    ]
+    counted = exit_costs(model, (3, 8, 8))
+    assert [e["macs_cumulative"] for e in manifest["exits"]] == [c.macs_cumulative for c in counted]
+    assert [e["macs_lazy"] for e in manifest["exits"]] == [c.macs_lazy for c in counted]
     assert_graphs_are_deployable(onnx_dir)
 
     images, _ = next(iter(make_loader(splits.test, len(splits.test), shuffle=False)))
@@ -147,11 +148,20 @@ def test_msdnet_cifar100_b7_onnx_runner_decides_as_pytorch(tmp_path, exporter):
         conf = CONFIDENCE["max_prob"](torch.stack(model(calibration), 1))
     thresholds = fit_thresholds(conf, geometric_fractions([1.0], 7))[0].tolist()
     fit = ThresholdFit(thresholds, "max_prob", 1.0, None, 64, [], 0.0)
-    costs = [{"macs": 1, "macs_cumulative": k} for k in range(1, 8)]  # not counted here (fvcore takes ~15 s)
+    # not counted here (fvcore takes ~15 s); lazy costs below the paper's so that a mix-up shows
+    costs = [{"macs": 1, "macs_cumulative": 10 * k, "macs_lazy": 10 * k - 1} for k in range(1, 8)]
     manifest = export_onnx(model, tmp_path / "b7", calibration[:4], costs, fit, exporter=exporter)
-    assert {g["exporter"] for g in manifest["stages"] + manifest["exits"]} == {exporter}
+    rests = [s["rest"] for s in manifest["stages"] if "rest" in s]
+    assert {g["exporter"] for g in manifest["stages"] + rests + manifest["exits"]} == {exporter}
     scales = [len(s["outputs"]) for s in manifest["stages"]]  # MSDNet's list of scales, finest dropped over time
     assert scales[0] == 3 and scales[-1] == 1 and scales == sorted(scales, reverse=True)
+    # lazy evaluation: the stages whose exit does not read every scale are written as exit path + deferred rest
+    split = [model.deferred_split(i) is not None for i in range(len(model.stages))]
+    assert ["rest" in s for s in manifest["stages"]] == split and any(split) and not all(split)
+    for s, entry in zip(manifest["stages"], split, strict=True):
+        if entry:  # the exit reads the coarsest scale only; the finer ones wait for the rest graph
+            assert len(s["exit_outputs"]) < len(s["outputs"]) and s["rest"]["outputs"] == s["outputs"]
+    assert OnnxEarlyExitRunner(tmp_path / "b7").cost_convention == "lazy"
     compare_runners(model, tmp_path / "b7", x, batch_size=32, singles=6)
 
 
