@@ -3,12 +3,13 @@
 An early-exit network cannot be one graph: the point is to stop between stages. The deploy model (batch-norm folded
 into the convolutions) is exported as one ONNX graph per stage (``stage0.onnx`` includes the stem) and one per exit
 head (``exit<k>.onnx``). Each stage graph reads the previous stage state and writes the next as named tensors,
-``state<k>_<j>`` (stage k's output, tensor j: MSDNet's scales, finest first); the first reads ``image``. A stage
-that declares a deferred split (``MultiExitNetwork.deferred_split``; MSDNet: the finer scales only later exits read)
-is written as two graphs, as the PyTorch runner evaluates it lazily: ``stage<k>.onnx`` computes what its exits read
-(``exit_state<k>_<j>``) and what the rest needs (``pending<k>_<j>``); ``stage<k>_rest.onnx`` turns the pending
-tensors of the samples that go on into the stage's output. Every graph has a dynamic batch axis. ``manifest.json``
-holds the exit order, the tensor names, the thresholds fitted on the run's validation split (as ``python -m
+``state<k>_<j>`` (stage k's output, tensor j: MSDNet's scales, finest first); the first reads ``image``. With
+``--lazy`` a stage that declares a deferred split (``MultiExitNetwork.deferred_split``; MSDNet: the finer scales
+only later exits read) is written as two graphs, as the PyTorch runner evaluates it lazily: ``stage<k>.onnx``
+computes what its exits read (``exit_state<k>_<j>``) and what the rest needs (``pending<k>_<j>``);
+``stage<k>_rest.onnx`` turns the pending tensors of the samples that go on into the stage's output (fewer MACs, but
+slower on ONNX Runtime on our CPU, so off by default). Every graph has a dynamic batch axis. ``manifest.json`` holds
+the exit order, the tensor names, the thresholds fitted on the run's validation split (as ``python -m
 dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs exit only, as
 evaluated and lazy). ``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
 
@@ -252,11 +253,15 @@ def export_onnx(
     *,
     exporter: str = "auto",
     force: bool = False,
+    lazy: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s stages and exits to ``out_dir`` (written to a temporary folder beside it, then renamed
     into place) and return the manifest. ``example``: a few normalised inputs ``N x C x H x W`` (N >= 2) to trace
-    and verify with; ``costs``: per exit ``{"macs", "macs_cumulative"}``; ``extra``: more manifest entries."""
+    and verify with; ``costs``: per exit ``{"macs", "macs_cumulative"[, "macs_lazy"]}``; ``extra``: more manifest
+    entries. ``lazy``: write stages with a deferred split as two graphs (see the module docstring); off by default,
+    because on ONNX Runtime the extra graph calls and the pending tensors' round trip through numpy cost more than
+    the skipped MACs save (b7, 2 CPU threads: 10-27 % slower, README)."""
     bare = unwrap(model)
     refuse_gated(bare)
     if exporter not in EXPORTERS:
@@ -279,7 +284,7 @@ def export_onnx(
     staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
     try:
         with torch.no_grad():
-            stages, exits = _export_graphs(folded, example.float(), staging, exporter)
+            stages, exits = _export_graphs(folded, example.float(), staging, exporter, lazy)
         manifest = _manifest(example, stages, exits, costs, fit, dict(extra or {}))
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
         manifest["verified_max_abs_logit_difference"] = _verify(folded, example, staging)
@@ -292,7 +297,7 @@ def export_onnx(
 
 
 def _export_graphs(
-    model: MultiExitNetwork, example: torch.Tensor, folder: Path, exporter: str, lazy: bool = True
+    model: MultiExitNetwork, example: torch.Tensor, folder: Path, exporter: str, lazy: bool
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every stage graph and exit graph of ``model`` into ``folder``; their manifest entries. With ``lazy``, a
     stage that declares a deferred split is written as two graphs (exit path, deferred rest)."""
@@ -452,7 +457,14 @@ def fit_run_thresholds(
 
 
 def export_run(
-    run_dir: Path, out_dir: Path, criterion: str, q: float | None, budget: float | None, exporter: str, force: bool
+    run_dir: Path,
+    out_dir: Path,
+    criterion: str,
+    q: float | None,
+    budget: float | None,
+    exporter: str,
+    force: bool,
+    lazy: bool = False,
 ) -> dict[str, Any]:
     """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
     export. Returns the manifest."""
@@ -473,7 +485,7 @@ def export_run(
         }
     }
     extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, **preprocess}
-    return export_onnx(model, out_dir, example, costs, fit, exporter=exporter, force=force, extra=extra)
+    return export_onnx(model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,13 +499,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--lazy", action="store_true", help="split stages for lazy evaluation (fewer MACs, slower on ORT here)"
+    )
     args = parser.parse_args(argv)
     q = 1.0 if args.q is None and args.budget is None else args.q
     out_dir = args.out or args.run_dir / "onnx"
     start = time.perf_counter()
     try:
         with log_lines_to(sys.stdout):
-            manifest = export_run(args.run_dir, out_dir, args.criterion, q, args.budget, args.exporter, args.force)
+            manifest = export_run(
+                args.run_dir, out_dir, args.criterion, q, args.budget, args.exporter, args.force, args.lazy
+            )
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

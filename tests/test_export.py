@@ -107,6 +107,8 @@ def test_digits_run_exports_and_the_onnx_runner_decides_as_pytorch(tiny_config, 
     assert [e["macs_cumulative"] for e in manifest["exits"]] == [c.macs_cumulative for c in counted]
     assert [e["macs_lazy"] for e in manifest["exits"]] == [c.macs_lazy for c in counted]
     assert_graphs_are_deployable(onnx_dir)
+    assert not any("rest" in s for s in manifest["stages"])  # whole stages unless --lazy
+    assert OnnxEarlyExitRunner(onnx_dir).cost_convention == "paper"
 
     images, _ = next(iter(make_loader(splits.test, len(splits.test), shuffle=False)))
     compare_runners(model, onnx_dir, normalize(images, splits.mean, splits.std), batch_size=64, singles=24)
@@ -150,7 +152,7 @@ def test_msdnet_cifar100_b7_onnx_runner_decides_as_pytorch(tmp_path, exporter):
     fit = ThresholdFit(thresholds, "max_prob", 1.0, None, 64, [], 0.0)
     # not counted here (fvcore takes ~15 s); lazy costs below the paper's so that a mix-up shows
     costs = [{"macs": 1, "macs_cumulative": 10 * k, "macs_lazy": 10 * k - 1} for k in range(1, 8)]
-    manifest = export_onnx(model, tmp_path / "b7", calibration[:4], costs, fit, exporter=exporter)
+    manifest = export_onnx(model, tmp_path / "b7", calibration[:4], costs, fit, exporter=exporter, lazy=True)
     rests = [s["rest"] for s in manifest["stages"] if "rest" in s]
     assert {g["exporter"] for g in manifest["stages"] + rests + manifest["exits"]} == {exporter}
     scales = [len(s["outputs"]) for s in manifest["stages"]]  # MSDNet's list of scales, finest dropped over time
