@@ -146,6 +146,9 @@ class OnnxEarlyExitRunner:
         self.cost_convention = "lazy" if lazy else "paper"  # what ``macs`` in the results counts
         self.costs = np.asarray([e["macs_lazy" if lazy else "macs_cumulative"] for e in exits], dtype=np.float64)
         self.exit_after = [int(e["after_stage"]) for e in exits]
+        self.exits_after = [
+            [k for k, after in enumerate(self.exit_after) if after == i] for i in range(len(stage_entries))
+        ]
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         if threads is not None:
@@ -201,7 +204,7 @@ class OnnxEarlyExitRunner:
         logits: list[Array] = []
         for stage_index in range(len(self.stages)):
             exit_state, state = self._run_stage(stage_index, state)
-            for k in (k for k, after in enumerate(self.exit_after) if after == stage_index):
+            for k in self.exits_after[stage_index]:
                 logits.append(self._exit_logits(k, exit_state))
             state = self._complete(stage_index, state)
         return np.stack(logits, axis=1)
@@ -237,7 +240,7 @@ class OnnxEarlyExitRunner:
         """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None)."""
         exit_state, state = self._run_stage(stage_index, group.state)
         positions = group.positions
-        exits = [k for k, after in enumerate(self.exit_after) if after == stage_index]
+        exits = self.exits_after[stage_index]
         for n, k in enumerate(exits):
             logits = self._exit_logits(k, exit_state)
             conf = self.confidence(logits)
