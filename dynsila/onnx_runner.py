@@ -110,6 +110,29 @@ class _Graph:
         return dict(zip(self.outputs, results, strict=True))
 
 
+@dataclass
+class _Stage:
+    """One stage of the exported network. A stage written whole is one graph; a stage written in two (lazy
+    evaluation) is the exits' path (``graph``, whose outputs split into ``exit_outputs`` and
+    ``pending_outputs``) and ``rest``, run only for the samples that go on. ``exits``: the exits after it."""
+
+    graph: _Graph
+    rest: _Graph | None
+    exit_outputs: list[str] | None
+    pending_outputs: list[str] | None
+    exits: list[int]
+
+    def run(self, state: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
+        """(what the exits read, what goes on): the same dict for a whole stage."""
+        out = self.graph(state)
+        if self.exit_outputs is None or self.pending_outputs is None:
+            return out, out
+        return {n: out[n] for n in self.exit_outputs}, {n: out[n] for n in self.pending_outputs}
+
+    def complete(self, pending: dict[str, Array]) -> dict[str, Array]:
+        return pending if self.rest is None else self.rest(pending)
+
+
 class OnnxEarlyExitRunner:
     """Stage-by-stage inference on ONNX Runtime (CPU) with batch compaction.
 
@@ -146,9 +169,6 @@ class OnnxEarlyExitRunner:
         self.cost_convention = "lazy" if lazy else "paper"  # what ``macs`` in the results counts
         self.costs = np.asarray([e["macs_lazy" if lazy else "macs_cumulative"] for e in exits], dtype=np.float64)
         self.exit_after = [int(e["after_stage"]) for e in exits]
-        self.exits_after = [
-            [k for k, after in enumerate(self.exit_after) if after == i] for i in range(len(stage_entries))
-        ]
         options = ort.SessionOptions()
         options.inter_op_num_threads = 1
         if threads is not None:
@@ -158,11 +178,16 @@ class OnnxEarlyExitRunner:
             path = str(self.directory / entry["file"])
             return _Graph(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
 
-        self.stages = [open_graph(s) for s in stage_entries]
-        # a stage written in two graphs (lazy evaluation): the exits' path, then the rest for those who go on
-        self.rests = [open_graph(s["rest"]) if "rest" in s else None for s in stage_entries]
-        self.exit_names = [s.get("exit_outputs") for s in stage_entries]
-        self.pending_names = [s.get("pending_outputs") for s in stage_entries]
+        self.stages = [
+            _Stage(
+                graph=open_graph(entry),
+                rest=open_graph(entry["rest"]) if "rest" in entry else None,
+                exit_outputs=entry.get("exit_outputs"),
+                pending_outputs=entry.get("pending_outputs"),
+                exits=[k for k, after in enumerate(self.exit_after) if after == i],
+            )
+            for i, entry in enumerate(stage_entries)
+        ]
         self.exits = [open_graph(e) for e in exits]
         self.input_name = self.manifest["input"]["name"]
 
@@ -176,10 +201,10 @@ class OnnxEarlyExitRunner:
         x = np.ascontiguousarray(x, dtype=np.float32)
         finished = _Finished()
         group: _Group | None = _Group({self.input_name: x}, np.arange(x.shape[0]))
-        for stage_index in range(len(self.stages)):
+        for stage in self.stages:
             if group is None:
                 break
-            group = self._advance(stage_index, group, finished)
+            group = self._advance(stage, group, finished)
         return finished.result(x.shape[0], self.costs)
 
     def run_stream(self, batches: Iterable[Array], group_size: int | None = None) -> OnnxEarlyExitResult:
@@ -202,25 +227,12 @@ class OnnxEarlyExitRunner:
         """Every exit's logits for every sample, ``N x K x C`` (no early exit: the anytime outputs)."""
         state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         logits: list[Array] = []
-        for stage_index in range(len(self.stages)):
-            exit_state, state = self._run_stage(stage_index, state)
-            for k in self.exits_after[stage_index]:
+        for stage in self.stages:
+            exit_state, state = stage.run(state)
+            for k in stage.exits:
                 logits.append(self._exit_logits(k, exit_state))
-            state = self._complete(stage_index, state)
+            state = stage.complete(state)
         return np.stack(logits, axis=1)
-
-    def _run_stage(self, stage_index: int, state: dict[str, Array]) -> tuple[dict[str, Array], dict[str, Array]]:
-        """The stage's first graph: (what its exits read, what goes on): the same dict for a whole stage; for a
-        split stage the exit path and the pending tensors the rest graph reads."""
-        out = self.stages[stage_index](state)
-        exit_names, pending_names = self.exit_names[stage_index], self.pending_names[stage_index]
-        if exit_names is None or pending_names is None:
-            return out, out
-        return {n: out[n] for n in exit_names}, {n: out[n] for n in pending_names}
-
-    def _complete(self, stage_index: int, pending: dict[str, Array]) -> dict[str, Array]:
-        rest = self.rests[stage_index]
-        return pending if rest is None else rest(pending)
 
     def _exit_logits(self, k: int, state: dict[str, Array]) -> Array:
         (logits,) = self.exits[k](state).values()
@@ -232,15 +244,15 @@ class OnnxEarlyExitRunner:
                 continue
             group = _Group.concatenate(waiting)
             waiting.clear()
-            survivors = self._advance(stage_index, group, finished)
+            survivors = self._advance(self.stages[stage_index], group, finished)
             if survivors is not None:
                 pending[stage_index + 1].append(survivors)
 
-    def _advance(self, stage_index: int, group: _Group, finished: _Finished) -> _Group | None:
+    def _advance(self, stage: _Stage, group: _Group, finished: _Finished) -> _Group | None:
         """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None)."""
-        exit_state, state = self._run_stage(stage_index, group.state)
+        exit_state, state = stage.run(group.state)
         positions = group.positions
-        exits = self.exits_after[stage_index]
+        exits = stage.exits
         for n, k in enumerate(exits):
             logits = self._exit_logits(k, exit_state)
             conf = self.confidence(logits)
@@ -258,7 +270,7 @@ class OnnxEarlyExitRunner:
                     exit_state = state
                 elif n < len(exits) - 1:  # another exit after this stage reads the exit path
                     exit_state = {name: t[staying] for name, t in exit_state.items()}
-        return _Group(self._complete(stage_index, state), positions)
+        return _Group(stage.complete(state), positions)
 
 
 @dataclass
