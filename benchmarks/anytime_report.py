@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.paired_stats import beyond_noise, interval, paired
+from benchmarks.paired_stats import beyond_noise, interval, paired, pairs_for_width
 from benchmarks.toolkit import accuracy_at, anytime_area, save_figure
 
 WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference must be narrower than +-1.0
@@ -125,6 +125,7 @@ def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]
     base = rows.get("baseline")
     tier1 = [c for c in compared if c["tier"] == 1]
     widths = [c["area"]["ci95"] for c in tier1 if math.isfinite(c["area"]["ci95"])]
+    needed = [pairs_for_width(c["area"]["std"], WIDTH_TARGET) for c in tier1 if math.isfinite(c["area"]["std"])]
     control = next((c for c in compared if c["method"] == POSITIVE_CONTROL and c["reference"] == "baseline"), None)
     return {
         "baseline_train_clean_last_exit": base["train_clean_last_exit"]["mean"] if base else math.nan,
@@ -133,6 +134,8 @@ def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]
         "widest_tier1_ci95": max(widths) if widths else math.nan,
         "width_target": WIDTH_TARGET,
         "widths_met": bool(widths) and max(widths) < WIDTH_TARGET,
+        # seeds the widest tier-1 comparison would need for the width target at its observed spread
+        "seeds_for_width_target": None if not needed or None in needed else max(needed),
         "largest_tier1_mde": max((c["area"]["mde"] for c in tier1 if math.isfinite(c["area"]["mde"])),
                                  default=math.nan),
         "positive_control": control["area"] if control else None,
@@ -200,6 +203,12 @@ def design_lines(design: dict[str, Any]) -> list[str]:
         f"±{design['widest_tier1_ci95']:.2f} points (target < ±{design['width_target']:.1f}: {widths}); largest "
         f"minimum detectable effect (80 % power, 5 % two-sided) {design['largest_tier1_mde']:.2f} points.",
     ]
+    if not design["widths_met"] and design.get("seeds_for_width_target"):
+        lines.append(
+            f"- At the spreads observed, every tier-1 interval would be narrower than ±{design['width_target']:.1f} "
+            f"with about {design['seeds_for_width_target']} paired seeds (a planning estimate: the spreads are "
+            "themselves estimated from few seeds)."
+        )
     if control is not None:
         lines.append(f"- Positive control (self-distillation vs baseline): {diff_cell(control)} — {seen}.")
     if control is None or control["n"] < 2:

@@ -36,6 +36,17 @@ def minimum_detectable_effect(std_of_differences: float, pairs: int) -> float:
     return float((stats.t.ppf(1 - ALPHA / 2, dof) + stats.t.ppf(POWER, dof)) * std_of_differences / math.sqrt(pairs))
 
 
+def pairs_for_width(std_of_differences: float, half_width: float, limit: int = 1000) -> int | None:
+    """Fewest pairs whose 95 % t-interval half-width is below ``half_width`` at this spread of the per-seed
+    differences (a planning figure: the spread itself is estimated); None when even ``limit`` pairs do not."""
+    if not math.isfinite(std_of_differences):
+        return None
+    for n in range(2, limit + 1):
+        if stats.t.ppf(1 - ALPHA / 2, n - 1) * std_of_differences / math.sqrt(n) < half_width:
+            return n
+    return None
+
+
 def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, float]:
     """Per-seed difference ``values - reference`` over the seeds both have: interval, paired t-test p, MDE."""
     seeds = sorted(set(values) & set(reference))

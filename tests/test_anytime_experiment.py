@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import anytime
 from benchmarks.anytime_report import summarise
-from benchmarks.paired_stats import minimum_detectable_effect, paired
+from benchmarks.paired_stats import minimum_detectable_effect, paired, pairs_for_width
 
 
 def fake_run(method: str, seed: int, test: list[float], clean: float = 99.0) -> dict:
@@ -53,6 +53,15 @@ def test_paired_difference_matches_a_hand_computation() -> None:
     assert d["ci95"] == pytest.approx(4.302653 * std / math.sqrt(3), rel=1e-5)  # t(0.975, 2) = 4.3027
     assert d["mde"] == pytest.approx((4.302653 + 1.060660) * std / math.sqrt(3), rel=1e-5)  # t(0.80, 2) = 1.0607
     assert minimum_detectable_effect(1.0, 1) != minimum_detectable_effect(1.0, 1)  # one pair: nan
+
+
+def test_pairs_for_width_is_the_first_seed_count_under_the_target() -> None:
+    # sd 2.29 (the spread behind a +-3.64 interval at 4 seeds): t(0.975, n-1) * 2.29 / sqrt(n) first drops
+    # below 1.0 at n = 23 (t(0.975, 22) = 2.0739 -> 0.990; t(0.975, 21) = 2.0796 at n = 22 -> 1.015)
+    assert pairs_for_width(2.29, 1.0) == 23
+    assert pairs_for_width(0.1, 1.0) == 2
+    assert pairs_for_width(100.0, 1.0, limit=50) is None
+    assert pairs_for_width(math.nan, 1.0) is None
 
 
 def test_pairs_only_seeds_both_sides_have() -> None:
