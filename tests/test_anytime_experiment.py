@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from benchmarks import anytime
+from benchmarks.anytime_last_epoch import comparisons, last_epoch_test_top1
 from benchmarks.anytime_report import summarise
 from benchmarks.paired_stats import minimum_detectable_effect, paired, pairs_for_width
 
@@ -62,6 +63,19 @@ def test_pairs_for_width_is_the_first_seed_count_under_the_target() -> None:
     assert pairs_for_width(0.1, 1.0) == 2
     assert pairs_for_width(100.0, 1.0, limit=50) is None
     assert pairs_for_width(math.nan, 1.0) is None
+
+
+def test_last_epoch_comparisons_pair_each_rule_over_the_same_seeds() -> None:
+    by_method = {
+        "baseline": {"best": {0: 50.0, 1: 52.0, 2: 51.0}, "last": {0: 55.0, 1: 56.0, 2: 55.5}},
+        "baseline_x2": {"best": {0: 51.0, 1: 52.0, 2: 53.0}, "last": {0: 55.0, 1: 56.0, 2: 56.0}},
+        "sila_features": {"best": {0: 52.0, 1: 53.0, 2: 51.0}, "last": {0: 56.0, 1: 57.0, 2: 56.5}},
+    }
+    rows = {(r["method"], r["reference"]): r for r in comparisons(by_method)}
+    assert set(rows) == {("baseline_x2", "baseline"), ("sila_features", "baseline"), ("sila_features", "baseline_x2")}
+    sila = rows[("sila_features", "baseline")]
+    assert sila["best"]["mean"] == pytest.approx(1.0) and sila["last"]["mean"] == pytest.approx(1.0)
+    assert sila["last"]["std"] == 0.0 and sila["best"]["std"] > 0  # the rules give different spreads
 
 
 def test_pairs_only_seeds_both_sides_have() -> None:
@@ -138,6 +152,12 @@ def test_grid_trains_what_is_missing_then_reports_from_files_alone(tmp_path: Pat
     record = json.loads(files[0].read_text())
     assert len(record["peers"][0]["train_top1_clean"]) == len(record["peers"][0]["test_top1"])
     first = json.loads((tmp_path / "res" / "anytime_tiny.json").read_text())["summary"]
+    # one epoch: the last epoch is the best one, so the secondary analysis must reproduce the run files' test top-1
+    # (the SiLa run's checkpoint holds the wrapped network and its twin heads; the baseline's the bare network)
+    for name in ("baseline_seed0", "sila_features_seed0"):
+        top1, epoch = last_epoch_test_top1(tmp_path / "runs" / name)
+        recorded = json.loads((tmp_path / "res" / "anytime_tiny" / "runs" / f"{name}.json").read_text())
+        assert epoch == 1 and top1 == pytest.approx(recorded["peers"][0]["test_top1"], abs=1e-4)
     # the checkpoints are gone (as on another machine): the report comes back from the run files alone
     for path in sorted((tmp_path / "runs").rglob("*"), reverse=True):
         path.unlink() if path.is_file() else path.rmdir()
