@@ -94,6 +94,8 @@ def comparisons(by_method: dict[str, dict]) -> list[dict[str, Any]]:
     for name in by_method:
         refs = ["baseline"] + ([LOSS_SCALE_CONTROL] if name.startswith("sila") else [])
         for ref in (r for r in refs if r in by_method and r != name):
+            if not set(by_method[name]["last"]) & set(by_method[ref]["last"]):
+                continue  # no seed both have here
             rows.append({
                 "method": name,
                 "reference": ref,

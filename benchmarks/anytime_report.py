@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.paired_stats import beyond_noise, interval, paired, pairs_for_width
+from benchmarks.paired_stats import ALPHA, beyond_noise, holm, interval, paired, pairs_for_width
 from benchmarks.toolkit import accuracy_at, anytime_area, save_figure
 
 WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference must be narrower than +-1.0
@@ -127,7 +127,13 @@ def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]
     widths = [c["area"]["ci95"] for c in tier1 if math.isfinite(c["area"]["ci95"])]
     needed = [pairs_for_width(c["area"]["std"], WIDTH_TARGET) for c in tier1 if math.isfinite(c["area"]["std"])]
     control = next((c for c in compared if c["method"] == POSITIVE_CONTROL and c["reference"] == "baseline"), None)
+    adjusted = holm([c["area"]["p_value"] for c in tier1])
     return {
+        # the tier-1 family corrected for multiplicity (Holm): which comparisons hold together
+        "tier1_holm": [
+            {"method": c["method"], "reference": c["reference"], "p": c["area"]["p_value"], "p_holm": p}
+            for c, p in zip(tier1, adjusted, strict=True)
+        ],
         "baseline_train_clean_last_exit": base["train_clean_last_exit"]["mean"] if base else math.nan,
         "baseline_gap": base["gap_mean"]["mean"] if base else math.nan,
         "gap_target": GAP_TARGET,
@@ -211,6 +217,16 @@ def design_lines(design: dict[str, Any]) -> list[str]:
         )
     if control is not None:
         lines.append(f"- Positive control (self-distillation vs baseline): {diff_cell(control)} — {seen}.")
+    family = [c for c in design.get("tier1_holm", []) if math.isfinite(c["p_holm"])]
+    if family:
+        held = [f"{c['method']} vs {c['reference']} (p {c['p']:.3f} -> {c['p_holm']:.3f})"
+                for c in family if c["p_holm"] < ALPHA]  # fmt: skip
+        lines.append(
+            f"- Corrected for multiplicity (Holm, the {len(family)} tier-1 comparisons in anytime area, "
+            f"{ALPHA:.0%} family-wise): " + ("; ".join(held) if held else "none") + " hold"
+            + (" (raw p -> adjusted p); every other tier-1 difference is within noise once the family is counted."
+               if held else ".")
+        )  # fmt: skip
     if control is None or control["n"] < 2:
         lines.append(
             "- **Incomplete**: the positive control has fewer than two seeds paired with the baseline, so the "

@@ -61,6 +61,19 @@ def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, f
     return result
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (same order; NaN stays NaN and is not counted):
+    the i-th smallest of m gets max over j <= i of min(1, (m - j + 1) * p_(j)). A comparison holds at level a
+    for the whole family when its adjusted p is below a."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if math.isfinite(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
 def beyond_noise(difference: dict[str, float]) -> bool:
     """True when the 95 % interval of a paired difference excludes zero."""
     return math.isfinite(difference["ci95"]) and abs(difference["mean"]) > difference["ci95"]

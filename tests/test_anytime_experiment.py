@@ -12,7 +12,7 @@ import pytest
 from benchmarks import anytime
 from benchmarks.anytime_last_epoch import comparisons, last_epoch_test_top1
 from benchmarks.anytime_report import summarise
-from benchmarks.paired_stats import minimum_detectable_effect, paired, pairs_for_width
+from benchmarks.paired_stats import holm, minimum_detectable_effect, paired, pairs_for_width
 
 
 def fake_run(method: str, seed: int, test: list[float], clean: float = 99.0) -> dict:
@@ -78,6 +78,13 @@ def test_last_epoch_comparisons_pair_each_rule_over_the_same_seeds() -> None:
     assert sila["last"]["std"] == 0.0 and sila["best"]["std"] > 0  # the rules give different spreads
 
 
+def test_holm_adjusts_a_family_step_down_by_hand() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 of m = 4: x4, x3, x2, x1 -> 0.02, 0.03, 0.06, max(0.04, 0.06) = 0.06
+    adjusted = holm([0.01, 0.04, 0.03, 0.005, math.nan])
+    assert adjusted[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adjusted[4])
+    assert holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1 (2 x 0.6), then carried forward
+
+
 def test_pairs_only_seeds_both_sides_have() -> None:
     assert paired({0: 1.0, 1: 2.0, 7: 9.0}, {0: 0.0, 1: 0.0})["n"] == 2
 
@@ -90,6 +97,9 @@ def test_a_real_effect_is_seen_and_a_null_is_not() -> None:
     assert control["mean"] == pytest.approx(2.0, abs=0.5)
     assert abs(control["mean"]) > control["ci95"]
     assert summary["design"]["positive_control_seen"]
+    family = {(c["method"], c["reference"]): c for c in summary["design"]["tier1_holm"]}
+    assert family[("self_distill", "baseline")]["p_holm"] < 0.05  # a 2-point effect survives the correction
+    assert family[("sila_features", "baseline")]["p_holm"] >= family[("sila_features", "baseline")]["p"]
     null = found[("sila_features", "baseline")]
     assert abs(null["mean"]) < 0.6
     assert ("sila_features", "baseline_x2") in found  # each SiLa reading also against the loss-scale control
