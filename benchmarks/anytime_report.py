@@ -20,6 +20,7 @@ WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference mu
 GAP_TARGET = 10.0  # points: the baseline's train-test gap the regime must reach
 POSITIVE_CONTROL = "self_distill"
 LOSS_SCALE_CONTROL = "baseline_x2"
+HALF_SILA, HALF_BASELINE = "half_sila", "half_baseline"
 BUDGET_POINTS = 8
 
 
@@ -109,14 +110,36 @@ def comparisons(rows: dict[str, dict[str, Any]], methods: dict[str, MethodInfo])
                 key: paired({s: v[key] for s, v in mine.items()}, {s: v[key] for s, v in theirs.items()})
                 for key in ("area", "budgeted", "gap")
             }
-            per_exit = [
-                paired({s: float(v["test"][k]) for s, v in mine.items()},
-                       {s: float(v["test"][k]) for s, v in theirs.items()})
-                for k in range(len(next(iter(mine.values()))["test"]))
-            ]  # fmt: skip
             tier = max(methods[name].tier, methods[ref].tier)
-            out.append({"method": name, "reference": ref, "tier": tier, **diffs, "exits": per_exit})
+            out.append({"method": name, "reference": ref, "tier": tier, **diffs, "exits": per_exit(mine, theirs)})
     return out
+
+
+def per_exit(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[str, Any]]) -> list[dict[str, float]]:
+    """Paired differences in test top-1, one per exit (two methods' per-seed scores)."""
+    exits = len(next(iter(mine.values()))["test"])
+    return [
+        paired({s: float(v["test"][k]) for s, v in mine.items()}, {s: float(v["test"][k]) for s, v in theirs.items()})
+        for k in range(exits)
+    ]
+
+
+def half_width_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The 50 % claim (SilaNet v1 abstract): the half-width SiLa network against the full-width baseline (does it
+    keep the accuracy?) and against the half-width baseline (does SiLa help at that width?), per exit, with the
+    deploy parameters and MACs of each."""
+    if HALF_SILA not in rows or "baseline" not in rows:
+        return None
+    shown = [m for m in ("baseline", HALF_BASELINE, HALF_SILA) if m in rows]
+    return {
+        "methods": {
+            m: {"params": rows[m]["deploy_params"], "macs": rows[m]["deploy_macs"], "test_top1": rows[m]["test_top1"]}
+            for m in shown
+        },
+        "half_sila_vs": {
+            ref: per_exit(rows[HALF_SILA]["_scores"], rows[ref]["_scores"]) for ref in shown if ref != HALF_SILA
+        },
+    }
 
 
 def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,9 +179,16 @@ def summarise(runs: list[dict[str, Any]], methods: dict[str, MethodInfo]) -> dic
     rows = {m: method_row(m, grouped[m], grid) for m in order}
     compared = comparisons(rows, methods)
     check = design_check(rows, compared)
+    half = half_width_claim(rows)
     for row in rows.values():
         del row["_scores"]
-    return {"budget_grid_macs": grid.tolist(), "methods": rows, "comparisons": compared, "design": check}
+    return {
+        "budget_grid_macs": grid.tolist(),
+        "methods": rows,
+        "comparisons": compared,
+        "design": check,
+        "half_width": half,
+    }
 
 
 # --- Markdown -----------------------------------------------------------------------------------------------
@@ -280,6 +310,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *secondary_lines(s["comparisons"], exits),
         "",
+        "## The 50 % claim: half width with SiLa against full width",
+        "",
+        *half_width_lines(s.get("half_width")),
+        "",
         "## Test top-1 per exit",
         "",
         *table(["method", *exits], [[n, *[fmt(i) for i in r["test_top1"]]] for n, r in rows.items()]),
@@ -316,6 +350,25 @@ def secondary_lines(compared: list[dict[str, Any]], exits: list[str]) -> list[st
         for c in compared
     ]
     return table(header, body) if body else ["No comparison yet."]
+
+
+def half_width_lines(half: dict[str, Any] | None) -> list[str]:
+    if half is None:
+        return ["No half-width SiLa run yet."]
+    methods = half["methods"]
+    exits = len(next(iter(methods.values()))["test_top1"])
+    header = ["", "deploy params", "MACs per exit", *[f"exit {k + 1}" for k in range(exits)]]
+    body = [
+        [m, f"{v['params']:,}", " / ".join(f"{x / 1e6:.2f}M" for x in v["macs"]), *[fmt(i) for i in v["test_top1"]]]
+        for m, v in methods.items()
+    ]
+    for ref, diffs in half["half_sila_vs"].items():
+        body.append([f"{HALF_SILA} − {ref}", "", "", *[diff_cell(d) for d in diffs]])
+    return [
+        "Test top-1 per exit (each network at its own exits' MACs); the difference rows are paired by seed.",
+        "",
+        *table(header, body),
+    ]
 
 
 def twin_lines(rows: dict[str, dict[str, Any]]) -> list[str]:

@@ -47,6 +47,20 @@ def grid_runs(shift: dict[str, float], seeds: int = 5, noise: float = 0.3) -> li
     return runs
 
 
+def report_payload(runs: list[dict]) -> dict:
+    """What ``anytime.report`` hands to ``markdown``, for fake runs."""
+    return {
+        "command": "x",
+        "preset": "cpu",
+        "config": "c.yaml",
+        "planned_runs": 10,
+        "finished_runs": len(runs),
+        "methods": {n: {"tier": m.tier, "about": m.about, "overrides": list(m.overrides)} for n, m in
+                    anytime.METHODS.items()},
+        "summary": summarise(runs, anytime.METHODS),
+    }  # fmt: skip
+
+
 def test_paired_difference_matches_a_hand_computation() -> None:
     d = paired({0: 3.0, 1: 5.0, 2: 4.0}, {0: 1.0, 1: 2.0, 2: 2.0})  # differences 2, 3, 2
     assert d["mean"] == pytest.approx(7 / 3)
@@ -107,6 +121,18 @@ def test_a_real_effect_is_seen_and_a_null_is_not() -> None:
     assert summary["design"]["baseline_gap"] == pytest.approx(99.0 - np.mean(baseline_test))
 
 
+def test_half_width_claim_pairs_half_sila_with_both_baselines() -> None:
+    runs = grid_runs({"baseline": 0.0, "half_baseline": -3.0, "half_sila": -1.0}, seeds=4, noise=0.1)
+    half = summarise(runs, anytime.METHODS)["half_width"]
+    assert list(half["methods"]) == ["baseline", "half_baseline", "half_sila"]
+    full, narrow = half["half_sila_vs"]["baseline"], half["half_sila_vs"]["half_baseline"]
+    assert all(d["mean"] == pytest.approx(-1.0, abs=0.3) and d["n"] == 4 for d in full)
+    assert all(d["mean"] == pytest.approx(2.0, abs=0.3) for d in narrow)
+    assert summarise(grid_runs({"baseline": 0.0, "half_baseline": -3.0}), anytime.METHODS)["half_width"] is None
+    text = anytime.markdown(report_payload(runs))
+    assert "| half_sila − baseline |  |  | -0.9" in text and "| half_sila − half_baseline |  |  | +2.0" in text
+
+
 def test_per_exit_differences_find_an_effect_on_one_exit_only() -> None:
     rng = np.random.default_rng(1)
     runs = []
@@ -123,20 +149,11 @@ def test_per_exit_differences_find_an_effect_on_one_exit_only() -> None:
 
 def test_without_a_visible_positive_control_the_report_says_inconclusive() -> None:
     runs = grid_runs({"baseline": 0.0, "self_distill": 0.0}, noise=2.0)
-    payload = {
-        "command": "x",
-        "preset": "cpu",
-        "config": "c.yaml",
-        "planned_runs": 10,
-        "finished_runs": len(runs),
-        "methods": {n: {"tier": m.tier, "about": m.about, "overrides": list(m.overrides)} for n, m in
-                    anytime.METHODS.items()},
-        "summary": summarise(runs, anytime.METHODS),
-    }  # fmt: skip
-    text = anytime.markdown(payload)
+    text = anytime.markdown(report_payload(runs))
     assert "not sensitive enough" in text
     assert "**not seen**" in text
     assert "| self_distill | baseline | " in text  # the secondary table pairs it per exit
+    assert "No half-width SiLa run yet." in text
 
 
 def test_plan_is_seed_major_and_half_width_methods_get_half_width_overrides() -> None:
