@@ -21,6 +21,8 @@ GAP_TARGET = 10.0  # points: the baseline's train-test gap the regime must reach
 POSITIVE_CONTROL = "self_distill"
 LOSS_SCALE_CONTROL = "baseline_x2"
 HALF_SILA, HALF_BASELINE = "half_sila", "half_baseline"
+# composed methods and the same method without SiLa
+WITHOUT_SILA = {"sila_dml": "dml", "sila_self_distill": POSITIVE_CONTROL, HALF_SILA: HALF_BASELINE}
 BUDGET_POINTS = 8
 
 
@@ -102,6 +104,8 @@ def comparisons(rows: dict[str, dict[str, Any]], methods: dict[str, MethodInfo])
         references = ["baseline"] if name != "baseline" else []
         if name.startswith("sila") and LOSS_SCALE_CONTROL in rows:
             references.append(LOSS_SCALE_CONTROL)
+        if name in WITHOUT_SILA:  # does SiLa add anything to the method it is composed with?
+            references.append(WITHOUT_SILA[name])
         for ref in references:
             if ref not in rows or ref == name:
                 continue
@@ -211,9 +215,9 @@ def verdict_lines(payload: dict[str, Any]) -> list[str]:
     s = payload["summary"]
     rows = s["methods"]
     lines = [
-        "| method | tier | seeds | anytime area | Δ vs baseline | Δ vs baseline ×2 | train–test gap | deploy params "
-        "| MACs (last exit) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | tier | seeds | anytime area | Δ vs baseline | Δ vs baseline ×2 | Δ vs the same without SiLa "
+        "| train–test gap | deploy params | MACs (last exit) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         cells = {}
@@ -222,7 +226,8 @@ def verdict_lines(payload: dict[str, Any]) -> list[str]:
                 cells[c["reference"]] = diff_cell(c["area"])
         lines.append(
             f"| {name} | {payload['methods'][name]['tier']} | {len(row['seeds'])} | {fmt(row['anytime_area'])} | "
-            f"{cells.get('baseline', '-')} | {cells.get(LOSS_SCALE_CONTROL, '-')} | {fmt(row['gap_mean'])} | "
+            f"{cells.get('baseline', '-')} | {cells.get(LOSS_SCALE_CONTROL, '-')} | "
+            f"{cells.get(WITHOUT_SILA.get(name, ''), '-')} | {fmt(row['gap_mean'])} | "
             f"{row['deploy_params']:,} | {row['deploy_macs'][-1] / 1e6:.2f}M |"
         )
     return lines

@@ -133,6 +133,17 @@ def test_half_width_claim_pairs_half_sila_with_both_baselines() -> None:
     assert "| half_sila − baseline |  |  | -0.9" in text and "| half_sila − half_baseline |  |  | +2.0" in text
 
 
+def test_composed_methods_are_also_paired_with_the_same_method_without_sila() -> None:
+    runs = grid_runs({"baseline": 0.0, "dml": 3.0, "sila_dml": 2.0, "self_distill": 3.0, "sila_self_distill": 3.5})
+    summary = summarise(runs, anytime.METHODS)
+    found = {(c["method"], c["reference"]): c["area"] for c in summary["comparisons"]}
+    assert found[("sila_dml", "dml")]["mean"] == pytest.approx(-1.0, abs=0.4)
+    assert found[("sila_self_distill", "self_distill")]["mean"] == pytest.approx(0.5, abs=0.4)
+    assert ("dml", "self_distill") not in found
+    row = next(line for line in anytime.markdown(report_payload(runs)).splitlines() if line.startswith("| sila_dml |"))
+    assert row.split(" | ")[6].startswith("-1.") or row.split(" | ")[6].startswith("-0.")  # the without-SiLa column
+
+
 def test_per_exit_differences_find_an_effect_on_one_exit_only() -> None:
     rng = np.random.default_rng(1)
     runs = []
