@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.anytime import deploy_dirs, load_runs
-from benchmarks.anytime_report import LOSS_SCALE_CONTROL, peer0, table
+from benchmarks.anytime_report import diff_cell, peer0, references, table
 from benchmarks.paired_stats import paired
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, anytime_area, command_line
 from dynsila.checkpoint import atomic_write_text, load_checkpoint, load_weights
@@ -88,12 +88,11 @@ def areas(runs: list[dict[str, Any]], last: dict[tuple[str, int], dict[str, Any]
 
 
 def comparisons(by_method: dict[str, dict]) -> list[dict[str, Any]]:
-    """The report's comparisons (each method vs baseline, each SiLa reading vs the loss-scale control), paired
-    over the seeds that have last-epoch files, under both model-selection rules."""
+    """The report's comparisons (``anytime_report.references``), paired over the seeds that have last-epoch
+    files, under both model-selection rules."""
     rows = []
     for name in by_method:
-        refs = ["baseline"] + ([LOSS_SCALE_CONTROL] if name.startswith("sila") else [])
-        for ref in (r for r in refs if r in by_method and r != name):
+        for ref in references(name, by_method):
             if not set(by_method[name]["last"]) & set(by_method[ref]["last"]):
                 continue  # no seed both have here
             rows.append({
@@ -102,12 +101,6 @@ def comparisons(by_method: dict[str, dict]) -> list[dict[str, Any]]:
                 **{rule: paired(by_method[name][rule], by_method[ref][rule]) for rule in ("best", "last")},
             })  # fmt: skip
     return rows
-
-
-def cell(d: dict[str, float]) -> str:
-    if d["n"] < 2:
-        return f"{d['mean']:+.2f} (n={d['n']})"
-    return f"{d['mean']:+.2f} ± {d['ci95']:.2f} (p {d['p_value']:.3f}, n={d['n']})"
 
 
 def markdown(rows: list[dict[str, Any]], left_out: list[str], command: str) -> str:
@@ -120,7 +113,7 @@ def markdown(rows: list[dict[str, Any]], left_out: list[str], command: str) -> s
         "",
         *table(
             ["method", "vs", "best-validation epoch", "last epoch"],
-            [[r["method"], r["reference"], cell(r["best"]), cell(r["last"])] for r in rows],
+            [[r["method"], r["reference"], diff_cell(r["best"]), diff_cell(r["last"])] for r in rows],
         ),
         "",
         f"Runs without a checkpoint here (left out): {', '.join(left_out) if left_out else 'none'}.",

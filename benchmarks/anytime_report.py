@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import numpy as np
@@ -96,19 +97,23 @@ def method_row(name: str, seeds: dict[int, dict[str, Any]], grid: np.ndarray) ->
     }
 
 
+def references(name: str, present: Collection[str]) -> list[str]:
+    """What a method is compared with: the baseline; for a SiLa reading also the loss-scale control; for a
+    composed method also the same method without SiLa. Only references in ``present``, never itself."""
+    wanted = ["baseline"]
+    if name.startswith("sila"):
+        wanted.append(LOSS_SCALE_CONTROL)
+    if name in WITHOUT_SILA:  # does SiLa add anything to the method it is composed with?
+        wanted.append(WITHOUT_SILA[name])
+    return [ref for ref in wanted if ref in present and ref != name]
+
+
 def comparisons(rows: dict[str, dict[str, Any]], methods: dict[str, MethodInfo]) -> list[dict[str, Any]]:
-    """Every method against the baseline; every SiLa reading also against the loss-scale control. A comparison
-    is tier 1 when both sides are tier-1 methods (the ones the design is sized for)."""
+    """Every method against its references (``references``). A comparison is tier 1 when both sides are tier-1
+    methods (the ones the design is sized for)."""
     out = []
     for name in rows:
-        references = ["baseline"] if name != "baseline" else []
-        if name.startswith("sila") and LOSS_SCALE_CONTROL in rows:
-            references.append(LOSS_SCALE_CONTROL)
-        if name in WITHOUT_SILA:  # does SiLa add anything to the method it is composed with?
-            references.append(WITHOUT_SILA[name])
-        for ref in references:
-            if ref not in rows or ref == name:
-                continue
+        for ref in references(name, rows):
             mine, theirs = rows[name]["_scores"], rows[ref]["_scores"]
             diffs = {
                 key: paired({s: v[key] for s, v in mine.items()}, {s: v[key] for s, v in theirs.items()})

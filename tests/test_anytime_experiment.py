@@ -84,9 +84,21 @@ def test_last_epoch_comparisons_pair_each_rule_over_the_same_seeds() -> None:
         "baseline": {"best": {0: 50.0, 1: 52.0, 2: 51.0}, "last": {0: 55.0, 1: 56.0, 2: 55.5}},
         "baseline_x2": {"best": {0: 51.0, 1: 52.0, 2: 53.0}, "last": {0: 55.0, 1: 56.0, 2: 56.0}},
         "sila_features": {"best": {0: 52.0, 1: 53.0, 2: 51.0}, "last": {0: 56.0, 1: 57.0, 2: 56.5}},
+        "dml": {"best": {0: 53.0, 1: 54.0}, "last": {0: 57.0, 1: 58.0}},
+        "sila_dml": {"best": {0: 53.5}, "last": {0: 57.5}},
     }
     rows = {(r["method"], r["reference"]): r for r in comparisons(by_method)}
-    assert set(rows) == {("baseline_x2", "baseline"), ("sila_features", "baseline"), ("sila_features", "baseline_x2")}
+    # the same pairs as the primary report: SiLa + DML also against DML (the method without SiLa)
+    assert set(rows) == {
+        ("baseline_x2", "baseline"),
+        ("sila_features", "baseline"),
+        ("sila_features", "baseline_x2"),
+        ("dml", "baseline"),
+        ("sila_dml", "baseline"),
+        ("sila_dml", "baseline_x2"),
+        ("sila_dml", "dml"),
+    }
+    assert rows[("sila_dml", "dml")]["last"]["mean"] == pytest.approx(0.5)  # seed 0 only: 57.5 - 57.0
     sila = rows[("sila_features", "baseline")]
     assert sila["best"]["mean"] == pytest.approx(1.0) and sila["last"]["mean"] == pytest.approx(1.0)
     assert sila["last"]["std"] == 0.0 and sila["best"]["std"] > 0  # the rules give different spreads
