@@ -203,13 +203,20 @@ def summarise(runs: list[dict[str, Any]], methods: dict[str, MethodInfo]) -> dic
 # --- Markdown -----------------------------------------------------------------------------------------------
 
 
+NO_VALUE = "–"  # no number to show, e.g. a budget the network cannot spend (half width costs less)
+
+
 def fmt(i: dict[str, float], digits: int = 2) -> str:
+    if not math.isfinite(i["mean"]):
+        return NO_VALUE
     if not math.isfinite(i.get("ci95", math.nan)):
         return f"{i['mean']:.{digits}f} (n={i['n']})"
     return f"{i['mean']:.{digits}f} ± {i['ci95']:.{digits}f}"
 
 
 def diff_cell(d: dict[str, float]) -> str:
+    if not math.isfinite(d["mean"]):
+        return NO_VALUE
     if d["n"] < 2:
         return f"{d['mean']:+.2f} (n={d['n']})"
     mark = " **beyond noise**" if beyond_noise(d) else ""
@@ -334,6 +341,9 @@ def markdown(payload: dict[str, Any]) -> str:
             ["method", *[f"{m / 1e6:.2f}M" for m in s["budget_grid_macs"]]],
             [[n, *[fmt(i, 1) for i in r["budgeted_curve"]]] for n, r in rows.items()],
         ),
+        "",
+        f"{NO_VALUE}: a budget outside the network's range (the grid spans what every full-width run's curve "
+        "covers; the half-width networks cost less at every exit, so their budgeted curves are not on it).",
         "",
         "## Twin heads: do they differ from the main exits? (last epoch, mean over seeds)",
         "",

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import anytime
 from benchmarks.anytime_last_epoch import comparisons, last_epoch_test_top1
-from benchmarks.anytime_report import summarise
+from benchmarks.anytime_report import NO_VALUE, summarise
 from benchmarks.paired_stats import holm, minimum_detectable_effect, paired, pairs_for_width
 
 
@@ -143,6 +143,21 @@ def test_half_width_claim_pairs_half_sila_with_both_baselines() -> None:
     assert summarise(grid_runs({"baseline": 0.0, "half_baseline": -3.0}), anytime.METHODS)["half_width"] is None
     text = anytime.markdown(report_payload(runs))
     assert "| half_sila − baseline |  |  | -0.9" in text and "| half_sila − half_baseline |  |  | +2.0" in text
+
+
+def test_budgets_a_half_width_network_cannot_spend_show_as_no_value_not_nan() -> None:
+    runs = grid_runs({"baseline": 0.0, "half_baseline": -3.0, "half_sila": -1.0}, seeds=3)
+    for run in runs:  # half width costs a quarter: its whole budgeted curve lies below the full-width grid
+        if run["method"].startswith("half_"):
+            for point in run["peers"][0]["budgeted"]:
+                point["avg_macs"] /= 4
+    text = anytime.markdown(report_payload(runs))
+    budgeted = text.split("## Budgeted")[1].split("\n## ")[0]
+    half_row = next(line for line in budgeted.splitlines() if line.startswith("| half_sila |"))
+    assert set(half_row.strip("| ").split(" | ")[1:]) == {NO_VALUE}
+    secondary = text.split("## Secondary")[1].split("\n## ")[0]
+    assert "nan" not in budgeted and "nan" not in secondary
+    assert "| baseline | " + NO_VALUE not in budgeted  # the full-width rows keep their numbers
 
 
 def test_composed_methods_are_also_paired_with_the_same_method_without_sila() -> None:
