@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/anytime_last_epoch.p
 import numpy as np
 import torch
 
-from benchmarks.anytime import deploy_dirs, load_runs
+from benchmarks.anytime import RunSpec, deploy_dirs, load_runs
 from benchmarks.anytime_report import diff_cell, peer0, references, table
 from benchmarks.paired_stats import paired
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, anytime_area, command_line
@@ -57,7 +57,7 @@ def evaluate_missing(runs: list[dict[str, Any]], runs_root: Path, out_dir: Path)
     """Evaluate every run that has a checkpoint here and no last-epoch file yet."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for run in runs:
-        name = f"{run['method']}_seed{run['seed']}"
+        name = RunSpec(run["method"], run["seed"]).name
         target = out_dir / f"{name}.json"
         if target.exists():
             continue
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in sorted(out_dir.glob("*.json")):
         record = json.loads(path.read_text())
         last[(record["method"], record["seed"])] = record
-    left_out = sorted({f"{r['method']}_seed{r['seed']}" for r in runs} - {f"{m}_seed{s}" for m, s in last})
+    left_out = sorted(RunSpec(r["method"], r["seed"]).name for r in runs if (r["method"], r["seed"]) not in last)
     text = markdown(comparisons(areas(runs, last)), left_out, command_line(__file__, argv))
     atomic_write_text(RESULTS_DIR / f"anytime_{DATASET}_last_epoch.md", text)
     print(text)

@@ -343,7 +343,8 @@ def markdown(payload: dict[str, Any]) -> str:
         ),
         "",
         f"{NO_VALUE}: a budget outside the network's range (the grid spans what every full-width run's curve "
-        "covers; the half-width networks cost less at every exit, so their budgeted curves are not on it).",
+        "covers; the half-width networks cost less at every exit, so their budgeted curves are not on it; the same "
+        "holds for their Δ budgeted mean in the secondary table).",
         "",
         "## Twin heads: do they differ from the main exits? (last epoch, mean over seeds)",
         "",
