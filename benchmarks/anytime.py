@@ -12,9 +12,11 @@ Those files are the experiment: the aggregate (``anytime_<dataset>.{json,md,png}
 alone, and a re-invocation trains only the runs that have no file yet (an interrupted run resumes from its
 ``last.pt`` under ``runs/``). Checkpoints are never committed; the run files are.
 
-Methods come in two tiers (issue 17): tier 1 (five seeds) holds the comparisons the experiment is sized for —
+Methods come in three tiers: tier 1 (five seeds) holds the comparisons the experiment was first sized for —
 each SiLa reading against the baseline and against the loss-scale control, and the positive control
-(self-distillation) against the baseline; tier 2 (three seeds) the other readings, DML and the half-width pair.
+(self-distillation) against the baseline; tier 2 (three seeds) the other readings, DML and the half-width pair;
+tier 3 (five seeds, a family of its own) the twins that are not forced onto the main head (a whole-classifier
+twin, an MLP twin) and the 50 % claim at half the deploy parameters.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class Method:
     tier: int
     overrides: tuple[str, ...]
     about: str
-    half_width: bool = False
+    width: str = "full"  # a key of Preset.widths: which model overrides shrink the network
 
 
 METHODS: dict[str, Method] = {
@@ -74,9 +76,28 @@ METHODS: dict[str, Method] = {
         2, (*SILA, "sila.attach=features", "sila.softmax=separate", "loss.self_distill=1.0"), "SiLa + self-distil"
     ),
     "half_sila": Method(
-        2, (*SILA, "sila.attach=features", "sila.softmax=joint_only"), "half width, SiLa joint_only", True
+        2, (*SILA, "sila.attach=features", "sila.softmax=joint_only"), "half width, SiLa joint_only", "half_width"
     ),
-    "half_baseline": Method(2, ("sila.enabled=false",), "half width, baseline", True),
+    "half_baseline": Method(2, ("sila.enabled=false",), "half width, baseline", "half_width"),
+    # tier 3: the readings that can carry a signal the main head does not, and the 50 % claim as the abstract
+    # states it (a network with half the deploy parameters; SiLa reading: joint_only, tier 1's largest effect)
+    "sila_classifier": Method(
+        3,
+        ("sila.enabled=true", "sila.head=classifier", "sila.attach=features", "sila.softmax=separate"),
+        "SiLa, twin = a fresh copy of the exit's whole classifier (own initialisation)",
+    ),
+    "sila_mlp": Method(
+        3,
+        ("sila.enabled=true", "sila.head=mlp", "sila.attach=features", "sila.softmax=separate"),
+        "SiLa, twin = a one-hidden-layer MLP on the exit's features",
+    ),
+    "half_params_baseline": Method(3, ("sila.enabled=false",), "half the parameters, baseline", "half_params"),
+    "half_params_sila": Method(
+        3,
+        (*SILA, "sila.attach=features", "sila.softmax=joint_only"),
+        "half the parameters, SiLa joint_only",
+        "half_params",
+    ),
 }
 
 
@@ -86,23 +107,26 @@ class Preset:
     config: str
     needs: str  # the data file or folder, relative to the repository root
     overrides: tuple[str, ...]
-    half_width: tuple[str, ...]  # model overrides that halve channels and growth
-    seeds: dict[int, int] = field(default_factory=lambda: {1: 5, 2: 3})  # tier -> number of seeds
+    widths: dict[str, tuple[str, ...]]  # width name -> the model overrides that make it ("full": none)
+    seeds: dict[int, int] = field(default_factory=lambda: {1: 5, 2: 3, 3: 5})  # tier -> number of seeds
     jobs: int = 2  # concurrent training processes
     threads: int = 1  # CPU threads per process
     device: str = "cpu"
 
 
 QUIET = ("train.eval_test_every_epoch=false", "train.log_every=100000")
-CPU_HALF = ("model.n_channels=4", "model.growth_rate=2", "model.head_channels=16")
+CPU_HALF = ("model.n_channels=4", "model.growth_rate=2", "model.head_channels=16")  # 25.6 % of the parameters
+CPU_HALF_PARAMS = ("model.n_channels=6", "model.growth_rate=3", "model.head_channels=22")  # 69,009: 51.3 %
+CPU_WIDTHS = {"full": (), "half_width": CPU_HALF, "half_params": CPU_HALF_PARAMS}
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("cifar10_dev2", "configs/cifar10_dev2/msdnet_anytime.yaml", "../shared/data/cifar10_dev2.npz",
-                  QUIET, CPU_HALF),
+                  QUIET, CPU_WIDTHS),
     "gpu": Preset("cifar10_dev2_gpu", "configs/cifar10_dev2/msdnet_anytime.yaml", ".gpu/cifar10_dev2.npz",
                   (*QUIET, "data.root=.gpu/cifar10_dev2.npz", "data.on_device=true", "train.device=cuda"),
-                  CPU_HALF, jobs=12, threads=1, device="cuda"),
+                  CPU_WIDTHS, jobs=12, threads=1, device="cuda"),
     "paper": Preset("cifar100", "configs/cifar100/msdnet_sila.yaml", "data/cifar-100-python", QUIET,
-                    ("model.n_channels=8", "model.growth_rate=3"), seeds={1: 5, 2: 3}, jobs=1, threads=8,
+                    {"full": (), "half_width": ("model.n_channels=8", "model.growth_rate=3")},
+                    seeds={1: 5, 2: 3}, jobs=1, threads=8,
                     device="cuda"),
 }  # fmt: skip
 
@@ -121,7 +145,7 @@ def plan(preset: Preset, methods: list[str]) -> list[RunSpec]:
     """Every run of the grid, seed-major within a tier, so partial results stay paired and balanced."""
     specs = []
     for tier in sorted(preset.seeds):
-        tier_methods = [m for m in methods if METHODS[m].tier == tier]
+        tier_methods = [m for m in methods if METHODS[m].tier == tier and METHODS[m].width in preset.widths]
         specs += [RunSpec(m, s) for s in range(preset.seeds[tier]) for m in tier_methods]
     return specs
 
@@ -136,7 +160,7 @@ def run_overrides(preset: Preset, spec: RunSpec) -> list[str]:
     return [
         *preset.overrides,
         *method.overrides,
-        *(preset.half_width if method.half_width else ()),
+        *preset.widths[method.width],
         f"seed={spec.seed}",
     ]
 

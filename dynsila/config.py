@@ -85,7 +85,9 @@ class SiLaConfig:
     # separate: twin CE on its own softmax; joint: + a 2C softmax over [z, z'] (main CE kept); joint_only: that
     # 2C softmax replaces the exit CE (SilaNet v1's duplicated label; see README, SiLa)
     softmax: Literal["separate", "joint", "joint_only"] = "separate"
-    head: Literal["linear", "mlp"] = "linear"
+    # linear / mlp: a twin of the exit's fc (reads its input, or its logits); classifier: a fresh copy of the exit's
+    # whole classifier module (for MSDNet its convolutions, pooling and fc) reading what that classifier reads
+    head: Literal["linear", "mlp", "classifier"] = "linear"
     hidden: int = bounded(256, 1)  # width of the mlp head
     weight: float = bounded(1.0, 0.0)  # lambda: the twin head's loss
     consistency: float = bounded(0.0, 0.0)  # mu: KL(twin || main) at temperature T

@@ -17,7 +17,15 @@ with its CE scaled by 1 + lambda, joint_only the baseline with a halved learning
 ``mlp`` head, and ``attach: logits`` with ``separate``, are not forced onto the main head; a head on the logits
 under a joint softmax can become the identity. ``losses.ensemble_monitor_terms`` measures |z' - z|.
 
-Heads attach through forward hooks on ``model.exits[k].fc``: the model code never knows SiLa exists, and
+``head: classifier`` makes the twin of exit k a fresh copy of exit k's whole classifier (``model.fresh_exit(k)``:
+same architecture, its own initialisation from the run's seed), reading what that classifier reads; it is the
+reading that can send the trunk a gradient the main head does not. A *copy-initialised* twin would not: twin and
+exit then receive identical gradients and stay equal forever, so ``separate`` becomes the baseline with the trunk's
+gradient scaled by 1 + lambda and the exit classifiers' left at 1 (not quite the loss-scale control, which scales
+the classifiers' too); ``tests/test_sila.py`` checks both statements.
+
+Heads attach through forward hooks on ``model.exits[k].fc`` (on ``model.exits[k]`` for ``classifier``): the model
+code never knows SiLa exists, and
 ``prune`` hands back the bare model with exactly the parameters (and so the FLOPs) of a plain one.
 """
 
@@ -68,26 +76,46 @@ class SiLa(nn.Module):
                 f"sila.weight={cfg.weight} has no effect with sila.softmax=joint_only (the joint softmax replaces "
                 "the exit cross-entropy); leave sila.weight at 1 and scale the loss with loss.ce_weight"
             )
+        if cfg.head == "classifier" and cfg.attach == "logits":
+            raise ConfigError(
+                "sila.head=classifier copies the whole exit classifier, which reads the exit's input, not its logits; "
+                "set sila.attach=features (or pick sila.head=linear/mlp for a twin on the logits)"
+            )
         self.model = model
         self.cfg = cfg
         self.heads = nn.ModuleList()
-        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._captured: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
         self._capturing = False  # hooks are inert outside this wrapper's forward (e.g. evaluating self.model)
         self._handles: list[RemovableHandle] = []
         for k, exit_module in enumerate(model.exits):
             fc = exit_module.fc
             if not isinstance(fc, nn.Linear):
                 raise TypeError(f"exit {k} of {type(model).__name__} must end in an nn.Linear named fc")
-            in_features = fc.in_features if cfg.attach == "features" else fc.out_features
-            self.heads.append(SiameseHead(in_features, fc.out_features, cfg.head, cfg.hidden))
-            self._handles.append(fc.register_forward_hook(self._capture_hook(k)))
+            if cfg.head == "classifier":
+                self.heads.append(model.fresh_exit(k))
+            else:
+                in_features = fc.in_features if cfg.attach == "features" else fc.out_features
+                self.heads.append(SiameseHead(in_features, fc.out_features, cfg.head, cfg.hidden))
+            self._handles.append(self._hooked(exit_module).register_forward_hook(self._capture_hook(k)))
+
+    def _hooked(self, exit_module: nn.Module) -> nn.Module:
+        """Where the twin reads: the whole exit classifier (its inputs), or the exit's ``fc``."""
+        fc = exit_module.fc
+        assert isinstance(fc, nn.Module)
+        return exit_module if self.cfg.head == "classifier" else fc
 
     def _capture_hook(self, k: int) -> Any:
-        def capture(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        def capture(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
             if self._capturing:
-                self._captured[k] = (inputs[0], output)
+                self._captured[k] = (inputs, output)
 
         return capture
+
+    def _twin(self, k: int) -> torch.Tensor:
+        inputs, z = self._captured[k]
+        if self.cfg.head == "classifier":
+            return self.heads[k](*inputs)
+        return self.heads[k](inputs[0] if self.cfg.attach == "features" else z)
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> SiLaOutput:
         self._captured.clear()
@@ -97,10 +125,7 @@ class SiLa(nn.Module):
         finally:
             self._capturing = False
         logits = exit_logits(output)
-        twins = []
-        for k in range(len(logits)):
-            features, z = self._captured[k]
-            twins.append(self.heads[k](features if self.cfg.attach == "features" else z))
+        twins = [self._twin(k) for k in range(len(logits))]
         self._captured.clear()  # hold no activations between steps
         return SiLaOutput(logits, twins, output if isinstance(output, DynamicOutput) else None)
 
@@ -108,9 +133,7 @@ class SiLa(nn.Module):
         """A copy of the wrapped model without the siamese hooks: the deploy network."""
         bare = copy.deepcopy(self.model)
         for exit_module, handle in zip(bare.exits, self._handles, strict=True):
-            fc = exit_module.fc
-            assert isinstance(fc, nn.Module)
-            fc._forward_hooks.pop(handle.id, None)
+            self._hooked(exit_module)._forward_hooks.pop(handle.id, None)
         return bare
 
 

@@ -14,6 +14,7 @@ evaluator, the cost counter, training and the runner never ask which family a mo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -115,6 +116,24 @@ class MultiExitNetwork(nn.Module):
         """Stage ``stage_index`` split into what its exits need and what only later stages need, where the
         network has such a split; None (the default): the stage runs whole."""
         return None
+
+    def fresh_exit(self, k: int) -> nn.Module:
+        """A new classifier with exit ``k``'s architecture and an initialisation of its own, drawn from the global
+        RNG as the family initialises its exits (``init_exit``): what a siamese *classifier* twin starts from."""
+        twin = copy.deepcopy(self.exits[k])
+        twin._forward_hooks.clear()
+        for module in twin.modules():
+            module._forward_hooks.clear()
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+        self.init_exit(twin)
+        return twin
+
+    def init_exit(self, module: nn.Module) -> None:
+        """Initialise a freshly reset exit classifier as this family does; the default keeps PyTorch's."""
 
     def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Logits of every exit (each ``N x C``), or of exits ``0..upto`` only, computing nothing beyond."""

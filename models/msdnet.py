@@ -337,6 +337,9 @@ class MSDNet(MultiExitNetwork):
         self.exit_after = list(range(n_blocks))
         self.apply(he_normal_init)
 
+    def init_exit(self, module: nn.Module) -> None:
+        module.apply(he_normal_init)
+
     def deferred_split(self, stage_index: int) -> DeferredScales | None:
         """The stage's finer scales that only later exits read (see ``DeferredScales``); None when its exit
         needs all of it (a stage whose last layer keeps a single scale)."""

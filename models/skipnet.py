@@ -282,6 +282,10 @@ class SkipNet(MultiExitNetwork):
         self.apply(he_normal_init)
         self.apply(reference_linear_init)
 
+    def init_exit(self, module: nn.Module) -> None:
+        module.apply(he_normal_init)
+        module.apply(reference_linear_init)
+
     def _gate(self, kind: str, channels: int, embed_dim: int) -> nn.Module:
         if kind == "ffgate1":
             return FeedforwardGateI(channels)

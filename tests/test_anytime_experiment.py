@@ -202,12 +202,15 @@ def test_plan_is_seed_major_and_half_width_methods_get_half_width_overrides() ->
     assert sum(s.method == "baseline" for s in specs) == 5 and sum(s.method == "dml" for s in specs) == 3
     half = anytime.run_overrides(preset, anytime.RunSpec("half_sila", 1))
     full = anytime.run_overrides(preset, anytime.RunSpec("sila_joint_only", 1))
-    assert set(preset.half_width) <= set(half) and not set(preset.half_width) & set(full)
+    assert set(preset.widths["half_width"]) <= set(half) and not set(preset.widths["half_width"]) & set(full)
+    params = anytime.run_overrides(preset, anytime.RunSpec("half_params_sila", 0))
+    assert set(preset.widths["half_params"]) <= set(params)
+    assert sum(s.method == "sila_classifier" for s in specs) == 5
 
 
 def test_grid_trains_what_is_missing_then_reports_from_files_alone(tmp_path: Path, tiny_config, monkeypatch) -> None:
     config = tiny_config("grid", train={"epochs": 1, "log_every": 100})
-    tiny = anytime.Preset("tiny", str(config), str(config), (), (), seeds={1: 1, 2: 0}, jobs=2, threads=1)
+    tiny = anytime.Preset("tiny", str(config), str(config), (), {"full": ()}, seeds={1: 1, 2: 0}, jobs=2, threads=1)
     monkeypatch.setitem(anytime.PRESETS, "tiny", tiny)
     args = ["--preset", "tiny", "--methods", "baseline", "sila_features", "--results-dir", str(tmp_path / "res"),
             "--runs-root", str(tmp_path / "runs")]  # fmt: skip
@@ -228,3 +231,14 @@ def test_grid_trains_what_is_missing_then_reports_from_files_alone(tmp_path: Pat
         path.unlink() if path.is_file() else path.rmdir()
     assert anytime.main([*args, "--report-only"]) == 0
     assert json.loads((tmp_path / "res" / "anytime_tiny.json").read_text())["summary"] == first
+
+
+def test_the_half_params_width_has_45_to_55_percent_of_the_deploy_parameters() -> None:
+    from dynsila.config import load_config
+    from dynsila.flops import count_params
+    from dynsila.rundir import build_model
+
+    preset = anytime.PRESETS["cpu"]
+    full = count_params(build_model(load_config(preset.config, ["data.num_classes=10"])))
+    half = count_params(build_model(load_config(preset.config, ["data.num_classes=10", *preset.widths["half_params"]])))
+    assert 0.45 <= half / full <= 0.55
