@@ -22,8 +22,18 @@ GAP_TARGET = 10.0  # points: the baseline's train-test gap the regime must reach
 POSITIVE_CONTROL = "self_distill"
 LOSS_SCALE_CONTROL = "baseline_x2"
 HALF_SILA, HALF_BASELINE = "half_sila", "half_baseline"
+HALF_PARAMS_SILA, HALF_PARAMS_BASELINE = "half_params_sila", "half_params_baseline"
 # composed methods and the same method without SiLa
-WITHOUT_SILA = {"sila_dml": "dml", "sila_self_distill": POSITIVE_CONTROL, HALF_SILA: HALF_BASELINE}
+WITHOUT_SILA = {
+    "sila_dml": "dml",
+    "sila_self_distill": POSITIVE_CONTROL,
+    HALF_SILA: HALF_BASELINE,
+    HALF_PARAMS_SILA: HALF_PARAMS_BASELINE,
+}
+INCONCLUSIVE_MDE = 2.0  # points: a null whose minimum detectable effect is larger than this is inconclusive
+# a twin has collapsed onto its exit when, at the last epoch, its logits sit this close (mean |z' - z| / mean |z|,
+# averaged over exits) and it agrees with the exit's argmax on at least this share of training samples
+COLLAPSE_REL_GAP, COLLAPSE_AGREEMENT = 0.10, 0.99
 BUDGET_POINTS = 8
 
 
@@ -133,22 +143,86 @@ def per_exit(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[str, Any]])
     ]
 
 
-def half_width_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The 50 % claim (SilaNet v1 abstract): the half-width SiLa network against the full-width baseline (does it
-    keep the accuracy?) and against the half-width baseline (does SiLa help at that width?), per exit, with the
-    deploy parameters and MACs of each."""
-    if HALF_SILA not in rows or "baseline" not in rows:
+def size_claim(rows: dict[str, dict[str, Any]], sila: str, small_baseline: str) -> dict[str, Any] | None:
+    """The 50 % claim (SilaNet v1 abstract): the smaller SiLa network against the full-size baseline (does it keep
+    the accuracy?) and against the baseline of its own size (does SiLa help at that size?), per exit and in anytime
+    area, with the deploy parameters and MACs of each. Supported only when the small SiLa network is not worse than
+    the full-size baseline beyond noise *and* better than the small baseline beyond noise."""
+    if sila not in rows or "baseline" not in rows:
         return None
-    shown = [m for m in ("baseline", HALF_BASELINE, HALF_SILA) if m in rows]
+    shown = [m for m in ("baseline", small_baseline, sila) if m in rows]
+    area = {ref: paired_area(rows[sila]["_scores"], rows[ref]["_scores"]) for ref in shown if ref != sila}
+    keeps = "baseline" in area and not (beyond_noise(area["baseline"]) and area["baseline"]["mean"] < 0)
+    helps = small_baseline in area and beyond_noise(area[small_baseline]) and area[small_baseline]["mean"] > 0
     return {
+        "sila": sila,
+        "param_share": rows[sila]["deploy_params"] / rows["baseline"]["deploy_params"],
         "methods": {
-            m: {"params": rows[m]["deploy_params"], "macs": rows[m]["deploy_macs"], "test_top1": rows[m]["test_top1"]}
+            m: {
+                "params": rows[m]["deploy_params"],
+                "macs": rows[m]["deploy_macs"],
+                "test_top1": rows[m]["test_top1"],
+                "anytime_area": rows[m]["anytime_area"],
+            }
             for m in shown
         },
-        "half_sila_vs": {
-            ref: per_exit(rows[HALF_SILA]["_scores"], rows[ref]["_scores"]) for ref in shown if ref != HALF_SILA
-        },
+        "half_sila_vs": {ref: per_exit(rows[sila]["_scores"], rows[ref]["_scores"]) for ref in area},
+        "area_vs": area,
+        "supported": bool(keeps and helps),
     }
+
+
+def half_width_claim(rows: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    return size_claim(rows, HALF_SILA, HALF_BASELINE)
+
+
+def paired_area(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[str, Any]]) -> dict[str, float]:
+    return paired({s: v["area"] for s, v in mine.items()}, {s: v["area"] for s, v in theirs.items()})
+
+
+def collapsed(monitors: dict[str, float]) -> bool | None:
+    """Whether a SiLa twin ended up as a copy of its exit (``COLLAPSE_*``); None without twin monitors."""
+    gaps = [v for k, v in monitors.items() if k.startswith("twin_rel_gap_e")]
+    agree = [v for k, v in monitors.items() if k.startswith("twin_agree_e")]
+    if not gaps or not agree:
+        return None
+    return float(np.mean(gaps)) < COLLAPSE_REL_GAP and float(np.mean(agree)) >= COLLAPSE_AGREEMENT
+
+
+def family_holm(compared: list[dict[str, Any]], tier: int) -> list[dict[str, Any]]:
+    """One tier's comparisons in anytime area, Holm-corrected as a family (raw and adjusted p)."""
+    family = [c for c in compared if c["tier"] == tier]
+    adjusted = holm([c["area"]["p_value"] for c in family])
+    return [
+        {"method": c["method"], "reference": c["reference"], "p": c["area"]["p_value"], "p_holm": p}
+        for c, p in zip(family, adjusted, strict=True)
+    ]
+
+
+def reading_verdict(difference: dict[str, float], p_holm: float) -> str:
+    """One word for a paired difference in anytime area: helps / hurts (Holm-corrected), no effect seen (the
+    design could have seen one of INCONCLUSIVE_MDE points), or inconclusive (it could not)."""
+    if math.isfinite(p_holm) and p_holm < ALPHA:
+        return "helps" if difference["mean"] > 0 else "hurts"
+    if math.isfinite(difference.get("mde", math.nan)) and difference["mde"] <= INCONCLUSIVE_MDE:
+        return "no effect seen"
+    return "inconclusive"
+
+
+def tier3_verdicts(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per tier-3 SiLa reading: its differences against the baseline and the loss-scale control, Holm over the
+    tier-3 family, the verdict against each, and whether its twin collapsed onto the exit."""
+    holm_p = {(c["method"], c["reference"]): c["p_holm"] for c in family_holm(compared, 3)}
+    out = []
+    for c in compared:
+        if c["tier"] != 3 or not c["method"].startswith("sila"):
+            continue
+        p = holm_p.get((c["method"], c["reference"]), math.nan)
+        out.append({
+            "method": c["method"], "reference": c["reference"], "area": c["area"], "p_holm": p,
+            "verdict": reading_verdict(c["area"], p), "collapsed": collapsed(rows[c["method"]]["twin_monitors"]),
+        })  # fmt: skip
+    return out
 
 
 def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]) -> dict[str, Any]:
@@ -159,13 +233,9 @@ def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]
     widths = [c["area"]["ci95"] for c in tier1 if math.isfinite(c["area"]["ci95"])]
     needed = [pairs_for_width(c["area"]["std"], WIDTH_TARGET) for c in tier1 if math.isfinite(c["area"]["std"])]
     control = next((c for c in compared if c["method"] == POSITIVE_CONTROL and c["reference"] == "baseline"), None)
-    adjusted = holm([c["area"]["p_value"] for c in tier1])
     return {
         # the tier-1 family corrected for multiplicity (Holm): which comparisons hold together
-        "tier1_holm": [
-            {"method": c["method"], "reference": c["reference"], "p": c["area"]["p_value"], "p_holm": p}
-            for c, p in zip(tier1, adjusted, strict=True)
-        ],
+        "tier1_holm": family_holm(compared, 1),
         "baseline_train_clean_last_exit": base["train_clean_last_exit"]["mean"] if base else math.nan,
         "baseline_gap": base["gap_mean"]["mean"] if base else math.nan,
         "gap_target": GAP_TARGET,
@@ -189,6 +259,8 @@ def summarise(runs: list[dict[str, Any]], methods: dict[str, MethodInfo]) -> dic
     compared = comparisons(rows, methods)
     check = design_check(rows, compared)
     half = half_width_claim(rows)
+    half_params = size_claim(rows, HALF_PARAMS_SILA, HALF_PARAMS_BASELINE)
+    tier3 = tier3_verdicts(rows, compared)
     for row in rows.values():
         del row["_scores"]
     return {
@@ -197,6 +269,8 @@ def summarise(runs: list[dict[str, Any]], methods: dict[str, MethodInfo]) -> dic
         "comparisons": compared,
         "design": check,
         "half_width": half,
+        "half_params": half_params,
+        "tier3": tier3,
     }
 
 
@@ -327,7 +401,15 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *secondary_lines(s["comparisons"], exits),
         "",
-        "## The 50 % claim: half width with SiLa against full width",
+        "## Twins that can carry a new signal (tier 3, a family of its own)",
+        "",
+        *tier3_lines(s.get("tier3", [])),
+        "",
+        "## The 50 % claim as stated: half the deploy parameters, with SiLa, against full size",
+        "",
+        *half_width_lines(s.get("half_params"), "No half-parameter SiLa run yet."),
+        "",
+        "## A stronger compression: half width (a quarter of the parameters) with SiLa, against full width",
         "",
         *half_width_lines(s.get("half_width")),
         "",
@@ -373,22 +455,51 @@ def secondary_lines(compared: list[dict[str, Any]], exits: list[str]) -> list[st
     return table(header, body) if body else ["No comparison yet."]
 
 
-def half_width_lines(half: dict[str, Any] | None) -> list[str]:
+def half_width_lines(half: dict[str, Any] | None, missing: str = "No half-width SiLa run yet.") -> list[str]:
     if half is None:
-        return ["No half-width SiLa run yet."]
-    methods = half["methods"]
+        return [missing]
+    methods, sila = half["methods"], half.get("sila", HALF_SILA)
     exits = len(next(iter(methods.values()))["test_top1"])
-    header = ["", "deploy params", "MACs per exit", *[f"exit {k + 1}" for k in range(exits)]]
+    header = ["", "deploy params", "MACs per exit", *[f"exit {k + 1}" for k in range(exits)], "anytime area"]
     body = [
-        [m, f"{v['params']:,}", " / ".join(f"{x / 1e6:.2f}M" for x in v["macs"]), *[fmt(i) for i in v["test_top1"]]]
+        [m, f"{v['params']:,}", " / ".join(f"{x / 1e6:.2f}M" for x in v["macs"]), *[fmt(i) for i in v["test_top1"]],
+         fmt(v["anytime_area"]) if "anytime_area" in v else ""]
         for m, v in methods.items()
-    ]
+    ]  # fmt: skip
     for ref, diffs in half["half_sila_vs"].items():
-        body.append([f"{HALF_SILA} − {ref}", "", "", *[diff_cell(d) for d in diffs]])
-    return [
-        "Test top-1 per exit (each network at its own exits' MACs); the difference rows are paired by seed.",
+        area = half.get("area_vs", {}).get(ref)
+        body.append([f"{sila} − {ref}", "", "", *[diff_cell(d) for d in diffs], diff_cell(area) if area else ""])
+    lines = [
+        f"{sila} has {half.get('param_share', math.nan):.1%} of the baseline's deploy parameters. Test top-1 per "
+        "exit (each network at its own exits' MACs); the difference rows are paired by seed.",
         "",
         *table(header, body),
+    ]
+    if "supported" in half:
+        verdict = "**supported**" if half["supported"] else "**not supported**"
+        lines += [
+            "",
+            f"Claim {verdict}: it needs the small SiLa network not worse than the full-size baseline "
+            "beyond noise *and* better than the baseline of its own size beyond noise (anytime area).",
+        ]
+    return lines
+
+
+def tier3_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    if not verdicts:
+        return ["No tier-3 run yet."]
+    body = [
+        [v["method"], v["reference"], diff_cell(v["area"]), f"{v['p_holm']:.3f}" if math.isfinite(v["p_holm"])
+         else NO_VALUE, v["verdict"], {True: "yes", False: "no", None: NO_VALUE}[v["collapsed"]]]
+        for v in verdicts
+    ]  # fmt: skip
+    return [
+        f"Anytime area, paired by seed; Holm over this family's comparisons. A null is *inconclusive* when its "
+        f"MDE exceeds {INCONCLUSIVE_MDE:.0f} points. Collapsed: at the last epoch the twin's logits are within "
+        f"{COLLAPSE_REL_GAP:.0%} of the exit's (mean |z′ − z| / mean |z|) and agree on ≥ {COLLAPSE_AGREEMENT:.0%} "
+        "of training samples.",
+        "",
+        *table(["reading", "vs", "Δ anytime area", "p (Holm)", "verdict", "twin collapsed"], body),
     ]
 
 

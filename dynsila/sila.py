@@ -22,11 +22,10 @@ same architecture, its own initialisation from the run's seed), reading what tha
 reading that can send the trunk a gradient the main head does not. A *copy-initialised* twin would not: twin and
 exit then receive identical gradients and stay equal forever, so ``separate`` becomes the baseline with the trunk's
 gradient scaled by 1 + lambda and the exit classifiers' left at 1 (not quite the loss-scale control, which scales
-the classifiers' too); ``tests/test_sila.py`` checks both statements.
+the classifiers' too); ``tests/test_sila_classifier.py`` checks both statements.
 
 Heads attach through forward hooks on ``model.exits[k].fc`` (on ``model.exits[k]`` for ``classifier``): the model
-code never knows SiLa exists, and
-``prune`` hands back the bare model with exactly the parameters (and so the FLOPs) of a plain one.
+code never knows SiLa exists, and ``prune`` hands back the bare model with exactly the parameters (and so the FLOPs) of a plain one.
 """
 
 from __future__ import annotations
