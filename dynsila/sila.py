@@ -25,7 +25,8 @@ gradient scaled by 1 + lambda and the exit classifiers' left at 1 (not quite the
 the classifiers' too); ``tests/test_sila_classifier.py`` checks both statements.
 
 Heads attach through forward hooks on ``model.exits[k].fc`` (on ``model.exits[k]`` for ``classifier``): the model
-code never knows SiLa exists, and ``prune`` hands back the bare model with exactly the parameters (and so the FLOPs) of a plain one.
+code never knows SiLa exists, and ``prune`` hands back the bare model with exactly the parameters (and so the
+FLOPs) of a plain one.
 """
 
 from __future__ import annotations
