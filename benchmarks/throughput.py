@@ -8,8 +8,9 @@ exits, the summed loss (exit CE, plus the SiLa terms for SiLa), backward and an 
 deploy model's forward over all exits without gradients. Images/s from the median step time after warm-up;
 peak memory is the process's peak resident set growth over its state just before the first step (activations,
 gradients, optimizer state; for compiled variants also the compiler's own memory).
-For reference, the public MSDNet code trains this configuration at about 124 img/s and evaluates at about
-400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; figures from the issue, not measured here).
+Also every SiLa twin kind (linear, MLP, whole classifier) paired against the baseline in one process: step time
+and exact training memory. For reference, the public MSDNet code trains this configuration at about 124 img/s and
+evaluates at about 400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; reported to us, not measured here).
 Writes benchmarks/results/throughput.{json,md} (``--smoke``: a tiny MSDNet, one variant, one step, written
 under ``--results-dir`` only, for tests).
 """
@@ -151,26 +152,35 @@ def training_bytes(net: torch.nn.Module, step_loss: Any) -> dict[str, int]:
     return {"parameters_grads_momentum": 3 * params, "saved_activations": sum(storages.values())}
 
 
+# SiLa twin kinds measured against the baseline: the default linear twin, the MLP twin, the whole-classifier twin
+SILA_HEADS = {
+    "sila": SiLaConfig(),
+    "sila_mlp": SiLaConfig(head="mlp"),
+    "sila_classifier": SiLaConfig(head="classifier"),
+}
+
+
 def paired_overhead(steps: int, threads: int, smoke: bool = False) -> dict[str, Any]:
-    """Baseline and SiLa training steps alternated in one process (drift cancels); exact memory of each."""
+    """Baseline and each SiLa twin kind's training steps alternated in one process (drift cancels), per kind the
+    median step-time ratio; exact memory of each. The top-level ratios are the default (linear) twin's."""
     torch.set_num_threads(threads)
     x, y = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 100, (BATCH,))
     nets, losses, optimizers = {}, {}, {}
-    for name, sila in (("baseline", False), ("sila", True)):
+    for name, cfg in (("baseline", None), *SILA_HEADS.items()):
         torch.manual_seed(0)
         model = build_msdnet(smoke)
         weights = [1.0] * len(model.exits)
-        net = SiLa(model, SiLaConfig()) if sila else model
+        net = SiLa(model, cfg) if cfg else model
         nets[name] = net
         optimizers[name] = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
-        def loss_of(net: torch.nn.Module = net, sila: bool = sila, weights: list[float] = weights) -> torch.Tensor:
+        def loss_of(
+            net: torch.nn.Module = net, cfg: SiLaConfig | None = cfg, weights: list[float] = weights
+        ) -> torch.Tensor:
             out = net(x)
-            if not sila:
+            if cfg is None:
                 return exit_cross_entropy(out, y, weights)
-            return exit_cross_entropy(out.logits, y, weights) + sum(
-                sila_loss_terms(out, y, SiLaConfig(), weights).values()
-            )
+            return exit_cross_entropy(out.logits, y, weights) + sum(sila_loss_terms(out, y, cfg, weights).values())
 
         losses[name] = loss_of
 
@@ -182,14 +192,22 @@ def paired_overhead(steps: int, threads: int, smoke: bool = False) -> dict[str, 
     for name in nets:
         step(name)
         step(name)
-    sila_times, baseline_times = paired_times(lambda: step("sila"), lambda: step("baseline"), repeats=steps)
-    ratios = [a / b for a, b in zip(sila_times, baseline_times, strict=True)]
     memory = {name: training_bytes(nets[name], losses[name]) for name in nets}
     total = {name: sum(m.values()) for name, m in memory.items()}
+    heads = {}
+    for name in SILA_HEADS:
+        sila_times, baseline_times = paired_times(lambda n=name: step(n), lambda: step("baseline"), repeats=steps)
+        heads[name] = {
+            "step_time_ratio": statistics.median(a / b for a, b in zip(sila_times, baseline_times, strict=True)),
+            "memory_ratio": total[name] / total["baseline"],
+            "extra_parameters": sum(p.numel() for p in nets[name].parameters())
+            - sum(p.numel() for p in nets["baseline"].parameters()),
+        }
     return {
-        "step_time_ratio": statistics.median(ratios),
+        "step_time_ratio": heads["sila"]["step_time_ratio"],
         "memory_bytes": memory,
-        "memory_ratio": total["sila"] / total["baseline"],
+        "memory_ratio": heads["sila"]["memory_ratio"],
+        "heads": heads,
     }
 
 
@@ -238,8 +256,18 @@ def markdown(result: dict[str, Any], steps: int) -> str:
         f"saved for backward): {memory_overhead:.4f} ({sum(mem['sila'].values()) / 2**20:.1f} MiB vs "
         f"{sum(mem['baseline'].values()) / 2**20:.1f} MiB; target <= {1 + MAX_MEMORY_OVERHEAD}: "
         f"{verdict(memory_overhead <= 1 + MAX_MEMORY_OVERHEAD)}). The RSS column is the allocator's view and noisy.",
-        "- Reference (from the issue, not measured here): the public MSDNet code trains this configuration at "
+        "- Reference (reported to us, not measured here): the public MSDNet code trains this configuration at "
         "about 124 img/s and evaluates at about 400-470 img/s on this machine kind.",
+        "",
+        "Every SiLa twin kind against the baseline (eager, steps alternated in one process, median of "
+        f"{steps} pairs; memory counted exactly as above):",
+        "",
+        "| twin | extra training parameters | step time / baseline | memory / baseline |",
+        "| --- | --- | --- | --- |",
+        *[
+            f"| {name} | {h['extra_parameters']:,} | {h['step_time_ratio']:.3f} | {h['memory_ratio']:.4f} |"
+            for name, h in paired.get("heads", {}).items()
+        ],
         "",
     ]
     return "\n".join(lines)

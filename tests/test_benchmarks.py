@@ -146,6 +146,11 @@ def test_throughput_smoke(tmp_path, capsys):
     # SiLa adds heads (parameters) and their activations; pruned heads are not in the baseline
     assert memory["sila"]["parameters_grads_momentum"] > memory["baseline"]["parameters_grads_momentum"]
     assert result["sila_training_memory_ratio"] > 1 and not math.isnan(result["sila_step_time_ratio"])
+    heads = result["paired"]["heads"]
+    assert set(heads) == {"sila", "sila_mlp", "sila_classifier"}
+    # the whole-classifier twin costs as much as the exits themselves: more than a linear twin
+    assert heads["sila_classifier"]["extra_parameters"] > heads["sila"]["extra_parameters"] > 0
+    assert heads["sila_classifier"]["memory_ratio"] > heads["sila"]["memory_ratio"]
 
 
 def test_smoke_run_never_overwrites_the_committed_result(monkeypatch, capsys):
