@@ -37,9 +37,9 @@ if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make `
 
 from benchmarks.anytime_report import markdown, plot, summarise
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, budget_points, command_line, environment, write_results
-from dynsila.checkpoint import atomic_write_text
-from dynsila.evaluate import EVAL_FILE, collect_logits, topk_accuracy
-from dynsila.rundir import DEPLOY, LAST, load_deploy_model
+from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, topk_accuracy
+from dynsila.runs.checkpoint import atomic_write_text
+from dynsila.runs.rundir import DEPLOY, LAST, load_deploy_model
 
 SILA = ("sila.enabled=true", "sila.head=linear")
 

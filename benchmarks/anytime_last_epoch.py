@@ -32,10 +32,10 @@ from benchmarks.anytime import RunSpec, deploy_dirs, load_runs
 from benchmarks.anytime_report import diff_cell, peer0, references, table
 from benchmarks.paired_stats import paired
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, anytime_area, command_line
-from dynsila.checkpoint import atomic_write_text, load_checkpoint, load_weights
 from dynsila.data import build_splits, make_loader
-from dynsila.evaluate import collect_logits, topk_accuracy
-from dynsila.rundir import LAST, load_deploy_model
+from dynsila.evaluation.evaluate import collect_logits, topk_accuracy
+from dynsila.runs.checkpoint import atomic_write_text, load_checkpoint, load_weights
+from dynsila.runs.rundir import LAST, load_deploy_model
 
 DATASET = "cifar10_dev2"
 

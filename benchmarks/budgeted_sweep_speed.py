@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, run_seconds, verdict, write_results
-from dynsila.thresholds import DEFAULT_QS, budgeted_sweep, geometric_fractions
+from dynsila.budget.thresholds import DEFAULT_QS, budgeted_sweep, geometric_fractions
 
 TARGET_SECONDS = 0.5  # the vectorised sweep over all budgets must take less than this
 # Per-exit costs charged in the sweep: roughly MSDNet CIFAR-100 b7's cumulative exit MACs (dynsila counts

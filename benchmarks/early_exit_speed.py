@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
-import dynsila.runner as runner_module
+import dynsila.deploy.runner as runner_module
 from benchmarks.toolkit import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -54,10 +54,10 @@ from benchmarks.toolkit import (
     write_results,
 )
 from dynsila import models
+from dynsila.budget.flops import ExitCost, exit_costs
+from dynsila.budget.thresholds import thresholds_for_budget
 from dynsila.config import load_config
-from dynsila.flops import ExitCost, exit_costs
-from dynsila.runner import EarlyExitRunner, raise_primitive_cache
-from dynsila.thresholds import thresholds_for_budget
+from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
 
 PRESET = REPO_ROOT / "configs" / "cifar100" / "msdnet_baseline.yaml"
 IMAGENET_PRESET = REPO_ROOT / "configs" / "imagenet" / "msdnet_baseline.yaml"

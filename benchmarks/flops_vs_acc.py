@@ -35,9 +35,9 @@ from benchmarks.toolkit import (
 )
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run
-from dynsila.rundir import DEPLOY, read_run_config
-from dynsila.train import train
+from dynsila.evaluation.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run
+from dynsila.runs.rundir import DEPLOY, read_run_config
+from dynsila.training.train import train
 
 DEFAULT_CONFIGS = ("configs/msdnet_baseline.yaml", "configs/msdnet_sila.yaml")
 MATCHED_BUDGETS = 5  # budgets compared across runs, evenly spaced over the MACs range every run covers

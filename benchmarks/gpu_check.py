@@ -79,7 +79,7 @@ from benchmarks.toolkit import (
 )
 from dynsila import models
 from dynsila.config import load_config
-from dynsila.fuse import fold_batchnorm
+from dynsila.deploy.fuse import fold_batchnorm
 from dynsila.models import MultiExitNetwork
 
 TARGET_TRAIN_SPEEDUP = 2.0  # dynsila's optimised training img/s / the plain eager loop's, batch 64: at least this
@@ -206,7 +206,7 @@ def exit_macs(model: MultiExitNetwork) -> tuple[list[int], str]:
     fvcore through ``dynsila.flops`` when installed, else ``torch.utils.flop_counter`` (2 FLOPs per MAC; it
     counts exactly the convolutions and matrix products that run, which is dynsila's conv+linear convention)."""
     try:
-        from dynsila.flops import exit_costs
+        from dynsila.budget.flops import exit_costs
     except ImportError as e:
         if not needs_fvcore(e):
             raise
@@ -426,7 +426,7 @@ def part_skipnet(check: Check) -> dict[str, Any]:
     """SkipNet-110 (recurrent gates) evaluation with half the (sample, block) decisions skipping, skipped blocks
     not computed, against every block executed (threshold bisected as skip_speed bisects it)."""
     from benchmarks.skip_speed import SKIP_SHARE, threshold_for_skipping  # imports fvcore
-    from dynsila.flops import gated_costs
+    from dynsila.budget.flops import gated_costs
 
     plan, device = check.plan, check.device
     torch.manual_seed(0)

@@ -33,7 +33,7 @@ from benchmarks.toolkit import REPO_ROOT, run_seconds
 from dynsila import models
 from dynsila.config import Config, DataConfig, TrainConfig, load_config
 from dynsila.data import build_splits, dataset_size, make_loader, normalize
-from dynsila.losses import exit_cross_entropy
+from dynsila.methods.losses import exit_cross_entropy
 from dynsila.models import MultiExitNetwork
 
 PRESETS = {
@@ -128,7 +128,7 @@ def training_config(setup: Setup, batch: int, options: Sequence[str], sila: bool
 def dynsila_epochs(cfg: Config) -> Epochs:
     """A dynsila training run built as ``python -m dynsila.train`` builds it; each call trains the next epoch."""
     from dynsila import distributed  # dynsila.train imports fvcore (through dynsila.evaluate): only here
-    from dynsila.train import Clock, build_run, train_one_epoch
+    from dynsila.training.train import Clock, build_run, train_one_epoch
 
     run = build_run(cfg, distributed.setup(cfg.train.device), resuming=False)
     epochs, clock = itertools.count(), Clock(10**9)

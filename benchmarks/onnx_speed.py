@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, command_line, environment, header, paired_times, write_results
 from dynsila import models
+from dynsila.budget.flops import exit_costs
+from dynsila.budget.thresholds import thresholds_for_budget
 from dynsila.config import load_config
-from dynsila.export import OnnxEarlyExitRunner, ThresholdFit, export_onnx
-from dynsila.flops import exit_costs
-from dynsila.runner import EarlyExitRunner, raise_primitive_cache
-from dynsila.thresholds import thresholds_for_budget
+from dynsila.deploy.export import OnnxEarlyExitRunner, ThresholdFit, export_onnx
+from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
 
 PRESET = REPO_ROOT / "configs" / "cifar100" / "msdnet_baseline.yaml"
 MIXES = (0.25, 0.50, 0.75)  # target shares of the full network's MACs, as in early_exit_speed.py

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, paired_times, verdict, write_results
 from dynsila import models
-from dynsila.flops import gated_costs
+from dynsila.budget.flops import gated_costs
 
 TARGET_WALL_RATIO = 0.65  # skipping half the decisions must cost at most this share of the all-blocks time
 SKIP_SHARE = 0.5  # share of (sample, block) decisions the bisected threshold skips

@@ -37,16 +37,16 @@ from benchmarks.toolkit import (
     verdict,
     write_results,
 )
+from dynsila.budget.flops import gated_costs
 from dynsila.config import Config, load_config
 from dynsila.console import log_lines_to
 from dynsila.data import build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import MACS_UNITS
-from dynsila.flops import gated_costs
+from dynsila.evaluation.evaluate import MACS_UNITS
 from dynsila.models import DynamicOutput
 from dynsila.models.skipnet import skipnet_computation_percent
-from dynsila.rundir import DEPLOY, input_shape, load_deploy_model
-from dynsila.train import train
+from dynsila.runs.rundir import DEPLOY, input_shape, load_deploy_model
+from dynsila.training.train import train
 
 STEM = "skipnet_hrl"
 MIN_EXECUTED = 0.10  # a model running this share of the gated blocks or less has collapsed to skipping

@@ -44,9 +44,9 @@ from benchmarks.toolkit import (
 )
 from dynsila import models
 from dynsila.config import SiLaConfig, load_config
-from dynsila.fuse import fold_batchnorm
-from dynsila.losses import exit_cross_entropy
-from dynsila.sila import SiLa, sila_loss_terms
+from dynsila.deploy.fuse import fold_batchnorm
+from dynsila.methods.losses import exit_cross_entropy
+from dynsila.methods.sila import SiLa, sila_loss_terms
 
 PRESET = REPO_ROOT / "configs" / "cifar100" / "msdnet_sila.yaml"
 BATCH = 64

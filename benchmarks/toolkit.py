@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynsila.checkpoint import atomic_write, atomic_write_text
+from dynsila.runs.checkpoint import atomic_write, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"

@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dynsila.config import Config, load_config
     from dynsila.errors import DynsilaError
-    from dynsila.rundir import build_model, load_deploy_model
-    from dynsila.sila import SiameseHead, SiLa, SiLaOutput, prune
+    from dynsila.methods.sila import SiameseHead, SiLa, SiLaOutput, prune
+    from dynsila.runs.rundir import build_model, load_deploy_model
 
 # public name -> the module that defines it
 _PUBLIC = {
     "Config": "dynsila.config",
     "load_config": "dynsila.config",
     "DynsilaError": "dynsila.errors",
-    "build_model": "dynsila.rundir",
-    "load_deploy_model": "dynsila.rundir",
-    "SiLa": "dynsila.sila",
-    "SiLaOutput": "dynsila.sila",
-    "SiameseHead": "dynsila.sila",
-    "prune": "dynsila.sila",
+    "build_model": "dynsila.runs.rundir",
+    "load_deploy_model": "dynsila.runs.rundir",
+    "SiLa": "dynsila.methods.sila",
+    "SiLaOutput": "dynsila.methods.sila",
+    "SiameseHead": "dynsila.methods.sila",
+    "prune": "dynsila.methods.sila",
 }
 
 __all__ = [

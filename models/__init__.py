@@ -4,7 +4,15 @@ timm) is imported the first time it is built or its parameters are asked for."""
 from . import msdnet as _msdnet  # noqa: F401  (registers "msdnet")
 from . import skipnet as _skipnet  # noqa: F401  (registers "skipnet")
 from ._protocol import DeferredSplit, DynamicOutput, GatedBody, MultiExitNetwork, exit_logits, gated_body
-from ._registry import build, list_models, model_constructor, model_parameters, register_deferred, register_model
+from ._registry import (
+    PretrainedWeightsUnavailable,
+    build,
+    list_models,
+    model_constructor,
+    model_parameters,
+    register_deferred,
+    register_model,
+)
 
 register_deferred("timm_exits", ".timm_exits")
 
@@ -13,6 +21,7 @@ __all__ = [
     "DynamicOutput",
     "GatedBody",
     "MultiExitNetwork",
+    "PretrainedWeightsUnavailable",
     "exit_logits",
     "gated_body",
     "build",

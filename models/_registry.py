@@ -21,6 +21,11 @@ _DEFERRED: dict[str, str] = {}
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The requested pretrained weights are not on this machine (here, not in timm_exits: catching it must not
+    import timm)."""
+
+
 def register_model(name: str) -> Callable[[F], F]:
     """Decorator: make ``fn`` buildable as ``models.build(name, ...)``."""
 

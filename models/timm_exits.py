@@ -23,12 +23,8 @@ import timm
 from torch import nn
 
 from ._protocol import MultiExitNetwork
-from ._registry import register_model
+from ._registry import PretrainedWeightsUnavailable, register_model
 from .layers import ConvClassifier, PoolClassifier
-
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The requested pretrained weights are not on this machine."""
 
 
 def modules_in_forward_order(model: nn.Module, feature_modules: Sequence[str]) -> Iterator[tuple[str, nn.Module]]:

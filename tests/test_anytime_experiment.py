@@ -234,9 +234,9 @@ def test_grid_trains_what_is_missing_then_reports_from_files_alone(tmp_path: Pat
 
 
 def test_the_half_params_width_has_45_to_55_percent_of_the_deploy_parameters() -> None:
+    from dynsila.budget.flops import count_params
     from dynsila.config import load_config
-    from dynsila.flops import count_params
-    from dynsila.rundir import build_model
+    from dynsila.runs.rundir import build_model
 
     preset = anytime.PRESETS["cpu"]
     full = count_params(build_model(load_config(preset.config, ["data.num_classes=10"])))

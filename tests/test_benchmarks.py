@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dynsila.config import load_config
-from dynsila.train import train
+from dynsila.training.train import train
 from tests.conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]

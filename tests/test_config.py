@@ -8,7 +8,7 @@ import pytest
 from dynsila import models
 from dynsila.config import Config, check_range, config_from_yaml, config_to_yaml, count_exits, load_config
 from dynsila.errors import ConfigError
-from dynsila.rundir import build_model
+from dynsila.runs.rundir import build_model
 
 
 def test_defaults_and_overrides(tiny_config):

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from dynsila.checkpoint import load_checkpoint
+from dynsila.runs.checkpoint import load_checkpoint
 
 
 def torchrun(nproc: int, config, *overrides: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -4,14 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynsila import losses
-from dynsila import train as train_module
+from dynsila.budget.flops import count_params
 from dynsila.config import DMLConfig, load_config
-from dynsila.dml import dml_loss, exit_pairs
 from dynsila.errors import ConfigError, DynsilaError
-from dynsila.flops import count_params
-from dynsila.rundir import build_model, load_deploy_model, read_metrics, read_run_config
-from dynsila.train import train
+from dynsila.methods import losses
+from dynsila.methods.dml import dml_loss, exit_pairs
+from dynsila.runs.rundir import build_model, load_deploy_model, read_metrics, read_run_config
+from dynsila.training import train as train_module
+from dynsila.training.train import train
 from tests.conftest import tiny_msdnet_section
 
 

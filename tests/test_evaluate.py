@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynsila.evaluate import main, read_report, topk_accuracy
-from dynsila.thresholds import (
+from dynsila.budget.thresholds import (
     CONFIDENCE,
     budgeted_sweep,
     exit_indices,
@@ -14,7 +13,8 @@ from dynsila.thresholds import (
     geometric_fractions,
     thresholds_for_budget,
 )
-from dynsila.train import main as train_main
+from dynsila.evaluation.evaluate import main, read_report, topk_accuracy
+from dynsila.training.train import main as train_main
 
 
 def logits_with_confidence(confidence: np.ndarray, predictions: np.ndarray, num_classes: int = 4) -> torch.Tensor:
@@ -202,7 +202,7 @@ def test_evaluate_cli_writes_eval_json(tiny_config, capsys):
 
 
 def test_report_round_trips_through_json():
-    from dynsila.report import AnytimeExit, BudgetedCurve, EvalReport
+    from dynsila.evaluation.report import AnytimeExit, BudgetedCurve, EvalReport
 
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(40, 2, 4, generator=g), torch.randint(0, 4, (40,), generator=g)
@@ -219,7 +219,7 @@ def test_report_round_trips_through_json():
 
 
 def test_gated_report_round_trips_and_reads_the_older_form():
-    from dynsila.report import EvalReport, GatedCurve, GatedExit, GatedPoint
+    from dynsila.evaluation.report import EvalReport, GatedCurve, GatedExit, GatedPoint
 
     row = GatedExit(1, 2.5e6, 2.5e6, 100, 100, 80.0, 79.0, None, 4_000_000, 3_900_000, 0.5)
     points = [GatedPoint(0.5, 2.5e6, 79.0, 80.0, 2.4e6, 0.5, 0.64)]

@@ -16,19 +16,19 @@ import torch
 from torch import nn
 
 from dynsila import models
+from dynsila.budget.flops import exit_costs
+from dynsila.budget.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions
 from dynsila.config import load_config
 from dynsila.data import build_splits, make_loader, normalize
+from dynsila.deploy.export import ThresholdFit, export_onnx
+from dynsila.deploy.export import main as export_main
+from dynsila.deploy.onnx_runner import NUMPY_CONFIDENCE, OnnxEarlyExitRunner
+from dynsila.deploy.runner import EarlyExitRunner
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import collect_logits
-from dynsila.export import ThresholdFit, export_onnx
-from dynsila.export import main as export_main
-from dynsila.flops import exit_costs
+from dynsila.evaluation.evaluate import collect_logits
 from dynsila.models import MultiExitNetwork
-from dynsila.onnx_runner import NUMPY_CONFIDENCE, OnnxEarlyExitRunner
-from dynsila.rundir import load_deploy_model
-from dynsila.runner import EarlyExitRunner
-from dynsila.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions
-from dynsila.train import main as train_main
+from dynsila.runs.rundir import load_deploy_model
+from dynsila.training.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_DEPLOY = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime", "onnxscript"))
@@ -218,7 +218,7 @@ def test_export_is_atomic_and_never_overwrites_without_force(tmp_path, monkeypat
     def broken(*args, **kwargs):
         raise DynsilaError("the exported graphs disagree with PyTorch")
 
-    monkeypatch.setattr("dynsila.export._verify", broken)  # a failure after the graphs were written
+    monkeypatch.setattr("dynsila.deploy.export._verify", broken)  # a failure after the graphs were written
     with pytest.raises(DynsilaError, match="disagree"):
         export_tensor_state_net(tmp_path / "net", force=True)
     assert (tmp_path / "net" / "manifest.json").read_text() == first  # the previous export is whole

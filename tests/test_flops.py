@@ -7,10 +7,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynsila import flops, models
+from dynsila.budget.flops import exit_costs, main
 from dynsila.config import SiLaConfig
-from dynsila.flops import exit_costs, main
+from dynsila.methods.sila import SiLa
 from dynsila.models import MultiExitNetwork
-from dynsila.sila import SiLa
 from tests.test_msdnet import CIFAR100_B7, IMAGENET_STEP4
 
 

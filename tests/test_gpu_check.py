@@ -99,7 +99,7 @@ def test_without_fvcore_costs_come_from_flop_counter_and_fvcore_parts_say_why(tm
 
 def test_flop_counter_fallback_counts_what_fvcore_counts(tiny_model_kwargs):
     gpu_check = load_benchmark("gpu_check")
-    from dynsila.flops import exit_costs
+    from dynsila.budget.flops import exit_costs
 
     model = models.build("msdnet", num_classes=10, **tiny_model_kwargs).eval()
     fvcore_macs = [c.macs_cumulative for c in exit_costs(model, (3, 32, 32))]

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from dynsila.config import Config, LossConfig, SiLaConfig, load_config
 from dynsila.errors import ConfigError
-from dynsila.losses import ensemble_loss_terms, ensemble_monitor_terms, loss_terms
-from dynsila.sila import SiLaOutput
+from dynsila.methods.losses import ensemble_loss_terms, ensemble_monitor_terms, loss_terms
+from dynsila.methods.sila import SiLaOutput
 
 
 def _logits(seed: int, exits: int = 3) -> list[torch.Tensor]:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dynsila import models
+from dynsila.budget.flops import exit_params_cumulative
 from dynsila.config import load_config
-from dynsila.flops import exit_params_cumulative
 from tests.conftest import randomise_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from dynsila import checkpoint as ckpt
 from dynsila import models
-from dynsila import train as train_module
-from dynsila.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from dynsila.config import load_config
 from dynsila.errors import CheckpointError, ConfigError
-from dynsila.train import main, train
+from dynsila.runs import checkpoint as ckpt
+from dynsila.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from dynsila.training import train as train_module
+from dynsila.training.train import main, train
 
 
 def run_cli(*args: str) -> subprocess.Popen:
@@ -62,7 +62,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_final_metrics(tiny_config):
 
 SAVER = """
 import sys, time, torch
-from dynsila.checkpoint import save_checkpoint
+from dynsila.runs.checkpoint import save_checkpoint
 big = {"w": torch.randn(12_000_000)}
 i, stop = 0, time.monotonic() + 300  # saves until killed; ends by itself should the test die first
 while time.monotonic() < stop:

@@ -8,13 +8,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynsila import models
-from dynsila.flops import exit_costs
-from dynsila.fuse import fold_batchnorm
-from dynsila.infer import main as infer_main
+from dynsila.budget.flops import exit_costs
+from dynsila.budget.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
+from dynsila.deploy.fuse import fold_batchnorm
+from dynsila.deploy.infer import main as infer_main
+from dynsila.deploy.runner import EarlyExitRunner
 from dynsila.models import MultiExitNetwork
-from dynsila.runner import EarlyExitRunner
-from dynsila.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
-from dynsila.train import main as train_main
+from dynsila.training.train import main as train_main
 from tests.conftest import randomise_batchnorm
 
 
@@ -157,22 +157,22 @@ def _python(code: str, **env: str) -> str:
 def test_runner_and_thresholds_import_neither_the_evaluator_nor_heavy_libraries():
     code = (
         "import os, sys\n"
-        "import dynsila.thresholds\n"
+        "import dynsila.budget.thresholds\n"
         "print(sorted(m for m in sys.modules if m.startswith('dynsila')))\n"
-        "import dynsila.runner\n"
-        "heavy = ('dynsila.evaluate', 'dynsila.flops', 'torchvision', 'timm', 'fvcore')\n"
+        "import dynsila.deploy.runner\n"
+        "heavy = ('dynsila.evaluation.evaluate', 'dynsila.budget.flops', 'torchvision', 'timm', 'fvcore')\n"
         "print([m for m in heavy if m in sys.modules])\n"
         "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))\n"
     )
     thresholds_only, heavy, onednn = _python(code).splitlines()[-3:]
-    assert thresholds_only == "['dynsila', 'dynsila.thresholds']"  # the threshold maths imports torch alone
+    assert thresholds_only == "['dynsila', 'dynsila.budget', 'dynsila.budget.thresholds']"  # the threshold maths imports torch alone
     assert heavy == "[]"
     assert onednn == "None"  # importing sets nothing in the environment
 
 
 CACHE_PROBE = """
 import torch
-from dynsila.runner import raise_primitive_cache
+from dynsila.deploy.runner import raise_primitive_cache
 if {raise_cache}:
     raise_primitive_cache()  # after importing torch, before the first convolution
 torch.set_num_threads(1)

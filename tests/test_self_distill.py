@@ -7,9 +7,9 @@ import torch
 
 from dynsila import models
 from dynsila.config import Config, LossConfig, SiLaConfig
-from dynsila.losses import ensemble_loss_terms, loss_terms
-from dynsila.self_distill import self_distillation_loss
-from dynsila.sila import SiLa
+from dynsila.methods.losses import ensemble_loss_terms, loss_terms
+from dynsila.methods.self_distill import self_distillation_loss
+from dynsila.methods.sila import SiLa
 
 
 def _softmax(row: list[float], t: float) -> list[float]:

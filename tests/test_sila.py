@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from dynsila import models
+from dynsila.budget.flops import exit_costs
 from dynsila.config import Config, LossConfig, SiLaConfig
 from dynsila.errors import ConfigError
-from dynsila.flops import exit_costs
-from dynsila.losses import loss_terms
-from dynsila.sila import SiLa, SiLaOutput, joint_siamese_cross_entropy, prune, sila_loss_terms
+from dynsila.methods.losses import loss_terms
+from dynsila.methods.sila import SiLa, SiLaOutput, joint_siamese_cross_entropy, prune, sila_loss_terms
 
 VARIANTS = [
     SiLaConfig(),

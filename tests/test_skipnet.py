@@ -6,14 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynsila import models
+from dynsila.budget.flops import count_params, gated_costs
 from dynsila.config import SiLaConfig, load_config
-from dynsila.flops import count_params, gated_costs
-from dynsila.infer import main as infer_main
+from dynsila.deploy.infer import main as infer_main
+from dynsila.methods.sila import SiLa, prune
 from dynsila.models import DynamicOutput, GatedBody, MultiExitNetwork
 from dynsila.models.layers import PoolClassifier
 from dynsila.models.skipnet import SkipNet, skip
-from dynsila.sila import SiLa, prune
-from dynsila.train import train
+from dynsila.training.train import train
 from tests.conftest import randomise_batchnorm
 
 # Parameter counts of the public implementation, github ucbdrive/skipnet: cifar/models.py (cifar10_feedforward_38,
@@ -204,7 +204,7 @@ def test_a_second_gated_family_needs_no_edits_elsewhere():
 def test_the_builder_hands_in_block_costs_that_an_independent_counter_confirms():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dynsila.rundir import build_model
+    from dynsila.runs.rundir import build_model
 
     overrides = ["model.name=skipnet", "model.depth=38", "model.gate=rnn", "data.image_size=16"]
     model = build_model(load_config(None, [*overrides, "loss.gate_cost=0.5"])).eval()

@@ -10,9 +10,9 @@ import torch
 from dynsila import models
 from dynsila.config import load_config
 from dynsila.errors import ConfigError
-from dynsila.hrl import Baseline, action_log_probs, hrl_policy_loss, reward_to_go, skip_rewards
+from dynsila.methods.hrl import Baseline, action_log_probs, hrl_policy_loss, reward_to_go, skip_rewards
 from dynsila.models.skipnet import BasicBlock, SkipNet, skipnet_computation_percent
-from dynsila.train import learning_rate
+from dynsila.training.train import learning_rate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -148,8 +148,8 @@ def test_benchmark_acceptance_reads_the_points():
 
 
 def test_the_evaluator_reports_skipnet_computation_percent_beside_the_block_share():
-    from dynsila.evaluate import GatedPass, gated_exit
-    from dynsila.flops import gated_costs
+    from dynsila.budget.flops import gated_costs
+    from dynsila.evaluation.evaluate import GatedPass, gated_exit
 
     model = models.build("skipnet", num_classes=10, depth=20, gate="rnn").eval()
     costs = gated_costs(model, (3, 8, 8))

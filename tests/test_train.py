@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from dynsila.checkpoint import load_checkpoint
 from dynsila.config import load_config
 from dynsila.data import build_splits, make_loader
-from dynsila.evaluate import collect_logits, topk_accuracy
-from dynsila.rundir import build_model, load_deploy_model
-from dynsila.train import learning_rate, main, train
+from dynsila.evaluation.evaluate import collect_logits, topk_accuracy
+from dynsila.runs.checkpoint import load_checkpoint
+from dynsila.runs.rundir import build_model, load_deploy_model
+from dynsila.training.train import learning_rate, main, train
 
 
 def test_one_epoch_run_writes_every_file(tiny_config, capsys):

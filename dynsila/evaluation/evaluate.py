@@ -28,14 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dynsila.checkpoint import atomic_write_text
+from dynsila.budget.flops import ExitCost, GatedCosts, exit_costs, gated_costs
+from dynsila.budget.thresholds import CONFIDENCE, budgeted_sweep
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
-from dynsila.flops import ExitCost, GatedCosts, exit_costs, gated_costs
-from dynsila.models import GatedBody, MultiExitNetwork, exit_logits
-from dynsila.models.skipnet import skipnet_computation_percent
-from dynsila.report import (
+from dynsila.evaluation.report import (
     MACS_CONVENTIONS,
     MACS_UNITS,
     AnytimeExit,
@@ -48,8 +46,10 @@ from dynsila.report import (
     GatedPoint,
     json_safe,
 )
-from dynsila.rundir import input_shape, load_deploy_model
-from dynsila.thresholds import CONFIDENCE, budgeted_sweep
+from dynsila.models import GatedBody, MultiExitNetwork, exit_logits
+from dynsila.models.skipnet import skipnet_computation_percent
+from dynsila.runs.checkpoint import atomic_write_text
+from dynsila.runs.rundir import input_shape, load_deploy_model
 
 __all__ = [
     "EVAL_FILE",

@@ -41,19 +41,25 @@ import torch
 from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-from dynsila.checkpoint import atomic_write_text
+from dynsila.budget.flops import exit_costs
+from dynsila.budget.thresholds import (
+    CONFIDENCE,
+    exit_indices,
+    fit_thresholds,
+    geometric_fractions,
+    thresholds_for_budget,
+)
 from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
+from dynsila.deploy.fuse import fold_batchnorm
+from dynsila.deploy.onnx_runner import DEPLOY_EXTRA, MANIFEST, MANIFEST_FORMAT, OnnxEarlyExitResult, OnnxEarlyExitRunner
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import collect_logits
-from dynsila.flops import exit_costs
-from dynsila.fuse import fold_batchnorm
+from dynsila.evaluation.evaluate import collect_logits
+from dynsila.evaluation.report import json_safe
+from dynsila.methods.sila import unwrap
 from dynsila.models import MultiExitNetwork, gated_body
-from dynsila.onnx_runner import DEPLOY_EXTRA, MANIFEST, MANIFEST_FORMAT, OnnxEarlyExitResult, OnnxEarlyExitRunner
-from dynsila.report import json_safe
-from dynsila.rundir import input_shape, load_deploy_model
-from dynsila.sila import unwrap
-from dynsila.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions, thresholds_for_budget
+from dynsila.runs.checkpoint import atomic_write_text
+from dynsila.runs.rundir import input_shape, load_deploy_model
 
 __all__ = ["OnnxEarlyExitResult", "OnnxEarlyExitRunner", "ThresholdFit", "export_onnx", "fit_run_thresholds", "main"]
 

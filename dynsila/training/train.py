@@ -35,8 +35,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dynsila import distributed
-from dynsila.checkpoint import (
+from dynsila.config import Config, DMLConfig, TrainConfig, config_to_yaml, load_config
+from dynsila.console import log_lines_to
+from dynsila.data import DeviceBatches, Splits, build_splits, dataset_size, make_loader, normalize
+from dynsila.errors import ConfigError, DynsilaError, TrainingError
+from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
+from dynsila.methods.dml import exit_pairs
+from dynsila.methods.losses import Output, ensemble_loss_terms, ensemble_monitor_terms, logits_of
+from dynsila.methods.sila import SiLa, prune, unwrap
+from dynsila.models import gated_body
+from dynsila.runs.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     load_weights,
@@ -44,16 +52,8 @@ from dynsila.checkpoint import (
     save_checkpoint,
     save_deploy,
 )
-from dynsila.config import Config, DMLConfig, TrainConfig, config_to_yaml, load_config
-from dynsila.console import log_lines_to
-from dynsila.data import DeviceBatches, Splits, build_splits, dataset_size, make_loader, normalize
-from dynsila.dml import exit_pairs
-from dynsila.errors import ConfigError, DynsilaError, TrainingError
-from dynsila.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
-from dynsila.losses import Output, ensemble_loss_terms, ensemble_monitor_terms, logits_of
-from dynsila.models import gated_body
-from dynsila.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
-from dynsila.sila import SiLa, prune, unwrap
+from dynsila.runs.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
+from dynsila.training import distributed
 
 log = logging.getLogger("dynsila.train")  # not __name__: that is "__main__" under python -m dynsila.train
 

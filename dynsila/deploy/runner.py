@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from dynsila.fuse import fold_batchnorm as fold_batchnorm_into_convs
-from dynsila.sila import unwrap
-from dynsila.thresholds import confidence_of
+from dynsila.budget.thresholds import confidence_of
+from dynsila.deploy.fuse import fold_batchnorm as fold_batchnorm_into_convs
+from dynsila.methods.sila import unwrap
 
 # Early exit shrinks batches to every size between 1 and the batch size, and oneDNN compiles a convolution
 # primitive per input shape; its default cache (1,024 primitives) then thrashes: MSDNet's ~180 convolutions x a
@@ -93,7 +93,7 @@ class EarlyExitRunner:
         if costs is None:
             if input_shape is None:
                 raise ValueError("pass the exits' costs or the input shape to count them")
-            from dynsila.flops import exit_costs  # fvcore: only when the caller has no costs
+            from dynsila.budget.flops import exit_costs  # fvcore: only when the caller has no costs
 
             counted = exit_costs(bare, input_shape)
             costs = [c.macs_lazy if lazy_costs else c.macs_cumulative for c in counted]

@@ -40,8 +40,8 @@ from torch.utils._pytree import tree_leaves
 
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
+from dynsila.methods.sila import SiLa, prune
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
-from dynsila.sila import SiLa, prune
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # fvcore's import-time torch.jit.script deprecation notices
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_blocks=3")
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = parser.parse_args(argv)
-    from dynsila.rundir import build_model, input_shape  # here: the run directory's builder counts with us
+    from dynsila.runs.rundir import build_model, input_shape  # here: the run directory's builder counts with us
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from dynsila.config import Config
-from dynsila.dml import dml_loss
-from dynsila.hrl import hrl_policy_loss
+from dynsila.methods.dml import dml_loss
+from dynsila.methods.hrl import hrl_policy_loss
+from dynsila.methods.self_distill import self_distillation_loss
+from dynsila.methods.sila import SiLaOutput, replaces_exit_ce, sila_loss_terms
 from dynsila.models import DynamicOutput
-from dynsila.self_distill import self_distillation_loss
-from dynsila.sila import SiLaOutput, replaces_exit_ce, sila_loss_terms
 
 
 def exit_weights(cfg: Config, num_exits: int) -> list[float]:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from dynsila import models
-from dynsila.checkpoint import atomic_write_text, load_weights, read_deploy
+from dynsila.runs.checkpoint import atomic_write_text, load_weights, read_deploy
 from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
-from dynsila.flops import gated_block_macs
-from dynsila.models import MultiExitNetwork
-from dynsila.models.timm_exits import PretrainedWeightsUnavailable
+from dynsila.budget.flops import gated_block_macs
+from dynsila.models import MultiExitNetwork, PretrainedWeightsUnavailable
 
 CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
 

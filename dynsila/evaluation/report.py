@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from dynsila.thresholds import BudgetedRow
+from dynsila.budget.thresholds import BudgetedRow
 
 # What "MACs" means in every report: the cost unit and the model it is counted on.
 MACS_UNITS = "MACs (multiply-accumulates, conv+linear), batch 1, deploy model"

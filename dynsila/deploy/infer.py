@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
+from dynsila.budget.flops import exit_costs
+from dynsila.budget.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions, thresholds_for_budget
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
+from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
 from dynsila.errors import DynsilaError
-from dynsila.evaluate import collect_logits
-from dynsila.flops import exit_costs
+from dynsila.evaluation.evaluate import collect_logits
 from dynsila.models import MultiExitNetwork
-from dynsila.rundir import input_shape, load_deploy_model
-from dynsila.runner import EarlyExitRunner, raise_primitive_cache
-from dynsila.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions, thresholds_for_budget
+from dynsila.runs.rundir import input_shape, load_deploy_model
 
 
 @dataclass
