@@ -13,9 +13,9 @@
 - ``budget_points(report)``, ``accuracy_at(points, macs)``, ``anytime_area(macs, accuracy)``: accuracy-vs-MACs.
 - ``verdict(met)``: "met" / "missed"; ``PLOTTED_CRITERION``: the confidence criterion the curves use.
 
-A script run as ``python benchmarks/x.py`` has ``benchmarks/`` (not the repository root) on ``sys.path``; each
-script therefore puts the root there before ``from benchmarks.toolkit import ...``, so one import line works both
-ways and tests can ``importlib.import_module("benchmarks.x")`` without running anything.
+A script run as ``python benchmarks/speed/x.py`` has its own folder (not the repository root) on ``sys.path``;
+each script therefore puts the root there before ``from benchmarks.toolkit import ...``, so one import line works
+both ways and tests can ``importlib.import_module("benchmarks.speed.x")`` without running anything.
 """
 
 from __future__ import annotations
@@ -48,10 +48,14 @@ PLOTTED_CRITERION = "max_prob"
 
 
 def command_line(script: str | Path, argv: Sequence[str] | None) -> str:
-    """``python benchmarks/<script> ARGS`` with shell quoting. ``argv`` is what ``main`` was given; ``None`` means
-    it was called from a shell, and the flags are then ``sys.argv[1:]`` (not the empty list ``None`` would give)."""
+    """``python benchmarks/<folder>/<script> ARGS`` with shell quoting: the script's path below the benchmarks
+    folder (its name alone when it is not in one). ``argv`` is what ``main`` was given; ``None`` means it was called
+    from a shell, and the flags are then ``sys.argv[1:]`` (not the empty list ``None`` would give)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return f"python benchmarks/{Path(script).name}" + "".join(f" {shlex.quote(str(a))}" for a in args)
+    parts = Path(script).parts
+    below = [i for i, part in enumerate(parts[:-1]) if part == "benchmarks"]
+    relative = "/".join(parts[below[-1] + 1 :]) if below else parts[-1]
+    return f"python benchmarks/{relative}" + "".join(f" {shlex.quote(str(a))}" for a in args)
 
 
 def device_name(device: torch.device) -> str:

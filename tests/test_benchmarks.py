@@ -27,6 +27,7 @@ def test_command_line_keeps_the_flags_of_a_shell_call(monkeypatch):
         "python benchmarks/skip_speed.py --gate rnn --out 'a b'"
     )
     assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/skip_speed.py"  # given: not sys.argv
+    assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"
     assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/skip_speed.py --smoke"
 
 
@@ -42,10 +43,10 @@ def test_script_run_from_a_shell_in_another_directory_records_its_flags(tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "budgeted_sweep_speed.json").read_text())
-    assert result["command"] == f"python benchmarks/budgeted_sweep_speed.py --smoke --results-dir {tmp_path}"
+    assert result["command"] == f"python benchmarks/speed/budgeted_sweep_speed.py --smoke --results-dir {tmp_path}"
     assert result["setup"]["val"] == 200 and result["max_abs_test_top1_difference"] < 1e-9
     md = (tmp_path / "budgeted_sweep_speed.md").read_text()
-    assert md.startswith("# Budgeted sweep speed\n\nCommand: `python benchmarks/budgeted_sweep_speed.py --smoke")
+    assert md.startswith("# Budgeted sweep speed\n\nCommand: `python benchmarks/speed/budgeted_sweep_speed.py --smoke")
     assert f"; torch {torch.__version__}; device cpu" in md.splitlines()[3]
 
 
@@ -110,16 +111,18 @@ def test_scripts_share_the_toolkit_instead_of_their_own_copies(name):
 
 
 def test_skip_speed_smoke(tmp_path, capsys):
-    assert load_benchmark("skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    assert load_benchmark("speed.skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "skip_speed.json").read_text())
-    assert result["command"] == f"python benchmarks/skip_speed.py --smoke --results-dir {tmp_path}"
+    assert result["command"] == f"python benchmarks/speed/skip_speed.py --smoke --results-dir {tmp_path}"
     assert 0 < result["skipped_fraction"] < 1 and 0 < result["macs_ratio"] < 1
     assert result["met"] == (result["wall_ratio"] <= result["target_wall_ratio"])
     assert "Target wall-time ratio <= 0.65" in (tmp_path / "skip_speed.md").read_text()
 
 
 def test_early_exit_speed_smoke(tmp_path, capsys):
-    assert load_benchmark("early_exit_speed").main(["--smoke", "--results-dir", str(tmp_path), "--out", "ee"]) == 0
+    assert (
+        load_benchmark("speed.early_exit_speed").main(["--smoke", "--results-dir", str(tmp_path), "--out", "ee"]) == 0
+    )
     result = json.loads((tmp_path / "ee.json").read_text())
     costs = result["exit_macs_cumulative"]
     assert len(costs) == 3 and costs == sorted(costs)
@@ -138,7 +141,7 @@ def test_early_exit_speed_smoke(tmp_path, capsys):
 
 
 def test_throughput_smoke(tmp_path, capsys):
-    assert load_benchmark("throughput").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    assert load_benchmark("speed.throughput").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "throughput.json").read_text())
     (row,) = result["rows"]
     assert row["variant"] == "train_sila_eager" and "error" not in row and row["images_per_second"] > 0
@@ -152,7 +155,7 @@ def test_smoke_run_never_overwrites_the_committed_result(monkeypatch, capsys):
     committed = REPO / "benchmarks" / "results" / "budgeted_sweep_speed.json"
     before = committed.read_bytes()
     written = []
-    script = load_benchmark("budgeted_sweep_speed")
+    script = load_benchmark("speed.budgeted_sweep_speed")
     monkeypatch.setattr(script, "write_results", lambda *a, **k: written.append(a))
     assert script.main(["--smoke"]) == 0
     assert written == [] and committed.read_bytes() == before
@@ -161,12 +164,15 @@ def test_smoke_run_never_overwrites_the_committed_result(monkeypatch, capsys):
 def test_flops_vs_acc_on_two_tiny_runs(tiny_config, tmp_path, capsys):
     a = train(load_config(tiny_config("tiny_base"), ["sila.enabled=false"])).run_dir
     b = train(load_config(tiny_config("tiny_sila"))).run_dir
-    script = load_benchmark("flops_vs_acc")
+    script = load_benchmark("accuracy.flops_vs_acc")
     out_dir = tmp_path / "results"
     assert script.main(["--runs", str(a), str(b), "--out", "cmp", "--results-dir", str(out_dir)]) == 0
     payload = json.loads((out_dir / "cmp.json").read_text())
     assert [e["report"]["run"] for e in payload["runs"]] == ["tiny_base", "tiny_sila"]
-    assert payload["command"] == f"python benchmarks/flops_vs_acc.py --runs {a} {b} --out cmp --results-dir {out_dir}"
+    assert (
+        payload["command"]
+        == f"python benchmarks/accuracy/flops_vs_acc.py --runs {a} {b} --out cmp --results-dir {out_dir}"
+    )
     md = (out_dir / "cmp.md").read_text()
     assert "MACs" in md and "| tiny_base | msdnet | digits | 0 | 1 |" in md
     assert (out_dir / "cmp.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.paired_stats import ALPHA, beyond_noise, holm, interval, paired, pairs_for_width
+from benchmarks.sila_experiment.paired_stats import ALPHA, beyond_noise, holm, interval, paired, pairs_for_width
 from benchmarks.toolkit import accuracy_at, anytime_area, save_figure
 
 WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference must be narrower than +-1.0

@@ -63,9 +63,9 @@ from typing import Any, cast
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
-from benchmarks import gpu_training as training
+from benchmarks.speed import gpu_training as training
 from benchmarks.toolkit import (
     RESULTS_DIR,
     command_line,
@@ -405,7 +405,7 @@ def part_runner(check: Check) -> dict[str, Any]:
     """EarlyExitRunner against the full network at the 25 / 50 / 75 % MACs mixes (early_exit_speed's
     measurement: thresholds fitted on calibration inputs, ``run_stream`` timed against the full network in the
     runner's own inference form, back-to-back pairs), plus the truncated forwards' time shares."""
-    from benchmarks.early_exit_speed import Bench, Sizes, mix_rows, per_exit_time_shares  # imports fvcore
+    from benchmarks.speed.early_exit_speed import Bench, Sizes, mix_rows, per_exit_time_shares  # imports fvcore
 
     plan = check.plan
     sizes = Sizes(plan.runner_batched, plan.runner_single, plan.runner_calibration, plan.repeats)
@@ -425,7 +425,7 @@ def part_runner(check: Check) -> dict[str, Any]:
 def part_skipnet(check: Check) -> dict[str, Any]:
     """SkipNet-110 (recurrent gates) evaluation with half the (sample, block) decisions skipping, skipped blocks
     not computed, against every block executed (threshold bisected as skip_speed bisects it)."""
-    from benchmarks.skip_speed import SKIP_SHARE, threshold_for_skipping  # imports fvcore
+    from benchmarks.speed.skip_speed import SKIP_SHARE, threshold_for_skipping  # imports fvcore
     from dynsila.budget.flops import gated_costs
 
     plan, device = check.plan, check.device

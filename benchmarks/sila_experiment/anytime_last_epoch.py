@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as ``python benchmarks/anytime_last_epoch.py``
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch
 
-from benchmarks.anytime import RunSpec, deploy_dirs, load_runs
-from benchmarks.anytime_report import diff_cell, peer0, references, table
-from benchmarks.paired_stats import paired
+from benchmarks.sila_experiment.anytime import RunSpec, deploy_dirs, load_runs
+from benchmarks.sila_experiment.anytime_report import diff_cell, peer0, references, table
+from benchmarks.sila_experiment.paired_stats import paired
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, anytime_area, command_line
 from dynsila.data import build_splits, make_loader
 from dynsila.evaluation.evaluate import collect_logits, topk_accuracy

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make ``benchmarks`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.anytime_report import markdown, plot, summarise
+from benchmarks.sila_experiment.anytime_report import markdown, plot, summarise
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, budget_points, command_line, environment, write_results
 from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, topk_accuracy
 from dynsila.runs.checkpoint import atomic_write_text
