@@ -22,13 +22,13 @@ TOOLKIT_SCRIPTS = ("budgeted_sweep_speed", "early_exit_speed", "flops_vs_acc", "
 
 def test_command_line_keeps_the_flags_of_a_shell_call(monkeypatch):
     toolkit = load_benchmark("toolkit")
-    monkeypatch.setattr(sys, "argv", ["benchmarks/skip_speed.py", "--gate", "rnn", "--out", "a b"])
-    assert toolkit.command_line("/x/benchmarks/skip_speed.py", None) == (
-        "python benchmarks/skip_speed.py --gate rnn --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/speed/skip_speed.py", "--gate", "rnn", "--out", "a b"])
+    assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", None) == (
+        "python benchmarks/speed/skip_speed.py --gate rnn --out 'a b'"
     )
-    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/skip_speed.py"  # given: not sys.argv
+    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"  # given: not sys.argv
     assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"
-    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/skip_speed.py --smoke"
+    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/speed/skip_speed.py --smoke"
 
 
 def test_script_run_from_a_shell_in_another_directory_records_its_flags(tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py, the device check: its CPU smoke version end to end (well-formed results, every target
+"""benchmarks/speed/gpu_check.py, the device check: its CPU smoke version end to end (well-formed results, every target
 evaluated from the numbers it reports), the time budget, the run without fvcore, and the target verdicts."""
 
 import json

@@ -104,8 +104,10 @@ def markdown(command: str, entries: list[dict[str, Any]], env: dict[str, Any]) -
     hi = min(max(p["avg_macs"] for p in budget_points(e["report"])) for e in entries)
     lines += ["| avg MACs | " + " | ".join(names) + " |", "| --- " * (len(names) + 1) + "|"]
     for macs in np.linspace(lo, hi, MATCHED_BUDGETS) if hi > lo else []:
-        accs = [float(accuracy_at(budget_points(e["report"]), macs)) for e in entries]
-        lines.append(f"| {macs / 1e6:.2f}M | " + " | ".join("-" if math.isnan(a) else f"{a:.2f}" for a in accs) + " |")
+        matched = [float(accuracy_at(budget_points(e["report"]), macs)) for e in entries]
+        lines.append(
+            f"| {macs / 1e6:.2f}M | " + " | ".join("-" if math.isnan(a) else f"{a:.2f}" for a in matched) + " |"
+        )
     for e in entries:
         lines += [
             "",

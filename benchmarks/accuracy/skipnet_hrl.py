@@ -1,7 +1,7 @@
 """SkipNet trained as its authors train it, on a CPU: supervised pre-training, then hybrid RL at several alphas.
 
-    python benchmarks/skipnet_hrl.py                                # SkipNet-20 on cifar10_dev, alpha 0.1 ... 1
-    python benchmarks/skipnet_hrl.py --alphas 0.25 1 --runs-dir runs/skipnet_hrl --reuse
+    python benchmarks/accuracy/skipnet_hrl.py                       # SkipNet-20 on cifar10_dev, alpha 0.1 ... 1
+    python benchmarks/accuracy/skipnet_hrl.py --alphas 0.25 1 --runs-dir runs/skipnet_hrl --reuse
 
 Trains the SP run of ``--sp-config`` once and one HRL run of ``--hrl-config`` per alpha from it
 (``train.init_from``; only ``loss.hrl_alpha`` differs between them), then measures every deploy model on the
@@ -40,7 +40,7 @@ from benchmarks.toolkit import (
 from dynsila.budget.flops import gated_costs
 from dynsila.config import Config, load_config
 from dynsila.console import log_lines_to
-from dynsila.data import build_splits, make_loader, normalize
+from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import MACS_UNITS
 from dynsila.models import DynamicOutput
@@ -232,7 +232,8 @@ def run_stages(args: argparse.Namespace) -> tuple[Config, Config, list[StagePoin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/skipnet_hrl.py", description=__doc__.splitlines()[0])
+    prog = "python benchmarks/accuracy/skipnet_hrl.py"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--sp-config", default="configs/cifar10_dev/skipnet_sp.yaml")
     parser.add_argument("--hrl-config", default="configs/cifar10_dev/skipnet_hrl.yaml")
     parser.add_argument(
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = acceptance(points[0], points[1:])
     model, cfg = load_deploy_model(sp_cfg.run_dir)
     costs = gated_costs(model, input_shape(cfg))
-    setup = describe(sp_cfg, hrl_cfg, costs.full, costs.plain, len(costs.blocks), len(build_splits(cfg.data).test))
+    setup = describe(
+        sp_cfg, hrl_cfg, costs.full, costs.plain, len(costs.blocks), dataset_size(build_splits(cfg.data).test)
+    )
     command = command_line(__file__, argv)
     env = environment("cpu", args.threads)
     payload = {

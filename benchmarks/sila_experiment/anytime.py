@@ -269,7 +269,7 @@ def run_grid(preset_name: str, pending: list[RunSpec], args: argparse.Namespace,
     running ones (SIGTERM: each keeps its last epoch's ``last.pt`` and resumes from it next time)."""
     preset = PRESETS[preset_name]
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
-    queue, running = list(pending), []
+    queue, running = list(pending), list[Job]()
     while queue or running:
         while queue and len(running) < args.jobs and time.monotonic() < deadline:
             running.append(launch(preset, queue.pop(0), args.runs_root, args.threads))

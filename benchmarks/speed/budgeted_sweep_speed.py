@@ -1,6 +1,6 @@
 """Speed of the budgeted sweep: all 39 budgets, 5,000 val / 10,000 test samples, K = 7 exits, 100 classes.
 
-    python benchmarks/budgeted_sweep_speed.py [--smoke]
+    python benchmarks/speed/budgeted_sweep_speed.py [--smoke]
 
 Times ``dynsila.evaluate.budgeted_sweep`` (vectorised over samples and budgets) against the same algorithm
 written as per-sample Python loops, the way the public MSDNet code computes it, in one process on the same

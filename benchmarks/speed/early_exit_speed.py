@@ -1,6 +1,6 @@
 """Does early exiting save wall time in proportion to MACs, and what does lazy evaluation save?
 
-    python benchmarks/early_exit_speed.py [--device cpu|cuda] [--threads 2] [--out early_exit_speed] [--smoke]
+    python benchmarks/speed/early_exit_speed.py [--device cpu|cuda] [--threads 2] [--out early_exit_speed] [--smoke]
                                           [--no-imagenet]
 
 MSDNet CIFAR-100 b7 (random weights: only timing matters). Thresholds are fitted on calibration inputs for exit

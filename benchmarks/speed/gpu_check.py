@@ -1,6 +1,6 @@
 """The device check: dynsila's training, evaluation and early-exit speed on one GPU, in one command.
 
-    python benchmarks/gpu_check.py [--device cuda] [--budget-s 420] [--parts train64,runner,...] [--smoke]
+    python benchmarks/speed/gpu_check.py [--device cuda] [--budget-s 420] [--parts train64,runner,...] [--smoke]
 
 Measured in one process, every timing CUDA-synchronised (``benchmarks/toolkit.py``) and after warm-up (the first
 epoch or pass, compilation included, is reported apart), on random weights and synthetic data (speed depends on
@@ -9,12 +9,12 @@ neither), in this order (``--parts`` picks some):
 - ``train64``: MSDNet CIFAR-100 b7 (``configs/cifar100/msdnet_baseline.yaml``) training img/s at batch 64 (the
   paper's): a plain eager loop (CPU DataLoader with CPU augmentation, ``loss.item()`` every step, fp32, NCHW)
   against dynsila's own training loop with every performance option this checkout has (no per-step host sync,
-  data on the device, channels-last, bf16 autocast, torch.compile); see ``benchmarks/gpu_training.py``.
+  data on the device, channels-last, bf16 autocast, torch.compile); see ``benchmarks/speed/gpu_training.py``.
 - ``runner``: ``EarlyExitRunner`` wall time against MACs at exit mixes spending 25 / 50 / 75 % of the full
-  network's MACs, batch 256 (``benchmarks/early_exit_speed.py``'s ``Bench`` and ``mix_rows``).
+  network's MACs, batch 256 (``benchmarks/speed/early_exit_speed.py``'s ``Bench`` and ``mix_rows``).
 - ``sila``: SiLa's training step-time overhead, baseline and SiLa epochs alternated, both on the optimised path.
 - ``skipnet``: SkipNet-110 (recurrent gates) evaluation with half the gate decisions skipping against every block
-  executed (``benchmarks/skip_speed.py``'s threshold bisection), batch 256.
+  executed (``benchmarks/speed/skip_speed.py``'s threshold bisection), batch 256.
 - ``ablation``: dynsila's options switched on one after another at batch 64 (each one's contribution).
 - ``eval``: MSDNet evaluation img/s, batch 256: eager fp32 NCHW, channels-last, bf16, batch-norm folded, compiled
   (and compiled with CUDA graphs).
@@ -43,7 +43,7 @@ still fits in the 15 minutes; copy the two files it brings back into ``benchmark
     [ -e dynsila/models ] || ln -sfn ../models dynsila/models
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
     export PYTHONPATH=/tmp/site:$PWD
-    timeout 345 python3 benchmarks/gpu_check.py --budget-s 300
+    timeout 345 python3 benchmarks/speed/gpu_check.py --budget-s 300
     cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
 """
 

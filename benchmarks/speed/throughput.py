@@ -1,7 +1,7 @@
 """Training and evaluation throughput of MSDNet CIFAR-100 b7, batch 64: baseline vs SiLa, eager vs
 channels-last vs torch.compile.
 
-    python benchmarks/throughput.py [--threads 2] [--steps 25] [--no-compile] [--smoke]
+    python benchmarks/speed/throughput.py [--threads 2] [--steps 25] [--no-compile] [--smoke]
 
 Each variant runs in a fresh process (so its peak memory is its own): a training step is forward over all 7
 exits, the summed loss (exit CE, plus the SiLa terms for SiLa), backward and an SGD step; evaluation is the
@@ -75,11 +75,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def build_msdnet(smoke: bool) -> torch.nn.Module:
+def build_msdnet(smoke: bool) -> models.MultiExitNetwork:
     """MSDNet CIFAR-100 b7 (or the smoke model), random weights."""
-    return models.build(
+    model = models.build(
         "msdnet", num_classes=100, **(load_config(PRESET).model_kwargs() | (SMOKE_MODEL if smoke else {}))
     )
+    assert isinstance(model, models.MultiExitNetwork)
+    return model
 
 
 def measure(name: str, steps: int, threads: int, smoke: bool = False) -> dict[str, Any]:
