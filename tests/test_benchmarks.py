@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dynsila.config import load_config
+from dynsila.evaluation.report import EvalReport
 from dynsila.training.train import train
 from tests.conftest import load_benchmark
 
@@ -86,8 +87,14 @@ def test_accuracy_curve_helpers_on_known_numbers():
     # trapezoid over unevenly spaced exits, divided by the MACs range: (1 * 55 + 3 * 80) / 4
     assert toolkit.anytime_area(np.array([1.0, 2.0, 5.0]), np.array([50.0, 60.0, 100.0])) == pytest.approx(73.75)
     assert toolkit.anytime_area(np.array([4.0]), np.array([42.0])) == 42.0
-    report = {"curves": [{"criterion": "entropy", "points": []}, {"criterion": "max_prob", "points": points}]}
-    assert toolkit.budget_points(report) is points
+    row = {"q": 1.0, "target_fractions": [1.0], "thresholds": [float("-inf")], "val_top1": 50.0, "val_avg_macs": 1.0}
+    row |= {"val_exit_fractions": [1.0], "test_top1": 51.0, "avg_macs": 1.5, "exit_fractions": [1.0]}
+    header = {"run": "r", "run_dir": "runs/r", "model": "msdnet", "dataset": "digits", "sila": False, "seed": 0}
+    curves = [{"kind": "budgeted", "criterion": c, "points": p} for c, p in (("entropy", []), ("max_prob", [row]))]
+    report = EvalReport.from_dict({**header, "units": "MACs", "splits": {}, "exits": [], "curves": curves})
+    assert toolkit.budget_points(report) == [row]  # the max_prob curve's points, as dicts
+    with pytest.raises(ValueError, match="margin"):
+        toolkit.budget_points(report, "margin")
 
 
 def test_write_results_is_strict_json_and_markdown(tmp_path):

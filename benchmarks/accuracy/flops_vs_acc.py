@@ -10,7 +10,6 @@ heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ from benchmarks.toolkit import (
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run
+from dynsila.evaluation.report import EvalReport
 from dynsila.runs.rundir import DEPLOY, read_run_config
 from dynsila.training.train import train
 
@@ -48,12 +48,12 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(DEPLOY))
 
 
-def report_for(run_dir: Path) -> dict[str, Any]:
+def report_for(run_dir: Path) -> EvalReport:
     """The run's evaluation, recomputed unless eval.json is newer than the deploy weights."""
     eval_path, deploy = run_dir / EVAL_FILE, run_dir / DEPLOY
     if eval_path.exists() and eval_path.stat().st_mtime >= deploy.stat().st_mtime:
-        return json.loads(eval_path.read_text())
-    return evaluate_run(run_dir).to_dict()
+        return EvalReport.from_json(eval_path.read_text())
+    return evaluate_run(run_dir)
 
 
 def run_setup(run_dir: Path) -> dict[str, Any]:
@@ -86,19 +86,19 @@ def markdown(command: str, entries: list[dict[str, Any]], env: dict[str, Any]) -
             "off" if not s["sila"]["enabled"] else ", ".join(f"{k}={v}" for k, v in s["sila"].items() if k != "enabled")
         )
         lines.append(
-            f"| {e['report']['run']} | {s['model']['name']} | {s['data']['name']} | {s['seed']} | "
+            f"| {e['report'].run} | {s['model']['name']} | {s['data']['name']} | {s['seed']} | "
             f"{s['epochs']} | {s['schedule']} | {sila} |"
         )
     lines += ["", "## Anytime prediction (test top-1 per exit)", ""]
-    names = [e["report"]["run"] for e in entries]
-    first = entries[0]["report"]["exits"]
+    names = [e["report"].run for e in entries]
+    first = entries[0]["report"].exits
     lines += ["| exit | MACs (as evaluated) | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
     for k, exit_row in enumerate(first):
         accs = []
         for e in entries:
-            exits = e["report"]["exits"]
-            accs.append(f"{exits[k]['test_top1']:.2f}" if k < len(exits) else "-")
-        lines.append(f"| {k + 1} | {exit_row['macs_cumulative'] / 1e6:.2f}M | " + " | ".join(accs) + " |")
+            exits = e["report"].exits
+            accs.append(f"{exits[k].test_top1:.2f}" if k < len(exits) else "-")
+        lines.append(f"| {k + 1} | {exit_row.macs_cumulative / 1e6:.2f}M | " + " | ".join(accs) + " |")
     lines += ["", "## Budgeted batch classification at matched budgets (interpolated)", ""]
     lo = max(min(p["avg_macs"] for p in budget_points(e["report"])) for e in entries)
     hi = min(max(p["avg_macs"] for p in budget_points(e["report"])) for e in entries)
@@ -111,7 +111,7 @@ def markdown(command: str, entries: list[dict[str, Any]], env: dict[str, Any]) -
     for e in entries:
         lines += [
             "",
-            f"## {e['report']['run']}: budgeted sweep ({PLOTTED_CRITERION})",
+            f"## {e['report'].run}: budgeted sweep ({PLOTTED_CRITERION})",
             "",
             "| q | avg MACs | test top-1 | val top-1 | exit fractions (test) |",
             "| --- | --- | --- | --- | --- |",
@@ -135,26 +135,26 @@ def plot(entries: list[dict[str, Any]], path: Path, title: str) -> None:
     for i, e in enumerate(entries):
         color = f"C{i}"
         report = e["report"]
-        exits = report["exits"]
+        exits = report.exits
         ax.plot(
-            [x["macs_cumulative"] / 1e6 for x in exits],
-            [x["test_top1"] for x in exits],
+            [x.macs_cumulative / 1e6 for x in exits],
+            [x.test_top1 for x in exits],
             "o",
             color=color,
             markersize=6,
-            label=f"{report['run']}: anytime exits",
+            label=f"{report.run}: anytime exits",
         )
-        for curve in report["curves"]:
-            if curve.get("kind") == "budgeted" and curve.get("criterion") != PLOTTED_CRITERION:
+        for curve in report.curves:
+            if curve.kind == "budgeted" and curve.criterion != PLOTTED_CRITERION:
                 continue
-            pts = sorted(curve["points"], key=lambda p: p["avg_macs"])
+            pts = sorted(curve.points, key=lambda p: p.avg_macs)
             ax.plot(
-                [p["avg_macs"] / 1e6 for p in pts],
-                [p["test_top1"] for p in pts],
+                [p.avg_macs / 1e6 for p in pts],
+                [p.test_top1 for p in pts],
                 "-",
                 color=color,
                 linewidth=1.5,
-                label=f"{report['run']}: {curve['name']}",
+                label=f"{report.run}: {curve.name}",
             )
     ax.set_xlabel("MACs per image (millions, multiply-accumulates, conv+linear)")
     ax.set_ylabel("test top-1 (%)")
@@ -179,12 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             print("no runs under runs/: training the embedded-data pair first (about 2 minutes)", flush=True)
             runs = [train(load_config(REPO_ROOT / c)).run_dir for c in DEFAULT_CONFIGS]
-        entries = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
+        entries: list[dict[str, Any]] = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     env = environment()
-    payload = {"command": command, "environment": env, "units": MACS_UNITS, "runs": entries}
+    runs_json = [{"report": e["report"].to_dict(), "setup": e["setup"]} for e in entries]
+    payload = {"command": command, "environment": env, "units": MACS_UNITS, "runs": runs_json}
     md = markdown(command, entries, env)
     out = write_results(args.out, payload, md, args.results_dir)
     plot(entries, out.with_suffix(".png"), args.title)

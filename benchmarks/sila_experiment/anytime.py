@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make `
 from benchmarks.sila_experiment.anytime_report import markdown, plot, summarise
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, budget_points, command_line, environment, write_results
 from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, topk_accuracy
+from dynsila.evaluation.report import EvalReport
 from dynsila.runs.checkpoint import atomic_write_text
 from dynsila.runs.rundir import DEPLOY, LAST, load_deploy_model
 
@@ -191,16 +192,16 @@ def deploy_dirs(run_dir: Path) -> list[Path]:
 
 
 def peer_record(deploy_dir: Path, device: str) -> dict[str, Any]:
-    report = json.loads((deploy_dir / EVAL_FILE).read_text())
-    exits = report["exits"]
+    report = EvalReport.from_json((deploy_dir / EVAL_FILE).read_text())
+    exits = report.exits
     return {
-        "exit_macs": [e["macs_cumulative"] for e in exits],
-        "params_cumulative": [e["params_cumulative"] for e in exits],
-        "val_top1": [e["val_top1"] for e in exits],
-        "test_top1": [e["test_top1"] for e in exits],
+        "exit_macs": [e.macs_cumulative for e in exits],
+        "params_cumulative": [e.params_cumulative for e in exits],
+        "val_top1": [e.val_top1 for e in exits],
+        "test_top1": [e.test_top1 for e in exits],
         "train_top1_clean": clean_train_accuracy(deploy_dir, device),
         "budgeted": [{k: p[k] for k in ("q", "avg_macs", "test_top1")} for p in budget_points(report)],
-        "splits": report["splits"],
+        "splits": report.splits,
     }
 
 
