@@ -17,7 +17,7 @@ from dynsila.training.train import train
 from tests.conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-# the scripts that use benchmarks/toolkit.py (anytime.py joins when its issue-17 rewrite lands)
+# the scripts that use benchmarks/toolkit.py
 TOOLKIT_SCRIPTS = ("budgeted_sweep_speed", "early_exit_speed", "flops_vs_acc", "skip_speed", "throughput")
 
 

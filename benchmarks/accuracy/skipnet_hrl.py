@@ -7,8 +7,8 @@ Trains the SP run of ``--sp-config`` once and one HRL run of ``--hrl-config`` pe
 (``train.init_from``; only ``loss.hrl_alpha`` differs between them), then measures every deploy model on the
 test split at SkipNet's fixed gate threshold 0.5, skipped blocks not computed: test top-1, SkipNet's computation
 % ((sum of gated blocks run + 1) / (G + 1)), dynsila's share of gated blocks run, and average MACs per image.
-Checks issue 12's acceptance (the alphas give distinct points, the larger one runs fewer blocks, none runs
-10 % of the gated blocks or less, every HRL model runs fewer blocks than its SP model) and writes
+Checks the acceptance criteria set before the runs (the alphas give distinct points, the larger one runs fewer
+blocks, none runs 10 % of the gated blocks or less, every HRL model runs fewer blocks than its SP model) and writes
 benchmarks/results/skipnet_hrl.{json,md,png}. ``--reuse`` keeps finished runs instead of training them again.
 """
 
@@ -122,7 +122,7 @@ def stage_point(
 
 
 def acceptance(sp: StagePoint, hrl: Sequence[StagePoint]) -> list[dict[str, Any]]:
-    """Issue 12's checks, each with what was measured."""
+    """The acceptance checks, each with what was measured."""
     by_alpha = sorted(hrl, key=lambda p: p.alpha or 0.0)
     shares = [p.executed_share for p in by_alpha]
     labels = ", ".join(f"alpha {p.alpha:g}: {100 * p.executed_share:.1f} %" for p in by_alpha)
@@ -147,7 +147,7 @@ def acceptance(sp: StagePoint, hrl: Sequence[StagePoint]) -> list[dict[str, Any]
 
 
 def passing_pairs(sp: StagePoint, hrl: Sequence[StagePoint]) -> list[tuple[float, float]]:
-    """The pairs of alphas (smaller first) that meet all of issue 12's checks on their own."""
+    """The pairs of alphas (smaller first) that meet all of the acceptance checks on their own."""
     return [
         (a.alpha or 0.0, b.alpha or 0.0)
         for a, b in itertools.combinations(sorted(hrl, key=lambda p: p.alpha or 0.0), 2)
@@ -190,7 +190,7 @@ def markdown(
     for p in points:
         name = "SP" if p.alpha is None else f"HRL alpha {p.alpha:g}"
         lines.append(f"- {name}: " + " ".join(f"{s:.2f}" for s in p.executed_per_gate))
-    lines += ["", "## Acceptance (issue 12)", "", "| check | measured | verdict |", "| --- | --- | --- |"]
+    lines += ["", "## Acceptance", "", "| check | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {c['check']} | {c['measured']} | {verdict(c['met'])} |" for c in checks]
     pairs = passing_pairs(points[0], points[1:])
     named = ", ".join(f"{a:g} and {b:g}" for a, b in pairs) or "none"

@@ -17,7 +17,7 @@ at batch 64 and 1, ImageNet step 4 at batch 1); and the cost of the runner's com
 (boolean mask on every tensor of the stage's output) against the new (one index, whole rows, the pending state
 only), on the states of a real run.
 
-Targets (issue 14): 50 % mix, batch 64: wall ratio <= 1.15 x the lazy MACs ratio, stretch: below the paper's
+Targets: 50 % mix, batch 64: wall ratio <= 1.15 x the lazy MACs ratio, stretch: below the paper's
 MACs ratio; batch-1 latency to exit 1 <= 1.2 x its lazy MACs share. Every ratio is a median of back-to-back
 pairs in one process, so that the load of a shared machine cancels as far as it can.
 Writes benchmarks/results/<out>.{json,md} (``--smoke``: a tiny MSDNet on a few images, written under

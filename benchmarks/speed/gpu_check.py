@@ -20,7 +20,7 @@ neither), in this order (``--parts`` picks some):
   (and compiled with CUDA graphs).
 - ``train256``: the two ends of ``train64`` at batch 256.
 
-Targets (issue 15, on one H100, ratios in one process): optimised training >= 2x the plain loop's img/s at batch
+Targets (on one H100, ratios in one process): optimised training >= 2x the plain loop's img/s at batch
 64; SiLa step-time overhead <= 5 %; runner at the 50 % mix, batch 256: wall ratio <= 1.3 x the MACs ratio.
 
 Parts run in that priority order under a time budget (``--budget-s``): a part that would not fit is recorded as
@@ -31,20 +31,7 @@ parts that need ``dynsila.train``, ``early_exit_speed`` or ``skip_speed`` (all t
 without it, naming the reason. Writes ``benchmarks/results/gpu.{json,md}`` (``--out``, ``--results-dir``);
 ``--smoke``: tiny models on the CPU in seconds, no compilation (CI), written under ``--results-dir`` only.
 
-On the GPU machine (``/work/shared/device/README.md``: 15 minutes of device time, starts included; its
-``python3`` lacks fvcore, and the ``dynsila/models`` symlink may not survive the copy). Once, here, from the
-repository root:
-
-    mkdir -p .gpu && cp ../shared/device/wheels/*.whl .gpu/ && echo /.gpu/ >> .git/info/exclude
-
-then this device command (the run tool's ``command``), with carry [".gpu"] and timeout_s 360, so that a rerun
-still fits in the 15 minutes; copy the two files it brings back into ``benchmarks/results/``:
-
-    [ -e dynsila/models ] || ln -sfn ../models dynsila/models
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-    timeout 345 python3 benchmarks/speed/gpu_check.py --budget-s 300
-    cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
+Run ``python benchmarks/speed/gpu_check.py`` on a CUDA machine from the repository root, with fvcore installed.
 """
 
 from __future__ import annotations
@@ -695,7 +682,7 @@ def run_part(check: Check, name: str) -> dict[str, Any]:
     except ImportError as e:
         if not needs_fvcore(e):
             raise
-        outcome = {"skipped": f"needs fvcore ({error_line(e)}); carry its wheels as the module docstring shows"}
+        outcome = {"skipped": f"needs fvcore ({error_line(e)}); install it to run this part"}
     except Exception as e:  # the other parts still run and are written
         traceback.print_exc()
         outcome = {"error": error_line(e)}

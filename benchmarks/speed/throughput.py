@@ -9,7 +9,7 @@ deploy model's forward over all exits without gradients. Images/s from the media
 peak memory is the process's peak resident set growth over its state just before the first step (activations,
 gradients, optimizer state; for compiled variants also the compiler's own memory).
 For reference, the public MSDNet code trains this configuration at about 124 img/s and evaluates at about
-400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; figures from the issue, not measured here).
+400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; figures reported for the public code, not measured here).
 Writes benchmarks/results/throughput.{json,md} (``--smoke``: a tiny MSDNet, one variant, one step, written
 under ``--results-dir`` only, for tests).
 """
@@ -240,8 +240,8 @@ def markdown(result: dict[str, Any], steps: int) -> str:
         f"saved for backward): {memory_overhead:.4f} ({sum(mem['sila'].values()) / 2**20:.1f} MiB vs "
         f"{sum(mem['baseline'].values()) / 2**20:.1f} MiB; target <= {1 + MAX_MEMORY_OVERHEAD}: "
         f"{verdict(memory_overhead <= 1 + MAX_MEMORY_OVERHEAD)}). The RSS column is the allocator's view and noisy.",
-        "- Reference (from the issue, not measured here): the public MSDNet code trains this configuration at "
-        "about 124 img/s and evaluates at about 400-470 img/s on this machine kind.",
+        "- Reference (reported for the public code, not measured here): the public MSDNet code trains this "
+        "configuration at about 124 img/s and evaluates at about 400-470 img/s on this machine kind.",
         "",
     ]
     return "\n".join(lines)
