@@ -13,16 +13,16 @@
 - ``budget_points(report)``, ``accuracy_at(points, macs)``, ``anytime_area(macs, accuracy)``: accuracy-vs-MACs.
 - ``verdict(met)``: "met" / "missed"; ``PLOTTED_CRITERION``: the confidence criterion the curves use.
 
-A script run as ``python benchmarks/x.py`` has ``benchmarks/`` (not the repository root) on ``sys.path``; each
-script therefore puts the root there before ``from benchmarks.toolkit import ...``, so one import line works both
-ways and tests can ``importlib.import_module("benchmarks.x")`` without running anything.
+A script run as ``python benchmarks/speed/x.py`` has its own folder (not the repository root) on ``sys.path``;
+each script therefore puts the root there before ``from benchmarks.toolkit import ...``, so one import line works
+both ways and tests can ``importlib.import_module("benchmarks.speed.x")`` without running anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
-import math
 import platform
 import shlex
 import statistics
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dynsila.evaluation.report import EvalReport, json_safe
 from dynsila.runs.checkpoint import atomic_write, atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +49,14 @@ PLOTTED_CRITERION = "max_prob"
 
 
 def command_line(script: str | Path, argv: Sequence[str] | None) -> str:
-    """``python benchmarks/<script> ARGS`` with shell quoting. ``argv`` is what ``main`` was given; ``None`` means
-    it was called from a shell, and the flags are then ``sys.argv[1:]`` (not the empty list ``None`` would give)."""
+    """``python benchmarks/<folder>/<script> ARGS`` with shell quoting: the script's path below the benchmarks
+    folder (its name alone when it is not in one). ``argv`` is what ``main`` was given; ``None`` means it was called
+    from a shell, and the flags are then ``sys.argv[1:]`` (not the empty list ``None`` would give)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return f"python benchmarks/{Path(script).name}" + "".join(f" {shlex.quote(str(a))}" for a in args)
+    parts = Path(script).parts
+    below = [i for i, part in enumerate(parts[:-1]) if part == "benchmarks"]
+    relative = "/".join(parts[below[-1] + 1 :]) if below else parts[-1]
+    return f"python benchmarks/{relative}" + "".join(f" {shlex.quote(str(a))}" for a in args)
 
 
 def device_name(device: torch.device) -> str:
@@ -88,24 +93,6 @@ def verdict(met: bool) -> str:
 
 
 # --- writing ------------------------------------------------------------------------------------------------
-
-
-def json_safe(value: Any) -> Any:
-    """Strict JSON, in the convention of ``eval.json``: infinities and NaN become the strings "inf", "-inf", "nan"
-    (``float()`` reads them back); tensors, arrays and NumPy scalars become lists and numbers; paths strings."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor | np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def write_results(stem: str, payload: dict[str, Any], markdown: str, results_dir: Path = RESULTS_DIR) -> Path:
@@ -184,9 +171,13 @@ def paired_ratio(
 # --- accuracy versus MACs -----------------------------------------------------------------------------------
 
 
-def budget_points(report: dict[str, Any], criterion: str = PLOTTED_CRITERION) -> list[dict[str, Any]]:
-    """The budgeted curve's points (``avg_macs``, ``test_top1``, ...) of an ``eval.json`` report for ``criterion``."""
-    return next(c["points"] for c in report["curves"] if c.get("criterion") == criterion)
+def budget_points(report: EvalReport, criterion: str = PLOTTED_CRITERION) -> list[dict[str, Any]]:
+    """The budgeted curve's points of an evaluation for ``criterion``, as dicts (``q``, ``avg_macs``, ``test_top1``,
+    ...: the fields of ``BudgetedRow``), the form ``accuracy_at`` and the experiment's run files use."""
+    curve = report.budgeted(criterion)
+    if curve is None:
+        raise ValueError(f"the evaluation of {report.run} has no budgeted curve for {criterion}")
+    return [dataclasses.asdict(p) for p in curve.points]
 
 
 def accuracy_at(points: list[dict[str, Any]], macs: float | np.ndarray) -> np.ndarray:

@@ -1,10 +1,13 @@
 """dynsila: dynamic neural networks with SiLa (Siamese Labels auxiliary learning).
 
-The public API; everything else is reachable through its module. Training is ``dynsila.train.train(cfg)``
-(kept out of this namespace so that ``python -m dynsila.train`` runs the module cleanly).
+The public API; everything else is reachable through its layer's subpackage (docs/design.md draws the layers):
+``dynsila.methods`` (training techniques), ``dynsila.budget`` (exit costs, thresholds), ``dynsila.runs`` (run
+directories, checkpoints), ``dynsila.evaluation``, ``dynsila.training`` and ``dynsila.deploy``. Training is
+``dynsila.training.train.train(cfg)``; the command lines are the thin modules ``python -m dynsila.train``,
+``.evaluate``, ``.infer``, ``.export`` and ``.flops``.
 
-The names below are imported on first use (PEP 562), so that ``import dynsila.runner`` or
-``import dynsila.thresholds`` does not pay for the data, timm and fvcore imports the rest of the package needs.
+The names below are imported on first use (PEP 562), so that ``import dynsila.deploy.runner`` or
+``import dynsila.budget.thresholds`` does not pay for the data, timm and fvcore imports the rest of the package needs.
 """
 
 from __future__ import annotations

@@ -66,6 +66,11 @@ class GatedBody(nn.Module):
         when a skipped block passes its input through unchanged."""
         raise NotImplementedError
 
+    def computation_percent(self, executed: torch.Tensor) -> float:
+        """The family's own usage figure for gate decisions ``executed`` (N x G, 1 = the block ran), as its paper
+        reports it; the evaluator puts it beside the counted MACs without knowing the family."""
+        raise NotImplementedError(f"{type(self).__name__} defines no computation percentage")
+
     def set_block_costs(self, macs: Sequence[float]) -> None:
         """Each gated block's MACs when executed (``blocks[1:]``, counted by ``dynsila.flops``); stored as shares."""
         costs = torch.as_tensor(list(macs), dtype=torch.float64)

@@ -216,6 +216,9 @@ class GatedResidualBody(GatedBody):
         shortcut = getattr(self.blocks[index], "shortcut", None)
         return shortcut if isinstance(shortcut, nn.Module) else None
 
+    def computation_percent(self, executed: torch.Tensor) -> float:
+        return skipnet_computation_percent(executed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, actions, log_probs = [], [], []
         state: object = None

@@ -54,7 +54,8 @@ def randomise_batchnorm(
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """``benchmarks/<name>.py`` as the module ``benchmarks.<name>``: definitions only, nothing measured. Call it
+    """``benchmarks/<folder>/<name>.py`` as the module ``benchmarks.<folder>.<name>`` (``name`` is
+    ``"<folder>.<name>"``, e.g. ``"speed.skip_speed"``): definitions only, nothing measured. Call it
     inside a test (or a fixture), never at module level, so collecting the tests runs no benchmark code."""
     return importlib.import_module(f"benchmarks.{name}")
 

@@ -12,7 +12,7 @@ from tests.conftest import anytime_run_record, load_benchmark
 
 
 def test_interval_known_values():
-    interval = load_benchmark("paired_stats").interval
+    interval = load_benchmark("sila_experiment.paired_stats").interval
     i = interval(np.array([1.0, 2.0, 3.0]))
     assert i["mean"] == 2.0 and i["std"] == 1.0 and i["n"] == 3
     assert i["ci95"] == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) * s / sqrt(n), t from tables
@@ -23,7 +23,10 @@ def test_interval_known_values():
 def test_difference_to_the_baseline_is_the_paired_difference_of_anytime_areas():
     """The reported difference is computed from each seed's own area, paired by seed: hand-computed here from
     the per-exit accuracies (exits at 1, 2, 3 M MACs: area = (a1 + 2 a2 + a3) / 4 by the trapezoid rule)."""
-    anytime, summarise = load_benchmark("anytime"), load_benchmark("anytime_report").summarise
+    anytime, summarise = (
+        load_benchmark("sila_experiment.anytime"),
+        load_benchmark("sila_experiment.anytime_report").summarise,
+    )
     base = {0: [50.0, 60.0, 70.0], 1: [40.0, 52.0, 61.0], 2: [55.0, 57.0, 75.0]}  # seeds differ a lot ...
     sila = {0: [51.0, 62.0, 70.0], 1: [40.0, 53.0, 64.0], 2: [57.0, 57.0, 76.0]}  # ... the pairs much less
     runs = [anytime_run_record("baseline", s, t) for s, t in base.items()]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import anytime
-from benchmarks.anytime_last_epoch import comparisons, last_epoch_test_top1
-from benchmarks.anytime_report import NO_VALUE, summarise
-from benchmarks.paired_stats import holm, minimum_detectable_effect, paired, pairs_for_width
+from benchmarks.sila_experiment import anytime
+from benchmarks.sila_experiment.anytime_last_epoch import comparisons, last_epoch_test_top1
+from benchmarks.sila_experiment.anytime_report import NO_VALUE, summarise
+from benchmarks.sila_experiment.paired_stats import holm, minimum_detectable_effect, paired, pairs_for_width
 
 
 def fake_run(method: str, seed: int, test: list[float], clean: float = 99.0) -> dict:

@@ -12,22 +12,24 @@ import pytest
 import torch
 
 from dynsila.config import load_config
+from dynsila.evaluation.report import EvalReport
 from dynsila.training.train import train
 from tests.conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-# the scripts that use benchmarks/toolkit.py (anytime.py joins when its issue-17 rewrite lands)
+# the scripts that use benchmarks/toolkit.py
 TOOLKIT_SCRIPTS = ("budgeted_sweep_speed", "early_exit_speed", "flops_vs_acc", "skip_speed", "throughput")
 
 
 def test_command_line_keeps_the_flags_of_a_shell_call(monkeypatch):
     toolkit = load_benchmark("toolkit")
-    monkeypatch.setattr(sys, "argv", ["benchmarks/skip_speed.py", "--gate", "rnn", "--out", "a b"])
-    assert toolkit.command_line("/x/benchmarks/skip_speed.py", None) == (
-        "python benchmarks/skip_speed.py --gate rnn --out 'a b'"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/speed/skip_speed.py", "--gate", "rnn", "--out", "a b"])
+    assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", None) == (
+        "python benchmarks/speed/skip_speed.py --gate rnn --out 'a b'"
     )
-    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/skip_speed.py"  # given: not sys.argv
-    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/skip_speed.py --smoke"
+    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"  # given: not sys.argv
+    assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"
+    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/speed/skip_speed.py --smoke"
 
 
 def test_script_run_from_a_shell_in_another_directory_records_its_flags(tmp_path):
@@ -42,10 +44,10 @@ def test_script_run_from_a_shell_in_another_directory_records_its_flags(tmp_path
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "budgeted_sweep_speed.json").read_text())
-    assert result["command"] == f"python benchmarks/budgeted_sweep_speed.py --smoke --results-dir {tmp_path}"
+    assert result["command"] == f"python benchmarks/speed/budgeted_sweep_speed.py --smoke --results-dir {tmp_path}"
     assert result["setup"]["val"] == 200 and result["max_abs_test_top1_difference"] < 1e-9
     md = (tmp_path / "budgeted_sweep_speed.md").read_text()
-    assert md.startswith("# Budgeted sweep speed\n\nCommand: `python benchmarks/budgeted_sweep_speed.py --smoke")
+    assert md.startswith("# Budgeted sweep speed\n\nCommand: `python benchmarks/speed/budgeted_sweep_speed.py --smoke")
     assert f"; torch {torch.__version__}; device cpu" in md.splitlines()[3]
 
 
@@ -85,8 +87,14 @@ def test_accuracy_curve_helpers_on_known_numbers():
     # trapezoid over unevenly spaced exits, divided by the MACs range: (1 * 55 + 3 * 80) / 4
     assert toolkit.anytime_area(np.array([1.0, 2.0, 5.0]), np.array([50.0, 60.0, 100.0])) == pytest.approx(73.75)
     assert toolkit.anytime_area(np.array([4.0]), np.array([42.0])) == 42.0
-    report = {"curves": [{"criterion": "entropy", "points": []}, {"criterion": "max_prob", "points": points}]}
-    assert toolkit.budget_points(report) is points
+    row = {"q": 1.0, "target_fractions": [1.0], "thresholds": [float("-inf")], "val_top1": 50.0, "val_avg_macs": 1.0}
+    row |= {"val_exit_fractions": [1.0], "test_top1": 51.0, "avg_macs": 1.5, "exit_fractions": [1.0]}
+    header = {"run": "r", "run_dir": "runs/r", "model": "msdnet", "dataset": "digits", "sila": False, "seed": 0}
+    curves = [{"kind": "budgeted", "criterion": c, "points": p} for c, p in (("entropy", []), ("max_prob", [row]))]
+    report = EvalReport.from_dict({**header, "units": "MACs", "splits": {}, "exits": [], "curves": curves})
+    assert toolkit.budget_points(report) == [row]  # the max_prob curve's points, as dicts
+    with pytest.raises(ValueError, match="margin"):
+        toolkit.budget_points(report, "margin")
 
 
 def test_write_results_is_strict_json_and_markdown(tmp_path):
@@ -110,16 +118,18 @@ def test_scripts_share_the_toolkit_instead_of_their_own_copies(name):
 
 
 def test_skip_speed_smoke(tmp_path, capsys):
-    assert load_benchmark("skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    assert load_benchmark("speed.skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "skip_speed.json").read_text())
-    assert result["command"] == f"python benchmarks/skip_speed.py --smoke --results-dir {tmp_path}"
+    assert result["command"] == f"python benchmarks/speed/skip_speed.py --smoke --results-dir {tmp_path}"
     assert 0 < result["skipped_fraction"] < 1 and 0 < result["macs_ratio"] < 1
     assert result["met"] == (result["wall_ratio"] <= result["target_wall_ratio"])
     assert "Target wall-time ratio <= 0.65" in (tmp_path / "skip_speed.md").read_text()
 
 
 def test_early_exit_speed_smoke(tmp_path, capsys):
-    assert load_benchmark("early_exit_speed").main(["--smoke", "--results-dir", str(tmp_path), "--out", "ee"]) == 0
+    assert (
+        load_benchmark("speed.early_exit_speed").main(["--smoke", "--results-dir", str(tmp_path), "--out", "ee"]) == 0
+    )
     result = json.loads((tmp_path / "ee.json").read_text())
     costs = result["exit_macs_cumulative"]
     assert len(costs) == 3 and costs == sorted(costs)
@@ -138,7 +148,7 @@ def test_early_exit_speed_smoke(tmp_path, capsys):
 
 
 def test_throughput_smoke(tmp_path, capsys):
-    assert load_benchmark("throughput").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    assert load_benchmark("speed.throughput").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "throughput.json").read_text())
     (row,) = result["rows"]
     assert row["variant"] == "train_sila_eager" and "error" not in row and row["images_per_second"] > 0
@@ -157,7 +167,7 @@ def test_smoke_run_never_overwrites_the_committed_result(monkeypatch, capsys):
     committed = REPO / "benchmarks" / "results" / "budgeted_sweep_speed.json"
     before = committed.read_bytes()
     written = []
-    script = load_benchmark("budgeted_sweep_speed")
+    script = load_benchmark("speed.budgeted_sweep_speed")
     monkeypatch.setattr(script, "write_results", lambda *a, **k: written.append(a))
     assert script.main(["--smoke"]) == 0
     assert written == [] and committed.read_bytes() == before
@@ -166,12 +176,15 @@ def test_smoke_run_never_overwrites_the_committed_result(monkeypatch, capsys):
 def test_flops_vs_acc_on_two_tiny_runs(tiny_config, tmp_path, capsys):
     a = train(load_config(tiny_config("tiny_base"), ["sila.enabled=false"])).run_dir
     b = train(load_config(tiny_config("tiny_sila"))).run_dir
-    script = load_benchmark("flops_vs_acc")
+    script = load_benchmark("accuracy.flops_vs_acc")
     out_dir = tmp_path / "results"
     assert script.main(["--runs", str(a), str(b), "--out", "cmp", "--results-dir", str(out_dir)]) == 0
     payload = json.loads((out_dir / "cmp.json").read_text())
     assert [e["report"]["run"] for e in payload["runs"]] == ["tiny_base", "tiny_sila"]
-    assert payload["command"] == f"python benchmarks/flops_vs_acc.py --runs {a} {b} --out cmp --results-dir {out_dir}"
+    assert (
+        payload["command"]
+        == f"python benchmarks/accuracy/flops_vs_acc.py --runs {a} {b} --out cmp --results-dir {out_dir}"
+    )
     md = (out_dir / "cmp.md").read_text()
     assert "MACs" in md and "| tiny_base | msdnet | digits | 0 | 1 |" in md
     assert (out_dir / "cmp.png").read_bytes()[:4] == b"\x89PNG"

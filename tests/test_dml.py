@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from dynsila.budget.flops import count_params
 from dynsila.config import DMLConfig, load_config
 from dynsila.errors import ConfigError, DynsilaError
-from dynsila.methods import losses
+from dynsila.methods import dml as dml_module
 from dynsila.methods.dml import dml_loss, exit_pairs
 from dynsila.runs.rundir import build_model, load_deploy_model, read_metrics, read_run_config
 from dynsila.training import train as train_module
@@ -53,7 +53,7 @@ def test_one_peer_reproduces_a_plain_run(tiny_config, monkeypatch):
         raise AssertionError("the plain run reached DML code")
 
     with monkeypatch.context() as absent:
-        absent.setattr(losses, "dml_loss", no_dml)
+        absent.setattr(dml_module, "dml_loss", no_dml)
         absent.setattr(train_module, "exit_pairs", no_dml)
         plain = train(load_config(tiny_config("plain")))
     one = train(load_config(tiny_config("one_peer"), ["dml.peers=1", "dml.weight=3"]))

@@ -287,11 +287,11 @@ def test_the_runner_module_needs_no_torch():
 
 @needs_deploy
 def test_onnx_speed_benchmark_smoke(tmp_path, capsys):
-    bench = importlib.import_module("benchmarks.onnx_speed")
+    bench = importlib.import_module("benchmarks.speed.onnx_speed")
     argv = ["--smoke", "--exporter", "torchscript", "--results-dir", str(tmp_path)]
     assert bench.main(argv) == 0
     result = json.loads((tmp_path / "onnx_speed.json").read_text())
-    assert result["command"] == "python benchmarks/onnx_speed.py " + " ".join(argv)
+    assert result["command"] == "python benchmarks/speed/onnx_speed.py " + " ".join(argv)
     assert [(r["batch_size"], r["target_fraction"]) for r in result["rows"]] == [
         (b, f) for b in (8, 1) for f in (0.25, 0.5, 0.75)
     ]

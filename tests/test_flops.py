@@ -6,9 +6,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynsila import flops, models
-from dynsila.budget.flops import exit_costs, main
+from dynsila import models
+from dynsila.budget import flops
+from dynsila.budget.flops import exit_costs
 from dynsila.config import SiLaConfig
+from dynsila.flops import main
 from dynsila.methods.sila import SiLa
 from dynsila.models import MultiExitNetwork
 from tests.test_msdnet import CIFAR100_B7, IMAGENET_STEP4
@@ -41,7 +43,7 @@ def paper_counter_extras(model: nn.Module, x: torch.Tensor, upto: int) -> float:
     ("kwargs", "size", "published", "decimals"),
     # "published": per-exit MFLOPs (as evaluated, batch 1) printed by the public counter, measure_model in
     # github kalviny/MSDNet-PyTorch op_counter.py, for the CIFAR-100 b7 and ImageNet step-4 configurations
-    # (figures as given in this project's issue 3)
+    # (figures as given in this project's brief)
     [
         (CIFAR100_B7, 32, [15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94], 2),
         (IMAGENET_STEP4, 224, [339.9, 685.5, 1008.2, 1254.5, 1360.5], 1),

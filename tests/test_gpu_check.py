@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py, the device check: its CPU smoke version end to end (well-formed results, every target
+"""benchmarks/speed/gpu_check.py, the device check: its CPU smoke version end to end (well-formed results, every target
 evaluated from the numbers it reports), the time budget, the run without fvcore, and the target verdicts."""
 
 import json
@@ -30,10 +30,10 @@ def check_target_verdicts(targets: dict) -> None:
 
 
 def test_smoke_check_measures_every_part_and_evaluates_every_target(tmp_path, capsys):
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_benchmark("speed.gpu_check")
     assert gpu_check.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu.json").read_text())
-    assert result["command"] == f"python benchmarks/gpu_check.py --smoke --results-dir {tmp_path}"
+    assert result["command"] == f"python benchmarks/speed/gpu_check.py --smoke --results-dir {tmp_path}"
     assert result["complete"] and result["environment"]["device"].startswith("cpu")
     assert result["cost_counter"].startswith("fvcore") and len(result["msdnet_exit_macs"]) == 3
     parts = result["parts"]
@@ -71,7 +71,7 @@ def test_smoke_check_measures_every_part_and_evaluates_every_target(tmp_path, ca
 
 
 def test_an_exhausted_budget_skips_every_part_and_leaves_the_targets_unmeasured(tmp_path, capsys):
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_benchmark("speed.gpu_check")
     args = ["--smoke", "--budget-s", "0", "--parts", "sila,train64", "--out", "b", "--results-dir", str(tmp_path)]
     assert gpu_check.main(args) == 0
     result = json.loads((tmp_path / "b.json").read_text())
@@ -85,7 +85,7 @@ def test_an_exhausted_budget_skips_every_part_and_leaves_the_targets_unmeasured(
 def test_without_fvcore_costs_come_from_flop_counter_and_fvcore_parts_say_why(tmp_path):
     code = (
         "import sys; sys.modules['fvcore'] = sys.modules['fvcore.nn'] = None\n"
-        "from benchmarks.gpu_check import main\n"
+        "from benchmarks.speed.gpu_check import main\n"
         f"raise SystemExit(main(['--smoke', '--parts', 'runner,eval', '--results-dir', {str(tmp_path)!r}]))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -98,7 +98,7 @@ def test_without_fvcore_costs_come_from_flop_counter_and_fvcore_parts_say_why(tm
 
 
 def test_flop_counter_fallback_counts_what_fvcore_counts(tiny_model_kwargs):
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_benchmark("speed.gpu_check")
     from dynsila.budget.flops import exit_costs
 
     model = models.build("msdnet", num_classes=10, **tiny_model_kwargs).eval()
@@ -112,7 +112,7 @@ def test_flop_counter_fallback_counts_what_fvcore_counts(tiny_model_kwargs):
     [(2.0, ">=", "met"), (1.999, ">=", "missed"), (1.3, "<=", "met"), (1.301, "<=", "missed"), (None, "<=", None)],
 )
 def test_a_target_is_met_exactly_when_its_number_is_within_the_limit(value, comparison, status):
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_benchmark("speed.gpu_check")
     limit = 2.0 if comparison == ">=" else 1.3
     t = gpu_check.target("x", value, limit, comparison, "skipped: why")
     assert t["status"] == (status or "not measured (skipped: why)")
@@ -120,7 +120,7 @@ def test_a_target_is_met_exactly_when_its_number_is_within_the_limit(value, comp
 
 
 def test_targets_are_computed_from_the_parts_numbers():
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_benchmark("speed.gpu_check")
     parts = {
         "train64": {"batch": 64, "speedup": 2.5},
         "sila": {"step_time_ratio": 1.07},
@@ -142,7 +142,7 @@ def test_targets_are_computed_from_the_parts_numbers():
 
 
 def test_bad_command_lines_stop_with_one_clear_line(capsys):
-    gpu_check = load_benchmark("gpu_check")
+    gpu_check = load_benchmark("speed.gpu_check")
     with pytest.raises(SystemExit):
         gpu_check.main(["--smoke", "--parts", "train64,nonsense"])
     assert "unknown part(s) nonsense; choose from train64,runner," in capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_bad_command_lines_stop_with_one_clear_line(capsys):
 
 
 def test_config_keys_this_checkout_lacks_are_named():
-    training = load_benchmark("gpu_training")
+    training = load_benchmark("speed.gpu_training")
     assert training.missing_keys(["data.on_device=true", "train.no_such_option=1", "train.amp=bf16"]) == [
         "train.no_such_option"
     ]

@@ -22,7 +22,7 @@ IMAGENET_STEP4 = paper_model_kwargs("imagenet/msdnet_baseline.yaml", 1000)
 
 # Cumulative parameters per exit (blocks up to exit k plus classifiers 1..k) of the authors' PyTorch
 # implementation, github kalviny/MSDNet-PyTorch models/msdnet.py, built with the README's CIFAR-100 b7 and ImageNet
-# step-4 commands (figures as given in this project's issue 2, which took them from that code).
+# step-4 commands (figures as given in this project's brief, which took them from that code).
 
 
 def test_cifar100_parameters_per_exit_match_the_paper_code():

@@ -165,7 +165,9 @@ def test_runner_and_thresholds_import_neither_the_evaluator_nor_heavy_libraries(
         "print(os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY'))\n"
     )
     thresholds_only, heavy, onednn = _python(code).splitlines()[-3:]
-    assert thresholds_only == "['dynsila', 'dynsila.budget', 'dynsila.budget.thresholds']"  # the threshold maths imports torch alone
+    assert (
+        thresholds_only == "['dynsila', 'dynsila.budget', 'dynsila.budget.thresholds']"
+    )  # the threshold maths imports torch alone
     assert heavy == "[]"
     assert onednn == "None"  # importing sets nothing in the environment
 

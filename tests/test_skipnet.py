@@ -18,7 +18,7 @@ from tests.conftest import randomise_batchnorm
 
 # Parameter counts of the public implementation, github ucbdrive/skipnet: cifar/models.py (cifar10_feedforward_38,
 # cifar10_rnn_gate_110, FeedforwardGateII) and imagenet/models.py (imagenet_rnn_gate_101), as given in this
-# project's issue 5. That code builds a gate after the last block that nothing reads; dynsila leaves it out, so
+# project's brief. That code builds a gate after the last block that nothing reads; dynsila leaves it out, so
 # its published counts are ours plus that gate: FFGate-I 74,114, FFGate-II 37,122, RNN (64 channels) 650, and
 # for ImageNet ResNet-101 the 2,048-channel embedding of the recurrent gate, 20,490.
 PUBLISHED = [
@@ -41,7 +41,7 @@ def test_parameter_counts_match_the_public_code(kwargs, published, final_gate):
 def test_backbone_without_gates_is_the_plain_resnet():
     model = models.build("skipnet", num_classes=10, depth=110, gate="rnn")
     plain = count_params(model.stem) + sum(count_params(b) for b in model.body.blocks) + count_params(model.exits[0])
-    assert plain == 1_730_714  # ucbdrive/skipnet cifar/models.py cifar10_resnet_110 (10 classes), per issue 5
+    assert plain == 1_730_714  # ucbdrive/skipnet cifar/models.py cifar10_resnet_110 (10 classes), from the brief
 
 
 def tiny(gate="ffgate2", seed=0):

@@ -130,7 +130,7 @@ def test_hrl_keys_are_validated(tmp_path):
 def test_benchmark_acceptance_reads_the_points():
     from tests.conftest import load_benchmark
 
-    bench = load_benchmark("skipnet_hrl")
+    bench = load_benchmark("accuracy.skipnet_hrl")
 
     def point(alpha, share):
         return bench.StagePoint(

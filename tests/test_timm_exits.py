@@ -7,9 +7,9 @@ from torch import nn
 
 from dynsila import models
 from dynsila.budget.flops import exit_costs, module_macs
-from dynsila.budget.flops import main as flops_main
 from dynsila.config import load_config
 from dynsila.errors import ConfigError
+from dynsila.flops import main as flops_main
 from dynsila.models.timm_exits import TimmExits
 from dynsila.runs.rundir import build_model
 

@@ -1,4 +1,4 @@
-"""The training step's fast paths (issue 15): statistics and the NaN check on the device, data on the device,
+"""The training step's fast paths: statistics and the NaN check on the device, data on the device,
 and compiled steps. Everything runs on the CPU here; the CUDA-only check is skipped without a GPU."""
 
 import json

@@ -25,10 +25,6 @@ forward therefore also returns every stage's output, so the count is what actual
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -38,9 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from dynsila.config import load_config
-from dynsila.errors import DynsilaError
-from dynsila.methods.sila import SiLa, prune
+from dynsila.methods.sila import prune
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 
 with warnings.catch_warnings():
@@ -365,32 +359,6 @@ def costs_as_json(costs: list[ExitCost]) -> list[dict[str, int]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dynsila.flops", description="Per-exit MACs and parameters of the model a config describes."
-    )
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_blocks=3")
-    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
-    args = parser.parse_args(argv)
-    from dynsila.runs.rundir import build_model, input_shape  # here: the run directory's builder counts with us
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        bare = build_model(cfg)
-        model: nn.Module = SiLa(bare, cfg.sila) if cfg.sila.enabled else bare  # counted after pruning, as trained
-        if prune(model).gated_body() is not None:
-            gated = gated_costs(model, input_shape(cfg))
-            print(json.dumps(dataclasses.asdict(gated), indent=1) if args.json else format_gated_costs(gated))
-            return 0
-        costs = exit_costs(model, input_shape(cfg))
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(costs_as_json(costs), indent=1) if args.json else format_cost_table(costs))
-    return 0
-
-
 def format_gated_costs(costs: GatedCosts) -> str:
     """A gated network's parts in MACs (conv+linear, batch 1, deploy model)."""
     executed = sum(costs.blocks)
@@ -406,7 +374,3 @@ def format_gated_costs(costs: GatedCosts) -> str:
             f"{costs.full / 1e6:.2f}M (all run); the same network without gates: {costs.plain / 1e6:.2f}M",
         ]
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

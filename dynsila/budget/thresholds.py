@@ -191,3 +191,18 @@ def thresholds_for_budget(
     if not math.isfinite(float(spent[best])):  # only the all-at-exit-1 mix fits
         return all_first, float(cost[0])
     return thresholds[best], float(spent[best])
+
+
+def thresholds_for_target(
+    val_logits: torch.Tensor, costs: Sequence[float], criterion: str, q: float | None, budget: float | None
+) -> tuple[torch.Tensor, float | None]:
+    """Thresholds (K) for one target, fitted on validation logits (N x K x C): the exit distribution
+    share_k ~ q^k, or (``budget``) the largest average validation cost within that many MACs; with the expected
+    average cost for a budget (None for q). The one rule that ``python -m dynsila.infer`` and the ONNX export
+    both apply to a run."""
+    if (q is None) == (budget is None):
+        raise ValueError("give exactly one of q and budget")
+    if q is not None:
+        return fit_thresholds(CONFIDENCE[criterion](val_logits), geometric_fractions([q], len(costs)))[0], None
+    assert budget is not None
+    return thresholds_for_budget(val_logits, list(costs), budget, criterion)

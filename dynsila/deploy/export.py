@@ -45,9 +45,7 @@ from dynsila.budget.flops import exit_costs
 from dynsila.budget.thresholds import (
     CONFIDENCE,
     exit_indices,
-    fit_thresholds,
-    geometric_fractions,
-    thresholds_for_budget,
+    thresholds_for_target,
 )
 from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
@@ -443,12 +441,8 @@ def fit_run_thresholds(
     if (q is None) == (budget is None):
         raise DynsilaError("give exactly one of q and budget")
     val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, "cpu")
+    thresholds, _ = thresholds_for_target(val_logits, costs, criterion, q, budget)
     conf = CONFIDENCE[criterion](val_logits)
-    if q is not None:
-        thresholds = fit_thresholds(conf, geometric_fractions([q], len(costs)))[0]
-    else:
-        assert budget is not None
-        thresholds, _ = thresholds_for_budget(val_logits, costs, budget, criterion)
     exits = exit_indices(conf, thresholds[None])[0]
     fractions = torch.bincount(exits, minlength=len(costs)).double() / len(exits)
     return ThresholdFit(

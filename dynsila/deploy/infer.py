@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dynsila.budget.flops import exit_costs
-from dynsila.budget.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions, thresholds_for_budget
+from dynsila.budget.thresholds import CONFIDENCE, thresholds_for_target
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
@@ -55,10 +55,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _fit(args: argparse.Namespace, val_logits: torch.Tensor, costs: list[int]) -> torch.Tensor:
     """Thresholds (K) for ``--q`` or ``--budget``, fitted on the validation logits ``N x K x C``."""
-    if args.q is not None:
-        conf = CONFIDENCE[args.criterion](val_logits)
-        return fit_thresholds(conf, geometric_fractions([args.q], len(costs)))[0]
-    thresholds, expected = thresholds_for_budget(val_logits, costs, args.budget, args.criterion)
+    thresholds, expected = thresholds_for_target(val_logits, costs, args.criterion, args.q, args.budget)
+    if expected is None:
+        return thresholds
     if args.budget < costs[0]:
         print(
             f"note: a budget of {args.budget / 1e6:.2f}M MACs is below exit 1's cost ({costs[0] / 1e6:.2f}M): "

@@ -46,8 +46,7 @@ from dynsila.evaluation.report import (
     GatedPoint,
     json_safe,
 )
-from dynsila.models import GatedBody, MultiExitNetwork, exit_logits
-from dynsila.models.skipnet import skipnet_computation_percent
+from dynsila.models import GatedBody, MultiExitNetwork, exit_logits, gated_body
 from dynsila.runs.checkpoint import atomic_write_text
 from dynsila.runs.rundir import input_shape, load_deploy_model
 
@@ -152,7 +151,11 @@ def gated_pass(
 
 
 def gated_exit(model: nn.Module, val: GatedPass, test: GatedPass, costs: GatedCosts) -> GatedExit:
-    """The single exit of a gated network at its own threshold; MACs averaged over the test samples."""
+    """The single exit of a gated network at its own threshold; MACs averaged over the test samples; the
+    family's own computation percentage (SkipNet's) comes from its gated body."""
+    body = gated_body(model)
+    if body is None:
+        raise TypeError(f"{type(model).__name__} has no gated body")
     params = sum(p.numel() for p in model.parameters())
     top5 = float(topk_accuracy(test.logits[:, None], test.labels, 5)[0]) if test.logits.shape[-1] >= 10 else None
     return GatedExit(
@@ -167,7 +170,7 @@ def gated_exit(model: nn.Module, val: GatedPass, test: GatedPass, costs: GatedCo
         macs_all_blocks=costs.full,
         macs_plain_resnet=costs.plain,
         executed_fraction=float(test.executed.mean()),
-        skipnet_computation_percent=skipnet_computation_percent(test.executed),
+        skipnet_computation_percent=body.computation_percent(test.executed),
     )
 
 

@@ -13,7 +13,11 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
 
 from dynsila.budget.thresholds import BudgetedRow
 
@@ -189,11 +193,18 @@ def _from_json_value(value: Any) -> Any:
 
 def json_safe(value: Any) -> Any:
     """Strict JSON has no infinities: write them as the strings "inf" / "-inf" (and NaN as "nan"; ``float()``
-    reads them back)."""
+    reads them back). Tensors, arrays and NumPy scalars become lists and numbers, paths and keys strings, so the
+    benchmarks' result files follow the same convention through this one function."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, Path):
+        return str(value)
     return value

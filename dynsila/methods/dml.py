@@ -12,11 +12,14 @@ match their last 4 exits), earlier unmatched exits get no DML term.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from dynsila.config import DMLConfig
 from dynsila.errors import ConfigError
+from dynsila.methods.technique import ModelBatch, Technique
 
 
 def exit_pairs(num_exits_i: int, num_exits_j: int, align: str) -> list[tuple[int, int]]:
@@ -46,3 +49,19 @@ def dml_loss(peer_logits: list[list[torch.Tensor]], cfg: DMLConfig, exit_weights
                 kl = F.kl_div(log_p[i][k_i], target, reduction="batchmean", log_target=True)  # KL(p_j || p_i)
                 total = total + exit_weights[i][k_i] * kl * t * t
     return cfg.weight / (n_peers - 1) * total
+
+
+class MutualLearning(Technique):
+    """``dml``: the mutual-learning term of the peers trained together, when there are several."""
+
+    name = "dml"
+    config_section = "dml"
+
+    def ensemble_terms(self, batches: Sequence[ModelBatch]) -> dict[str, torch.Tensor]:
+        if len(batches) < 2:
+            return {}
+        logits, weights = [b.logits for b in batches], [b.exit_weights for b in batches]
+        return {"dml": dml_loss(logits, batches[0].cfg.dml, weights)}
+
+
+DML = MutualLearning()

@@ -21,6 +21,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
+
+from dynsila.config import Config
+from dynsila.methods.technique import ModelBatch, Technique
+from dynsila.models import DynamicOutput
 
 Baseline = Literal["none", "batch_mean"]
 
@@ -63,3 +68,43 @@ def hrl_policy_loss(
         returns = returns - returns.mean(dim=0, keepdim=True)
     per_sample = -(returns * action_log_probs(probs, actions)).sum(dim=1)
     return rl_weight * batch_size * per_sample.mean()
+
+
+def gate_terms(output: DynamicOutput, labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+    """Gated networks. SP: plain cross-entropy (SkipNet's reference) plus, if ``loss.gate_cost`` > 0 (ours), that
+    times the expected share of gated-block MACs executed (gate probabilities weighted by block cost). HRL:
+    SkipNet's policy gradient on the sampled gate actions (``hrl_policy_loss``): alpha / G per skip, -CE at the end,
+    reward-to-go, ``loss.rl_weight``, no baseline unless ``loss.rl_baseline`` asks for the batch mean."""
+    if not output.gate_probs:
+        return {}
+    if cfg.train.stage == "sp":
+        if cfg.loss.gate_cost == 0:
+            return {}
+        probs = torch.stack(output.gate_probs, dim=1)  # N x G
+        return {"gate_cost": cfg.loss.gate_cost * (probs * output.block_cost_share).sum(dim=1).mean()}
+    if output.action_log_prob is None:
+        raise ValueError("train.stage=hrl needs gate actions sampled in training (gate_mode='sample')")
+    policy = hrl_policy_loss(
+        probs=torch.stack(output.gate_probs, dim=1),
+        actions=torch.stack(output.gate_actions, dim=1),
+        task_loss=F.cross_entropy(output.logits[-1], labels, reduction="none"),
+        alpha=cfg.loss.hrl_alpha,
+        rl_weight=cfg.loss.rl_weight,
+        batch_size=cfg.data.batch_size,  # the global batch: the reference sums the term over it
+        baseline=cfg.loss.rl_baseline,
+    )
+    return {"reinforce": policy}
+
+
+class GateTerms(Technique):
+    """The gate terms of a gated network (SkipNet): the SP stage's optional gate cost, the HRL stage's policy
+    gradient. Networks without gates get nothing."""
+
+    name = "gates"
+    config_section = "train.stage, loss.gate_cost, loss.hrl_alpha, loss.rl_weight, loss.rl_baseline"
+
+    def model_terms(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        return {} if batch.gates is None else gate_terms(batch.gates, batch.labels, batch.cfg)
+
+
+GATES = GateTerms()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dynsila.methods.technique import ModelBatch, Technique
+
 
 def self_distillation_loss(logits: list[torch.Tensor], exit_weights: list[float], temperature: float) -> torch.Tensor:
     """sum_{k<K} w_k T^2 KL(softmax(z_K/T) || softmax(z_k/T)), teacher detached. ``logits[k]``: N x C of exit k.
@@ -27,3 +29,20 @@ def self_distillation_loss(logits: list[torch.Tensor], exit_weights: list[float]
         kl = F.kl_div(F.log_softmax(z / temperature, dim=1), target, reduction="batchmean", log_target=True)
         total = total + w * kl * temperature * temperature
     return total
+
+
+class SelfDistillation(Technique):
+    """``self_distill`` = ``loss.self_distill`` x the loss above, for a network with several exits and a weight > 0."""
+
+    name = "self_distill"
+    config_section = "loss.self_distill, loss.distill_temperature"
+
+    def model_terms(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        loss = batch.cfg.loss
+        if not (loss.self_distill > 0 and len(batch.logits) > 1):
+            return {}
+        distill = self_distillation_loss(batch.logits, batch.exit_weights, loss.distill_temperature)
+        return {"self_distill": loss.self_distill * distill}
+
+
+SELF_DISTILLATION = SelfDistillation()

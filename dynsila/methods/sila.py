@@ -32,6 +32,7 @@ FLOPs) of a plain one.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -41,6 +42,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dynsila.config import SiLaConfig
 from dynsila.errors import ConfigError
+from dynsila.methods.technique import ModelBatch, Technique
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 
 
@@ -197,3 +199,52 @@ def joint_siamese_cross_entropy(z: torch.Tensor, z_twin: torch.Tensor, labels: t
     num_classes = z.shape[1]
     picked = log_p.gather(1, labels[:, None]) + log_p.gather(1, labels[:, None] + num_classes)
     return -(0.5 * picked).mean()
+
+
+def twin_agreement(outputs: Sequence[object]) -> dict[str, torch.Tensor]:
+    """Detached per-exit twin/main agreement of SiLa outputs, for metrics only (never added to the loss).
+
+    For exit k, averaged over the batch and over the SiLa peers: ``twin_gap_e{k}`` = mean |z'_k - z_k| (all
+    logits), ``twin_rel_gap_e{k}`` = that gap / mean |z_k|, ``twin_agree_e{k}`` = share of samples whose argmax
+    agrees. Empty when no output is SiLa-wrapped. Returns 0-d tensors on the logits' device (no host sync)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    with torch.no_grad():
+        for output in outputs:
+            if not isinstance(output, SiLaOutput):
+                continue
+            for k, (z, z_twin) in enumerate(zip(output.logits, output.twin_logits, strict=True)):
+                z, z_twin = z.detach().float(), z_twin.detach().float()
+                gap = (z_twin - z).abs().mean()
+                values = {
+                    f"twin_gap_e{k}": gap,
+                    f"twin_rel_gap_e{k}": gap / z.abs().mean().clamp_min(1e-12),
+                    f"twin_agree_e{k}": (z_twin.argmax(1) == z.argmax(1)).float().mean(),
+                }
+                for name, value in values.items():
+                    sums[name] = sums[name] + value if name in sums else value
+                    counts[name] = counts.get(name, 0) + 1
+    return {name: value / counts[name] for name, value in sums.items()}
+
+
+class SiLaTechnique(Technique):
+    """SiLa's twin-label terms for a SiLa-wrapped network (``SiLa`` above adds the heads), and its twin/main
+    agreement as monitor terms. With ``softmax: joint_only`` its joint CE stands in for the exit CE."""
+
+    name = "sila"
+    config_section = "sila"
+
+    def replaces_exit_ce(self, batch: ModelBatch) -> bool:
+        return isinstance(batch.output, SiLaOutput) and replaces_exit_ce(batch.cfg.sila)
+
+    def model_terms(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
+        if not isinstance(batch.output, SiLaOutput):
+            return {}
+        cfg = batch.cfg
+        return sila_loss_terms(batch.output, batch.labels, cfg.sila, batch.exit_weights, cfg.loss.ce_weight)
+
+    def monitor_terms(self, batches: Sequence[ModelBatch]) -> dict[str, torch.Tensor]:
+        return twin_agreement([batch.output for batch in batches])
+
+
+SILA = SiLaTechnique()

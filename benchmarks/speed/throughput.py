@@ -1,7 +1,7 @@
 """Training and evaluation throughput of MSDNet CIFAR-100 b7, batch 64: baseline vs SiLa, eager vs
 channels-last vs torch.compile.
 
-    python benchmarks/throughput.py [--threads 2] [--steps 25] [--no-compile] [--smoke]
+    python benchmarks/speed/throughput.py [--threads 2] [--steps 25] [--no-compile] [--smoke]
 
 Each variant runs in a fresh process (so its peak memory is its own): a training step is forward over all 7
 exits, the summed loss (exit CE, plus the SiLa terms for SiLa), backward and an SGD step; evaluation is the
@@ -10,7 +10,8 @@ peak memory is the process's peak resident set growth over its state just before
 gradients, optimizer state; for compiled variants also the compiler's own memory).
 Also every SiLa twin kind (linear, MLP, whole classifier) paired against the baseline in one process: step time
 and exact training memory. For reference, the public MSDNet code trains this configuration at about 124 img/s and
-evaluates at about 400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; reported to us, not measured here).
+evaluates at about 400-470 img/s on this machine kind (torch 2.13 CPU, batch 64; reported for the public code, not
+measured here).
 Writes benchmarks/results/throughput.{json,md} (``--smoke``: a tiny MSDNet, one variant, one step, written
 under ``--results-dir`` only, for tests).
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 from benchmarks.toolkit import (
     REPO_ROOT,
@@ -76,11 +77,13 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def build_msdnet(smoke: bool) -> torch.nn.Module:
+def build_msdnet(smoke: bool) -> models.MultiExitNetwork:
     """MSDNet CIFAR-100 b7 (or the smoke model), random weights."""
-    return models.build(
+    model = models.build(
         "msdnet", num_classes=100, **(load_config(PRESET).model_kwargs() | (SMOKE_MODEL if smoke else {}))
     )
+    assert isinstance(model, models.MultiExitNetwork)
+    return model
 
 
 def measure(name: str, steps: int, threads: int, smoke: bool = False) -> dict[str, Any]:
@@ -256,8 +259,8 @@ def markdown(result: dict[str, Any], steps: int) -> str:
         f"saved for backward): {memory_overhead:.4f} ({sum(mem['sila'].values()) / 2**20:.1f} MiB vs "
         f"{sum(mem['baseline'].values()) / 2**20:.1f} MiB; target <= {1 + MAX_MEMORY_OVERHEAD}: "
         f"{verdict(memory_overhead <= 1 + MAX_MEMORY_OVERHEAD)}). The RSS column is the allocator's view and noisy.",
-        "- Reference (reported to us, not measured here): the public MSDNet code trains this configuration at "
-        "about 124 img/s and evaluates at about 400-470 img/s on this machine kind.",
+        "- Reference (reported for the public code, not measured here): the public MSDNet code trains this "
+        "configuration at about 124 img/s and evaluates at about 400-470 img/s on this machine kind.",
         "",
         "Every SiLa twin kind against the baseline (eager, steps alternated in one process, median of "
         f"{steps} pairs; memory counted exactly as above):",

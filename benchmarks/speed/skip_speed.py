@@ -1,6 +1,6 @@
 """Does skipping save wall time? SkipNet evaluation with about half the gated blocks skipped versus all executed.
 
-    python benchmarks/skip_speed.py [--gate rnn] [--threads 2] [--smoke]
+    python benchmarks/speed/skip_speed.py [--gate rnn] [--threads 2] [--smoke]
 
 SkipNet-110 (CIFAR, random weights: only timing matters), batch 64, CPU. The gate threshold is bisected on
 calibration batches until 50 % of the (sample, block) decisions skip; evaluation
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, paired_times, verdict, write_results
 from dynsila import models
 from dynsila.budget.flops import gated_costs
+from dynsila.models import gated_body
 
 TARGET_WALL_RATIO = 0.65  # skipping half the decisions must cost at most this share of the all-blocks time
 SKIP_SHARE = 0.5  # share of (sample, block) decisions the bisected threshold skips
@@ -37,7 +38,7 @@ def threshold_for_skipping(
 ) -> float:
     """Bisect the gate threshold until ``share`` of the decisions skip, with skipping on (the recurrent gate and
     the features depend on earlier decisions, so the threshold is found in the mode it is used in)."""
-    body = model.gated_body()
+    body = gated_body(model)
     assert body is not None
     low, high = 0.0, 1.0
     for _ in range(steps):
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = models.build("skipnet", num_classes=10, depth=args.depth, gate=args.gate).eval()
-    body = model.gated_body()
+    body = gated_body(model)
     assert body is not None
     costs = gated_costs(model, (3, 32, 32))
     g = torch.Generator().manual_seed(0)

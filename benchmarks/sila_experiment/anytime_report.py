@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.paired_stats import ALPHA, beyond_noise, holm, interval, paired, pairs_for_width
+from benchmarks.sila_experiment.paired_stats import ALPHA, beyond_noise, holm, interval, paired, pairs_for_width
 from benchmarks.toolkit import accuracy_at, anytime_area, save_figure
 
 WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference must be narrower than +-1.0
@@ -38,8 +38,11 @@ BUDGET_POINTS = 8
 
 
 class MethodInfo(Protocol):
-    tier: int
-    about: str
+    @property
+    def tier(self) -> int: ...
+
+    @property
+    def about(self) -> str: ...
 
 
 def peer0(run: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +121,7 @@ def references(name: str, present: Collection[str]) -> list[str]:
     return [ref for ref in wanted if ref in present and ref != name]
 
 
-def comparisons(rows: dict[str, dict[str, Any]], methods: dict[str, MethodInfo]) -> list[dict[str, Any]]:
+def comparisons(rows: dict[str, dict[str, Any]], methods: Mapping[str, MethodInfo]) -> list[dict[str, Any]]:
     """Every method against its references (``references``). A comparison is tier 1 when both sides are tier-1
     methods (the ones the design is sized for)."""
     out = []
@@ -243,7 +246,7 @@ def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]
         "width_target": WIDTH_TARGET,
         "widths_met": bool(widths) and max(widths) < WIDTH_TARGET,
         # seeds the widest tier-1 comparison would need for the width target at its observed spread
-        "seeds_for_width_target": None if not needed or None in needed else max(needed),
+        "seeds_for_width_target": None if not needed or None in needed else max(n for n in needed if n is not None),
         "largest_tier1_mde": max((c["area"]["mde"] for c in tier1 if math.isfinite(c["area"]["mde"])),
                                  default=math.nan),
         "positive_control": control["area"] if control else None,
@@ -251,7 +254,7 @@ def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]
     }  # fmt: skip
 
 
-def summarise(runs: list[dict[str, Any]], methods: dict[str, MethodInfo]) -> dict[str, Any]:
+def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> dict[str, Any]:
     grouped = by_method(runs)
     grid = budget_grid(runs)
     order = [m for m in methods if m in grouped]

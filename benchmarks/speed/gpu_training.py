@@ -1,5 +1,5 @@
 """MSDNet training throughput on one device: a plain eager loop against dynsila's own training loop, with its
-performance options switched on one after another (the training rows of ``benchmarks/gpu_check.py``).
+performance options switched on one after another (the training rows of ``benchmarks/speed/gpu_check.py``).
 
 Both sides train the same network from the same preset on the same synthetic CIFAR-shaped data (random uint8
 images and labels written as an npz file: throughput does not depend on the pixels), with the same SGD settings,

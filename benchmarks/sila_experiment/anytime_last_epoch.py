@@ -1,7 +1,7 @@
 """Secondary analysis of the SiLa experiment: the same comparisons with every run evaluated at its last epoch.
 
-    python benchmarks/anytime_last_epoch.py              # evaluate what has a checkpoint, then report
-    python benchmarks/anytime_last_epoch.py --report-only
+    python benchmarks/sila_experiment/anytime_last_epoch.py              # evaluate what has a checkpoint, then report
+    python benchmarks/sila_experiment/anytime_last_epoch.py --report-only
 
 The experiment's protocol (``benchmarks/anytime.py``) evaluates each run at its best-validation epoch, chosen on
 2,000 images. That choice is itself noisy: a run whose validation score peaks early is reported at an
@@ -22,15 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as ``python benchmarks/anytime_last_epoch.py``
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as ``python benchmarks/sila_experiment/anytime_last_epoch.py``
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np
 import torch
 
-from benchmarks.anytime import RunSpec, deploy_dirs, load_runs
-from benchmarks.anytime_report import diff_cell, peer0, references, table
-from benchmarks.paired_stats import paired
+from benchmarks.sila_experiment.anytime import RunSpec, deploy_dirs, load_runs
+from benchmarks.sila_experiment.anytime_report import diff_cell, peer0, references, table
+from benchmarks.sila_experiment.paired_stats import paired
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, anytime_area, command_line
 from dynsila.data import build_splits, make_loader
 from dynsila.evaluation.evaluate import collect_logits, topk_accuracy

@@ -1,8 +1,8 @@
 """Early exit on ONNX Runtime beside PyTorch: wall time of the same exit mixes in both runtimes.
 
-    python benchmarks/onnx_speed.py [--threads 2] [--repeats 7] [--exporter auto] [--out onnx_speed] [--smoke]
+    python benchmarks/speed/onnx_speed.py [--threads 2] [--repeats 7] [--exporter auto] [--out onnx_speed] [--smoke]
 
-MSDNet CIFAR-100 b7 (random weights: only timing matters), the setting of ``benchmarks/early_exit_speed.py``:
+MSDNet CIFAR-100 b7 (random weights: only timing matters), the setting of ``benchmarks/speed/early_exit_speed.py``:
 thresholds fitted on calibration inputs for exit mixes spending about 25 %, 50 % and 75 % of the full network's
 MACs, then other inputs go through ``dynsila.runner.EarlyExitRunner`` (PyTorch, batch-norm folded,
 channels-last) and through ``dynsila.export.OnnxEarlyExitRunner`` (ONNX Runtime, CPU, on the graphs
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, command_line, environment, header, paired_times, write_results
 from dynsila import models

@@ -1,6 +1,6 @@
 """Does early exiting save wall time in proportion to MACs, and what does lazy evaluation save?
 
-    python benchmarks/early_exit_speed.py [--device cpu|cuda] [--threads 2] [--out early_exit_speed] [--smoke]
+    python benchmarks/speed/early_exit_speed.py [--device cpu|cuda] [--threads 2] [--out early_exit_speed] [--smoke]
                                           [--no-imagenet]
 
 MSDNet CIFAR-100 b7 (random weights: only timing matters). Thresholds are fitted on calibration inputs for exit
@@ -17,7 +17,7 @@ at batch 64 and 1, ImageNet step 4 at batch 1); and the cost of the runner's com
 (boolean mask on every tensor of the stage's output) against the new (one index, whole rows, the pending state
 only), on the states of a real run.
 
-Targets (issue 14): 50 % mix, batch 64: wall ratio <= 1.15 x the lazy MACs ratio, stretch: below the paper's
+Targets: 50 % mix, batch 64: wall ratio <= 1.15 x the lazy MACs ratio, stretch: below the paper's
 MACs ratio; batch-1 latency to exit 1 <= 1.2 x its lazy MACs share. Every ratio is a median of back-to-back
 pairs in one process, so that the load of a shared machine cancels as far as it can.
 Writes benchmarks/results/<out>.{json,md} (``--smoke``: a tiny MSDNet on a few images, written under
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 import dynsila.deploy.runner as runner_module
 from benchmarks.toolkit import (

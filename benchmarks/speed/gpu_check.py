@@ -1,6 +1,6 @@
 """The device check: dynsila's training, evaluation and early-exit speed on one GPU, in one command.
 
-    python benchmarks/gpu_check.py [--device cuda] [--budget-s 420] [--parts train64,runner,...] [--smoke]
+    python benchmarks/speed/gpu_check.py [--device cuda] [--budget-s 420] [--parts train64,runner,...] [--smoke]
 
 Measured in one process, every timing CUDA-synchronised (``benchmarks/toolkit.py``) and after warm-up (the first
 epoch or pass, compilation included, is reported apart), on random weights and synthetic data (speed depends on
@@ -9,18 +9,18 @@ neither), in this order (``--parts`` picks some):
 - ``train64``: MSDNet CIFAR-100 b7 (``configs/cifar100/msdnet_baseline.yaml``) training img/s at batch 64 (the
   paper's): a plain eager loop (CPU DataLoader with CPU augmentation, ``loss.item()`` every step, fp32, NCHW)
   against dynsila's own training loop with every performance option this checkout has (no per-step host sync,
-  data on the device, channels-last, bf16 autocast, torch.compile); see ``benchmarks/gpu_training.py``.
+  data on the device, channels-last, bf16 autocast, torch.compile); see ``benchmarks/speed/gpu_training.py``.
 - ``runner``: ``EarlyExitRunner`` wall time against MACs at exit mixes spending 25 / 50 / 75 % of the full
-  network's MACs, batch 256 (``benchmarks/early_exit_speed.py``'s ``Bench`` and ``mix_rows``).
+  network's MACs, batch 256 (``benchmarks/speed/early_exit_speed.py``'s ``Bench`` and ``mix_rows``).
 - ``sila``: SiLa's training step-time overhead, baseline and SiLa epochs alternated, both on the optimised path.
 - ``skipnet``: SkipNet-110 (recurrent gates) evaluation with half the gate decisions skipping against every block
-  executed (``benchmarks/skip_speed.py``'s threshold bisection), batch 256.
+  executed (``benchmarks/speed/skip_speed.py``'s threshold bisection), batch 256.
 - ``ablation``: dynsila's options switched on one after another at batch 64 (each one's contribution).
 - ``eval``: MSDNet evaluation img/s, batch 256: eager fp32 NCHW, channels-last, bf16, batch-norm folded, compiled
   (and compiled with CUDA graphs).
 - ``train256``: the two ends of ``train64`` at batch 256.
 
-Targets (issue 15, on one H100, ratios in one process): optimised training >= 2x the plain loop's img/s at batch
+Targets (on one H100, ratios in one process): optimised training >= 2x the plain loop's img/s at batch
 64; SiLa step-time overhead <= 5 %; runner at the 50 % mix, batch 256: wall ratio <= 1.3 x the MACs ratio.
 
 Parts run in that priority order under a time budget (``--budget-s``): a part that would not fit is recorded as
@@ -31,20 +31,7 @@ parts that need ``dynsila.train``, ``early_exit_speed`` or ``skip_speed`` (all t
 without it, naming the reason. Writes ``benchmarks/results/gpu.{json,md}`` (``--out``, ``--results-dir``);
 ``--smoke``: tiny models on the CPU in seconds, no compilation (CI), written under ``--results-dir`` only.
 
-On the GPU machine (``/work/shared/device/README.md``: 15 minutes of device time, starts included; its
-``python3`` lacks fvcore, and the ``dynsila/models`` symlink may not survive the copy). Once, here, from the
-repository root:
-
-    mkdir -p .gpu && cp ../shared/device/wheels/*.whl .gpu/ && echo /.gpu/ >> .git/info/exclude
-
-then this device command (the run tool's ``command``), with carry [".gpu"] and timeout_s 360, so that a rerun
-still fits in the 15 minutes; copy the two files it brings back into ``benchmarks/results/``:
-
-    [ -e dynsila/models ] || ln -sfn ../models dynsila/models
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-    timeout 345 python3 benchmarks/gpu_check.py --budget-s 300
-    cp benchmarks/results/gpu.json benchmarks/results/gpu.md $OUT/
+Run ``python benchmarks/speed/gpu_check.py`` on a CUDA machine from the repository root, with fvcore installed.
 """
 
 from __future__ import annotations
@@ -63,9 +50,9 @@ from typing import Any, cast
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
-from benchmarks import gpu_training as training
+from benchmarks.speed import gpu_training as training
 from benchmarks.toolkit import (
     RESULTS_DIR,
     command_line,
@@ -405,7 +392,7 @@ def part_runner(check: Check) -> dict[str, Any]:
     """EarlyExitRunner against the full network at the 25 / 50 / 75 % MACs mixes (early_exit_speed's
     measurement: thresholds fitted on calibration inputs, ``run_stream`` timed against the full network in the
     runner's own inference form, back-to-back pairs), plus the truncated forwards' time shares."""
-    from benchmarks.early_exit_speed import Bench, Sizes, mix_rows, per_exit_time_shares  # imports fvcore
+    from benchmarks.speed.early_exit_speed import Bench, Sizes, mix_rows, per_exit_time_shares  # imports fvcore
 
     plan = check.plan
     sizes = Sizes(plan.runner_batched, plan.runner_single, plan.runner_calibration, plan.repeats)
@@ -425,7 +412,7 @@ def part_runner(check: Check) -> dict[str, Any]:
 def part_skipnet(check: Check) -> dict[str, Any]:
     """SkipNet-110 (recurrent gates) evaluation with half the (sample, block) decisions skipping, skipped blocks
     not computed, against every block executed (threshold bisected as skip_speed bisects it)."""
-    from benchmarks.skip_speed import SKIP_SHARE, threshold_for_skipping  # imports fvcore
+    from benchmarks.speed.skip_speed import SKIP_SHARE, threshold_for_skipping  # imports fvcore
     from dynsila.budget.flops import gated_costs
 
     plan, device = check.plan, check.device
@@ -695,7 +682,7 @@ def run_part(check: Check, name: str) -> dict[str, Any]:
     except ImportError as e:
         if not needs_fvcore(e):
             raise
-        outcome = {"skipped": f"needs fvcore ({error_line(e)}); carry its wheels as the module docstring shows"}
+        outcome = {"skipped": f"needs fvcore ({error_line(e)}); install it to run this part"}
     except Exception as e:  # the other parts still run and are written
         traceback.print_exc()
         outcome = {"error": error_line(e)}

@@ -1,6 +1,6 @@
 """Speed of the budgeted sweep: all 39 budgets, 5,000 val / 10,000 test samples, K = 7 exits, 100 classes.
 
-    python benchmarks/budgeted_sweep_speed.py [--smoke]
+    python benchmarks/speed/budgeted_sweep_speed.py [--smoke]
 
 Times ``dynsila.evaluate.budgeted_sweep`` (vectorised over samples and budgets) against the same algorithm
 written as per-sample Python loops, the way the public MSDNet code computes it, in one process on the same
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, run_seconds, verdict, write_results
 from dynsila.budget.thresholds import DEFAULT_QS, budgeted_sweep, geometric_fractions

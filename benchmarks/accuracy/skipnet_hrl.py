@@ -1,14 +1,14 @@
 """SkipNet trained as its authors train it, on a CPU: supervised pre-training, then hybrid RL at several alphas.
 
-    python benchmarks/skipnet_hrl.py                                # SkipNet-20 on cifar10_dev, alpha 0.1 ... 1
-    python benchmarks/skipnet_hrl.py --alphas 0.25 1 --runs-dir runs/skipnet_hrl --reuse
+    python benchmarks/accuracy/skipnet_hrl.py                       # SkipNet-20 on cifar10_dev, alpha 0.1 ... 1
+    python benchmarks/accuracy/skipnet_hrl.py --alphas 0.25 1 --runs-dir runs/skipnet_hrl --reuse
 
 Trains the SP run of ``--sp-config`` once and one HRL run of ``--hrl-config`` per alpha from it
 (``train.init_from``; only ``loss.hrl_alpha`` differs between them), then measures every deploy model on the
 test split at SkipNet's fixed gate threshold 0.5, skipped blocks not computed: test top-1, SkipNet's computation
 % ((sum of gated blocks run + 1) / (G + 1)), dynsila's share of gated blocks run, and average MACs per image.
-Checks issue 12's acceptance (the alphas give distinct points, the larger one runs fewer blocks, none runs
-10 % of the gated blocks or less, every HRL model runs fewer blocks than its SP model) and writes
+Checks the acceptance criteria set before the runs (the alphas give distinct points, the larger one runs fewer
+blocks, none runs 10 % of the gated blocks or less, every HRL model runs fewer blocks than its SP model) and writes
 benchmarks/results/skipnet_hrl.{json,md,png}. ``--reuse`` keeps finished runs instead of training them again.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
 
 from benchmarks.toolkit import (
     RESULTS_DIR,
@@ -40,7 +40,7 @@ from benchmarks.toolkit import (
 from dynsila.budget.flops import gated_costs
 from dynsila.config import Config, load_config
 from dynsila.console import log_lines_to
-from dynsila.data import build_splits, make_loader, normalize
+from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import MACS_UNITS
 from dynsila.models import DynamicOutput
@@ -122,7 +122,7 @@ def stage_point(
 
 
 def acceptance(sp: StagePoint, hrl: Sequence[StagePoint]) -> list[dict[str, Any]]:
-    """Issue 12's checks, each with what was measured."""
+    """The acceptance checks, each with what was measured."""
     by_alpha = sorted(hrl, key=lambda p: p.alpha or 0.0)
     shares = [p.executed_share for p in by_alpha]
     labels = ", ".join(f"alpha {p.alpha:g}: {100 * p.executed_share:.1f} %" for p in by_alpha)
@@ -147,7 +147,7 @@ def acceptance(sp: StagePoint, hrl: Sequence[StagePoint]) -> list[dict[str, Any]
 
 
 def passing_pairs(sp: StagePoint, hrl: Sequence[StagePoint]) -> list[tuple[float, float]]:
-    """The pairs of alphas (smaller first) that meet all of issue 12's checks on their own."""
+    """The pairs of alphas (smaller first) that meet all of the acceptance checks on their own."""
     return [
         (a.alpha or 0.0, b.alpha or 0.0)
         for a, b in itertools.combinations(sorted(hrl, key=lambda p: p.alpha or 0.0), 2)
@@ -190,7 +190,7 @@ def markdown(
     for p in points:
         name = "SP" if p.alpha is None else f"HRL alpha {p.alpha:g}"
         lines.append(f"- {name}: " + " ".join(f"{s:.2f}" for s in p.executed_per_gate))
-    lines += ["", "## Acceptance (issue 12)", "", "| check | measured | verdict |", "| --- | --- | --- |"]
+    lines += ["", "## Acceptance", "", "| check | measured | verdict |", "| --- | --- | --- |"]
     lines += [f"| {c['check']} | {c['measured']} | {verdict(c['met'])} |" for c in checks]
     pairs = passing_pairs(points[0], points[1:])
     named = ", ".join(f"{a:g} and {b:g}" for a, b in pairs) or "none"
@@ -232,7 +232,8 @@ def run_stages(args: argparse.Namespace) -> tuple[Config, Config, list[StagePoin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/skipnet_hrl.py", description=__doc__.splitlines()[0])
+    prog = "python benchmarks/accuracy/skipnet_hrl.py"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--sp-config", default="configs/cifar10_dev/skipnet_sp.yaml")
     parser.add_argument("--hrl-config", default="configs/cifar10_dev/skipnet_hrl.yaml")
     parser.add_argument(
@@ -255,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = acceptance(points[0], points[1:])
     model, cfg = load_deploy_model(sp_cfg.run_dir)
     costs = gated_costs(model, input_shape(cfg))
-    setup = describe(sp_cfg, hrl_cfg, costs.full, costs.plain, len(costs.blocks), len(build_splits(cfg.data).test))
+    setup = describe(
+        sp_cfg, hrl_cfg, costs.full, costs.plain, len(costs.blocks), dataset_size(build_splits(cfg.data).test)
+    )
     command = command_line(__file__, argv)
     env = environment("cpu", args.threads)
     payload = {
