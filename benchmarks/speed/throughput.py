@@ -24,6 +24,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from functools import partial
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -197,9 +198,9 @@ def paired_overhead(steps: int, threads: int, smoke: bool = False) -> dict[str, 
         step(name)
     memory = {name: training_bytes(nets[name], losses[name]) for name in nets}
     total = {name: sum(m.values()) for name, m in memory.items()}
-    heads = {}
+    heads: dict[str, dict[str, float]] = {}
     for name in SILA_HEADS:
-        sila_times, baseline_times = paired_times(lambda n=name: step(n), lambda: step("baseline"), repeats=steps)
+        sila_times, baseline_times = paired_times(partial(step, name), partial(step, "baseline"), repeats=steps)
         heads[name] = {
             "step_time_ratio": statistics.median(a / b for a, b in zip(sila_times, baseline_times, strict=True)),
             "memory_ratio": total[name] / total["baseline"],
