@@ -24,8 +24,8 @@ import resource
 import statistics
 import subprocess
 import sys
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
