@@ -259,7 +259,7 @@ def test_tier3_family_is_holm_corrected_on_its_own_and_calls_wide_nulls_inconclu
 
 
 def test_collapse_needs_a_small_gap_and_full_agreement() -> None:
-    from benchmarks.anytime_report import collapsed
+    from benchmarks.sila_experiment.anytime_report import collapsed
 
     assert collapsed({"twin_rel_gap_e0": 0.03, "twin_agree_e0": 1.0}) is True
     assert collapsed({"twin_rel_gap_e0": 1.0, "twin_agree_e0": 0.998}) is False  # agrees, but far apart
