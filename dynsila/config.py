@@ -43,6 +43,13 @@ class DataConfig:
     # the data brings its own validation split: an npz file with x_val and x_test)
     val_size: float = bounded(0.1, 0.0)
     split_seed: int = bounded(0, 0)  # fixes the train/val(/test) split independently of the run's seed
+    # a file listing the training-set indices of the validation split (instead of a draw with split_seed): a
+    # permutation of the whole training set (the MSDNet authors' index.pth) keeps its last val_size entries
+    val_indices: str | None = None
+    # per-channel input normalisation; None: the dataset's usual statistics (a published network's own, e.g.
+    # SkipNet's CIFAR std 0.2023 0.1994 0.2010, must be matched for its weights to give its outputs)
+    mean: list[float] | None = bounded(None)
+    std: list[float] | None = bounded(None, 0.0, low_open=True)
     batch_size: int = bounded(64, 1)
     eval_batch_size: int = bounded(256, 1)
     num_workers: int = bounded(0, 0)
