@@ -41,7 +41,7 @@ def test_bf16_rounds_the_confident_probability_to_one():
 def test_gate_probabilities_stay_float32_under_bf16_autocast(gate):
     net = confident_skipnet(gate).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        out = net(torch.randn(4, 3, 32, 32))
+        out = net(torch.randn(4, 3, 8, 8))
     assert out.logits[-1].dtype == torch.bfloat16  # the network itself runs in bf16
     probs = torch.stack(out.gate_probs)
     assert probs.dtype == torch.float32
@@ -52,12 +52,12 @@ def test_gate_probabilities_stay_float32_under_bf16_autocast(gate):
 def test_hrl_policy_gradient_reaches_a_confident_gate_under_bf16_autocast(gate):
     net = confident_skipnet(gate).train()
     net.body.gate_mode = "sample"
-    x, y = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 10
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x)
         task = F.cross_entropy(out.logits[-1].float(), y, reduction="none")
         probs, actions = torch.stack(out.gate_probs, 1), torch.stack(out.gate_actions, 1)
-        loss = hrl_policy_loss(probs, actions, task, alpha=0.1, rl_weight=0.01, batch_size=16)
+        loss = hrl_policy_loss(probs, actions, task, alpha=0.1, rl_weight=0.01, batch_size=8)
     assert out.action_log_prob is not None and out.action_log_prob.dtype == torch.float32
     assert torch.isfinite(loss)
     loss.backward()
