@@ -43,6 +43,13 @@ class DataConfig:
     # the data brings its own validation split: an npz file with x_val and x_test)
     val_size: float = bounded(0.1, 0.0)
     split_seed: int = bounded(0, 0)  # fixes the train/val(/test) split independently of the run's seed
+    # a file listing the training-set indices of the validation split (instead of a draw with split_seed): a
+    # permutation of the whole training set (the MSDNet authors' index.pth) keeps its last val_size entries
+    val_indices: str | None = None
+    # per-channel input normalisation; None: the dataset's usual statistics (a published network's own, e.g.
+    # SkipNet's CIFAR std 0.2023 0.1994 0.2010, must be matched for its weights to give its outputs)
+    mean: list[float] | None = bounded(None)
+    std: list[float] | None = bounded(None, 0.0, low_open=True)
     batch_size: int = bounded(64, 1)
     eval_batch_size: int = bounded(256, 1)
     num_workers: int = bounded(0, 0)
@@ -109,7 +116,7 @@ class LossConfig:
     # gated nets, SP stage only: + gate_cost x the expected share of gated-block MACs executed. An addition of ours:
     # the SkipNet reference's SP stage is plain cross-entropy (gate_cost 0); the HRL stage ignores it
     gate_cost: float = bounded(0.0, 0.0)
-    # gated nets, HRL stage (SkipNet's hybrid RL, dynsila/hrl.py): a skip earns hrl_alpha / G (G gates), the task
+    # gated nets, HRL stage (SkipNet hybrid RL, dynsila/methods/hrl.py): a skip earns hrl_alpha / G (G gates), the task
     # reward is -CE; the policy-gradient term is scaled by rl_weight per sample and summed over the batch, as the
     # reference (alpha 0.1, rl_weight 0.01). hrl_alpha is SkipNet's accuracy/cost knob: sweep it, one run each
     hrl_alpha: float = bounded(0.1, 0.0)

@@ -28,6 +28,7 @@ from torchvision.transforms import v2 as T
 
 from dynsila.config import DataConfig
 from dynsila.errors import ConfigError, DataError
+from dynsila.val_indices import listed_holdout
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -100,7 +101,7 @@ def build_splits(cfg: DataConfig) -> Splits:
                 f"{cfg.name}: {split} labels span {int(lab.min())}..{int(lab.max())} but the data "
                 f"has {num_classes} classes; fix the labels or set data.num_classes"
             )
-    mean, std = _stats(cfg.name, images["train"])
+    mean, std = _configured_stats(cfg, *_stats(cfg.name, images["train"]))
     augment = _train_transform(cfg, size)
     return Splits(
         train=ArrayDataset(images["train"], labels["train"], augment),
@@ -220,9 +221,14 @@ def _with_validation(arrays: Arrays, cfg: DataConfig) -> Arrays:
     """train / val / test arrays: the loader's own validation split when it has one, else ``data.val_size``
     samples held out of train (drawn with ``data.split_seed``)."""
     if "val" in arrays:
+        if cfg.val_indices is not None:
+            raise ConfigError(
+                f"data.val_indices={cfg.val_indices} is set but {cfg.root} brings its own validation split "
+                "(x_val and x_test); remove one of them"
+            )
         return arrays
     x_train, y_train = arrays["train"]
-    train_idx, val_idx = _holdout(len(y_train), cfg.val_size, cfg.split_seed)
+    train_idx, val_idx = validation_holdout(len(y_train), cfg)
     return {
         "train": (x_train[train_idx], y_train[train_idx]),
         "val": (x_train[val_idx], y_train[val_idx]),
@@ -230,8 +236,19 @@ def _with_validation(arrays: Arrays, cfg: DataConfig) -> Arrays:
     }
 
 
+def validation_holdout(n: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices into the ``n`` training samples: the file ``data.val_indices`` lists, or a draw."""
+    if cfg.val_indices is None:
+        return _holdout(n, cfg.val_size, cfg.split_seed)
+    return listed_holdout(Path(cfg.val_indices), n, _validation_count(n, cfg.val_size))
+
+
+def _validation_count(n: int, val_size: float) -> int:
+    return int(round(val_size * n)) if val_size < 1 else int(val_size)
+
+
 def _holdout(n: int, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    n_val = int(round(val_size * n)) if val_size < 1 else int(val_size)
+    n_val = _validation_count(n, val_size)
     if not 0 < n_val < n:
         raise DataError(
             f"data.val_size={val_size} leaves no train or no validation samples out of {n}; "
@@ -254,6 +271,16 @@ def _to_tensor_images(x: np.ndarray, size: int) -> torch.Tensor:
         )
         t = t.round().clamp(0, 255).to(torch.uint8)
     return t.contiguous()
+
+
+def _configured_stats(
+    cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``data.mean`` / ``data.std`` where the config sets them, else the statistics given."""
+    for key, values in (("mean", cfg.mean), ("std", cfg.std)):
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"data.{key}={values} needs 3 per-channel values; fix data.{key}")
+    return tuple(cfg.mean) if cfg.mean else mean, tuple(cfg.std) if cfg.std else std
 
 
 def _stats(name: str, train_images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -454,13 +481,13 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
     test = ImageFolder(str(root / "val"), transform=eval_tf)
     if test.classes != train_all.classes:
         raise DataError(f"{root}/val has classes {test.classes[:5]}... unlike train's; use the same class folders")
-    train_idx, val_idx = _holdout(len(train_all), cfg.val_size, cfg.split_seed)
+    train_idx, val_idx = validation_holdout(len(train_all), cfg)
     return Splits(
         train=Subset(train_all, train_idx.tolist()),
         val=Subset(val_all, val_idx.tolist()),
         test=test,
         num_classes=cfg.num_classes or len(train_all.classes),
         image_size=size,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[0],
+        std=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[1],
     )

@@ -20,6 +20,7 @@ The public implementation also builds a gate after the last block that nothing r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Literal
 
@@ -101,6 +102,13 @@ def execute_block(block: nn.Module, x: torch.Tensor, execute: torch.Tensor) -> t
 # --- gates -----------------------------------------------------------------------------------------------------
 
 
+def float32_policy(x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """Autocast off around a gate's policy head. Under bf16 a probability of 0.999 rounds to exactly 1.0: the gate
+    could never sample a skip, log(1 - p) is -inf, and HRL gets no policy gradient. The authors train in float32;
+    the head is tiny, so its sigmoid / softmax, the sampling and the log-probabilities stay float32 here."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 class FeedforwardGate(nn.Module):
     """A convolutional gate: ``net`` (subclass) -> pooled features -> 1x1 conv to 2 logits -> P(execute)."""
 
@@ -111,8 +119,10 @@ class FeedforwardGate(nn.Module):
         self.logits = nn.Conv2d(channels, 2, 1)
 
     def forward(self, x: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
-        logits = self.logits(self.net(x)).flatten(1)
-        return F.softmax(logits, dim=1)[:, 1], state
+        features = self.net(x)
+        with float32_policy(features):
+            logits = self.logits(features.float()).flatten(1)
+            return F.softmax(logits, dim=1)[:, 1], state
 
 
 class FeedforwardGateI(FeedforwardGate):
@@ -162,8 +172,9 @@ class RecurrentGateController(nn.Module):
         self.proj = nn.Linear(hidden_dim, 1)
 
     def forward(self, e: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:
-        out, state = self.rnn(e[None], state)  # state None: a fresh sequence, zero hidden state
-        return torch.sigmoid(self.proj(out[0])).squeeze(1), state
+        with float32_policy(e):  # the LSTM and the projection are the policy: float32 under any autocast
+            out, state = self.rnn(e.float()[None], state)  # state None: a fresh sequence, zero hidden state
+            return torch.sigmoid(self.proj(out[0])).squeeze(1), state
 
 
 class RecurrentGate(nn.Module):
@@ -239,7 +250,7 @@ class GatedResidualBody(GatedBody):
                 hard = (p >= self.threshold).float()
                 mask = hard - p.detach() + p  # straight-through: hard forward, soft gradient
             actions.append(mask.detach())
-            m = mask.view(-1, *([1] * (x.dim() - 1)))
+            m = mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # 0/1 forward values: exact in any dtype
             x = m * block(x) + (1 - m) * skip(block, x)
         log_prob = torch.stack(log_probs).sum(0) if log_probs else None
         self.last_gates = DynamicOutput([], probs, actions, log_prob, torch.empty(0))

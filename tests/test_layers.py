@@ -21,6 +21,7 @@ LAYERS: list[list[str]] = [
     ["dynsila.errors", "dynsila.console"],  # foundation: no dynsila imports
     ["dynsila.models"],  # architectures (the models/ folder)
     ["dynsila.config"],
+    ["dynsila.val_indices"],  # a validation split listed in a file (the data layer reads it)
     ["dynsila.data"],
     ["dynsila.methods"],  # training techniques
     ["dynsila.budget"],  # exit costs and thresholds
@@ -28,7 +29,15 @@ LAYERS: list[list[str]] = [
     ["dynsila.evaluation"],
     ["dynsila.training", "dynsila.deploy"],
     # the command lines and the public API
-    ["dynsila", "dynsila.train", "dynsila.evaluate", "dynsila.infer", "dynsila.export", "dynsila.flops"],
+    [
+        "dynsila",
+        "dynsila.train",
+        "dynsila.evaluate",
+        "dynsila.infer",
+        "dynsila.export",
+        "dynsila.flops",
+        "dynsila.convert",
+    ],
 ]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -249,13 +249,17 @@ def evaluate_run(
     device: str = "cpu",
     batch_size: int = 256,
     macs: str = "paper",
+    val_indices: Path | None = None,
 ) -> EvalReport:
     """Evaluate a finished run's deploy model: costs, anytime and budgeted results; writes ``eval.json``.
-    ``macs``: the convention of the budgeted curves' average MACs, a key of ``MACS_CONVENTIONS``."""
+    ``macs``: the convention of the budgeted curves' average MACs, a key of ``MACS_CONVENTIONS``.
+    ``val_indices``: a file listing the validation split (``data.val_indices``), e.g. a checkpoint's authors'."""
     if macs not in MACS_CONVENTIONS:
         raise DynsilaError(f"unknown MACs convention {macs!r}; choose one of {sorted(MACS_CONVENTIONS)}")
     run_dir = Path(run_dir)
     model, cfg = load_deploy_model(run_dir)
+    if val_indices is not None:
+        cfg = replace(cfg, data=replace(cfg.data, val_indices=str(val_indices)))
     splits = build_splits(cfg.data)
     loaders = (make_loader(splits.val, batch_size, False), make_loader(splits.test, batch_size, False))
     body = model.gated_body()
@@ -361,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--macs", choices=sorted(MACS_CONVENTIONS), default="paper", help="convention of the budgeted average MACs"
     )
+    parser.add_argument("--val-indices", type=Path, help="file of training-set indices forming the validation split")
     args = parser.parse_args(argv)
     try:
-        report = evaluate_run(args.run_dir, args.criteria, args.device, macs=args.macs)
+        report = evaluate_run(args.run_dir, args.criteria, args.device, macs=args.macs, val_indices=args.val_indices)
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

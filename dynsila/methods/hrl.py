@@ -14,6 +14,12 @@ mean):
 
 with b_g = 0 (the reference) or, as an option of ours, the batch mean of R_g. The network itself keeps its
 cross-entropy on the sampled path (the "hybrid" part), added by the loss module, not here.
+
+The authors' ImageNet code (``imagenet/train_rl.py``) trains another objective, not implemented here: the task
+reward is scaled like a skip reward (R_G = -CE * alpha / G), each gate's term is a batch *mean* per GPU chunk
+(not a sum over samples), the gate projection is divided by a temperature (0.05: logits x20) when the stage
+starts, and its defaults differ (alpha 0.01, lr 1e-4, 40 epochs). Its released checkpoints convert and evaluate
+like any other (``dynsila.convert``); training them further with this objective is the CIFAR recipe.
 """
 
 from __future__ import annotations
