@@ -9,7 +9,6 @@ heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -33,6 +32,7 @@ from benchmarks.toolkit import (
     save_figure,
     write_results,
 )
+from dynsila.cli import USER_ERRORS, OneLineParser, fail, plain_name
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
 from dynsila.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run
@@ -52,7 +52,11 @@ def report_for(run_dir: Path) -> dict[str, Any]:
     """The run's evaluation, recomputed unless eval.json is newer than the deploy weights."""
     eval_path, deploy = run_dir / EVAL_FILE, run_dir / DEPLOY
     if eval_path.exists() and eval_path.stat().st_mtime >= deploy.stat().st_mtime:
-        return json.loads(eval_path.read_text())
+        try:
+            report: dict[str, Any] = json.loads(eval_path.read_text())
+        except ValueError:  # not JSON (or not UTF-8): a damaged file, recomputed once removed
+            raise DynsilaError(f"{eval_path} is not JSON; delete it (it is recomputed) and run again") from None
+        return report
     return evaluate_run(run_dir).to_dict()
 
 
@@ -165,9 +169,9 @@ def plot(entries: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python benchmarks/flops_vs_acc.py", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, help="run directories (default: every run under runs/)")
-    parser.add_argument("--out", default="flops_vs_acc", help="result name under benchmarks/results/")
+    parser.add_argument("--out", type=plain_name, default="flops_vs_acc", help="result name under benchmarks/results/")
     parser.add_argument("--title", default="Accuracy vs MACs (deploy models)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -178,9 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no runs under runs/: training the embedded-data pair first (about 2 minutes)", flush=True)
             runs = [train(load_config(REPO_ROOT / c)).run_dir for c in DEFAULT_CONFIGS]
         entries = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     env = environment()
     payload = {"command": command, "environment": env, "units": MACS_UNITS, "runs": entries}
     md = markdown(command, entries, env)

@@ -93,6 +93,7 @@ def build_splits(cfg: DataConfig) -> Splits:
     size = image_size_of(cfg)
     images = {k: _to_tensor_images(x, size) for k, (x, _) in arrays.items()}
     labels = {k: torch.as_tensor(y, dtype=torch.int64) for k, (_, y) in arrays.items()}
+    _refuse_degenerate(cfg.name, images)
     num_classes = num_classes_of(cfg) or int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
     for split, lab in labels.items():
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
@@ -111,6 +112,20 @@ def build_splits(cfg: DataConfig) -> Splits:
         mean=mean,
         std=std,
     )
+
+
+def _refuse_degenerate(name: str, images: dict[str, torch.Tensor]) -> None:
+    """An empty split (nothing to evaluate or select on) or training images that are all one value (nothing to
+    learn, and a standard deviation of zero) stop here, before a run is built on them."""
+    for split, x in images.items():
+        if len(x) == 0:
+            raise DataError(f"{name}: the {split} split holds no images; add some (or lower data.val_size)")
+    low, high = torch.aminmax(images["train"])
+    if low == high:
+        raise DataError(
+            f"{name}: every training pixel is {int(low)} (constant images, nothing to learn); check how the "
+            "data file was made"
+        )
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

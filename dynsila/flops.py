@@ -25,7 +25,6 @@ forward therefore also returns every stage's output, so the count is what actual
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -38,8 +37,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from dynsila.cli import USER_ERRORS, OneLineParser, fail
 from dynsila.config import load_config
-from dynsila.errors import DynsilaError
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 from dynsila.sila import SiLa, prune
 
@@ -366,7 +365,7 @@ def costs_as_json(costs: list[ExitCost]) -> list[dict[str, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m dynsila.flops", description="Per-exit MACs and parameters of the model a config describes."
     )
     parser.add_argument("config")
@@ -384,9 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(gated), indent=1) if args.json else format_gated_costs(gated))
             return 0
         costs = exit_costs(model, input_shape(cfg))
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     print(json.dumps(costs_as_json(costs), indent=1) if args.json else format_cost_table(costs))
     return 0
 

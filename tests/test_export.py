@@ -29,9 +29,11 @@ from dynsila.rundir import load_deploy_model
 from dynsila.runner import EarlyExitRunner
 from dynsila.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions
 from dynsila.train import main as train_main
+from tests.conftest import deploy_installed
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_DEPLOY = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime", "onnxscript"))
+DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+HAVE_DEPLOY = deploy_installed()
 needs_deploy = pytest.mark.skipif(
     not HAVE_DEPLOY, reason='onnx, onnxruntime or onnxscript not installed: pip install -e ".[deploy]"'
 )
@@ -239,12 +241,16 @@ def test_gated_networks_are_refused_in_one_line(tmp_path):
 
 
 def test_missing_deploy_packages_give_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    """The same messages whether or not the deploy extra is installed: all three packages are hidden here."""
+    for name in DEPLOY_PACKAGES:
+        monkeypatch.setitem(sys.modules, name, None)  # import <name> now raises ImportError
     with pytest.raises(DynsilaError, match=r'needs onnxruntime: pip install -e "\.\[deploy\]"'):
         OnnxEarlyExitRunner(tmp_path)
     fit = ThresholdFit([0.0, 0.0, 0.0], "max_prob", 1.0, None, 0, [], 0.0)
-    with pytest.raises(DynsilaError, match=r"needs onnxruntime \(the deploy extra\)"):
+    with pytest.raises(DynsilaError, match=r"needs onnx, onnxruntime, onnxscript \(the deploy extra\)"):
         export_onnx(TensorStateNet().eval(), tmp_path / "out", torch.zeros(2, 3, 6, 6), [], fit)
+    with pytest.raises(DynsilaError, match=r"needs onnx, onnxruntime \(the deploy extra\)"):
+        export_onnx(TensorStateNet().eval(), tmp_path / "out", torch.zeros(2, 3, 6, 6), [], fit, exporter="torchscript")
 
 
 def test_export_cli_errors_in_one_line(tmp_path, capsys):
