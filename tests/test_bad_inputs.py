@@ -30,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dynsila import load_config, load_deploy_model
-from dynsila.checkpoint import CHECKPOINT_FORMAT
-from dynsila.errors import DynsilaError
+from dynsila.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from dynsila.errors import CheckpointError, DynsilaError
 from dynsila.evaluate import main as evaluate_main
 from dynsila.export import main as export_main
 from dynsila.flops import main as flops_main
@@ -95,9 +95,13 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     """A tiny finished run, trained once with resume=true on a fresh name; (its folder, what train printed)."""
     base = tmp_path_factory.mktemp("trained")
     write_config(base / "tiny.yaml", base / "runs")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert train_main([str(base / "tiny.yaml"), "resume=true"]) == 0
+    out, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny network: more threads only oversubscribe a loaded machine
+    try:
+        with contextlib.redirect_stdout(out):
+            assert train_main([str(base / "tiny.yaml"), "resume=true"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return base, out.getvalue()
 
 
@@ -107,6 +111,27 @@ def test_resume_without_a_checkpoint_starts_fresh_and_says_so(trained):
     lines = [line for line in printed.splitlines() if "no checkpoint" in line]
     assert lines == [f"no checkpoint in {base / 'runs' / RUN} (last.pt): starting fresh"]
     assert (base / "runs" / RUN / "last.pt").is_file() and (base / "runs" / RUN / "eval.json").is_file()
+
+
+def test_a_checkpoint_cut_anywhere_is_one_clear_error(trained, tmp_path):
+    """Cut at every 997th byte: the zip reader fails in several ways (OSError, IndexError, RuntimeError, ...),
+    and every one is CheckpointError naming the file."""
+    whole = (trained[0] / "runs" / RUN / "last.pt").read_bytes()
+    cut = tmp_path / "last.pt"
+    for length in [*range(0, len(whole), 997), len(whole) - 1]:
+        cut.write_bytes(whole[:length])
+        with pytest.raises(CheckpointError, match="is corrupt or truncated"):
+            load_checkpoint(cut)
+
+
+def test_a_run_name_cannot_leave_out_dir(tmp_path, capsys):
+    """name=../../somewhere used to write a whole run two folders above out_dir."""
+    config = tmp_path / "a" / "b" / "tiny.yaml"
+    config.parent.mkdir(parents=True)
+    write_config(config, config.parent / "runs")
+    assert train_main([str(config), "name=../../escaped"]) == 2
+    assert "config key 'name' is '../../escaped'" in capsys.readouterr().err
+    assert not (tmp_path / "a" / "escaped").exists() and not (config.parent / "runs").exists()
 
 
 # --- calling a command or the API ------------------------------------------------------------------------------
@@ -327,8 +352,9 @@ CASES = [
         "resume-truncated-last",
         resume,
         r"last.pt is corrupt or truncated .*; use another checkpoint",
-        run_file("last.pt", truncate),
+        run_file("last.pt", lambda p: truncate(p, 0.04)),  # inside the zip's first record: OSError from the reader
     ),
+    Case("resume-truncated-last-half", resume, r"last.pt is corrupt or truncated", run_file("last.pt", truncate)),
     Case("resume-empty-last", resume, r"corrupt or truncated", run_file("last.pt", lambda p: p.write_bytes(b""))),
     Case(
         "resume-pickled-last",

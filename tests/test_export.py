@@ -303,3 +303,21 @@ def test_onnx_speed_benchmark_smoke(tmp_path, capsys):
     ]
     assert all(r["decisions_differing"] == 0 and r["onnx_seconds"] > 0 for r in result["rows"])
     assert "| batch | target MACs share |" in (tmp_path / "onnx_speed.md").read_text()
+
+
+def test_the_dev_install_without_the_deploy_extra_passes_these_tests():
+    """``pip install -e ".[dev]"`` has no onnx, onnxruntime or onnxscript: run this file's tests that do not need
+    them in a Python that cannot import them (tests/without_deploy/sitecustomize.py), every process included;
+    the deploy tests must skip, the rest pass."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "without_deploy"), str(REPO)])}
+    keep = "missing_deploy or export_cli_errors or gated_networks or digits_run_exports"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__, "-k", keep],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "SKIPPED [1]" in done.stdout and "not installed" in done.stdout, done.stdout[-3000:]
