@@ -93,7 +93,6 @@ def build_splits(cfg: DataConfig) -> Splits:
     size = image_size_of(cfg)
     images = {k: _to_tensor_images(x, size) for k, (x, _) in arrays.items()}
     labels = {k: torch.as_tensor(y, dtype=torch.int64) for k, (_, y) in arrays.items()}
-    _refuse_degenerate(cfg.name, images)
     num_classes = num_classes_of(cfg) or int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
     for split, lab in labels.items():
         if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
@@ -101,6 +100,7 @@ def build_splits(cfg: DataConfig) -> Splits:
                 f"{cfg.name}: {split} labels span {int(lab.min())}..{int(lab.max())} but the data "
                 f"has {num_classes} classes; fix the labels or set data.num_classes"
             )
+    _refuse_degenerate(cfg.name, images)
     mean, std = _stats(cfg.name, images["train"])
     augment = _train_transform(cfg, size)
     return Splits(
