@@ -234,6 +234,23 @@ def kill_moments(reference: Outcome, trials: int) -> list[tuple[str, int, str, f
 @pytest.mark.parametrize("trial", range(TRIALS))
 def test_sigkill_at_a_seeded_moment_then_resume_matches_the_uninterrupted_run(trial, reference, tmp_path):
     kind, index, phase, delay = kill_moments(reference, TRIALS)[trial]
+    print(f"trial {trial}: ", end="")
+    kill_then_resume(reference, tmp_path, kind, index, phase, delay)
+
+
+def test_sigkill_between_the_two_checkpoints_of_the_last_epoch_then_resume_matches(reference, tmp_path):
+    """The moment that once broke exact resume: last.pt written, best.pt not yet, in an epoch that improved, so
+    last.pt named a best epoch whose weights best.pt did not hold and the resumed run exported older weights.
+    Now best.pt is written first; the kill lands after the first of the two."""
+    last_row = max(i for i, name in enumerate(reference.writes, 1) if name == "metrics.jsonl")
+    first, second = [name for name in reference.writes[last_row:] if name.endswith(".pt")][:2]
+    assert (first, second) == ("best.pt", "last.pt"), "the reference's last epoch must improve for this test"
+    kill_then_resume(reference, tmp_path, "write", last_row + 1, "after-rename", 0.0)
+
+
+def kill_then_resume(reference: Outcome, tmp_path: Path, kind: str, index: int, phase: str, delay: float) -> None:
+    """Kill a training child (inside write ``index`` at ``phase``, or ``delay`` s after it starts training),
+    check the files it left, resume in-process and compare with the reference."""
     config = write_config(tmp_path)
     run_dir, log = tmp_path / "runs" / "run", tmp_path / "writes.log"
     child = run_child(config, log, index, phase)
@@ -262,7 +279,7 @@ def test_sigkill_at_a_seeded_moment_then_resume_matches_the_uninterrupted_run(tr
         else:
             assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     present = whole_files(run_dir) if run_dir.exists() else []
-    print(f"trial {trial}: {kind} {index} {phase} {delay:.2f}s; killed after {len(writes)} writes; left {present}")
+    print(f"{kind} {index} {phase} {delay:.2f}s; killed after {len(writes)} writes; left {present}")
     resumed = train(load_config(config, ["resume=true"]))
     assert resumed.run_dir == run_dir
     reference.assert_equal(Outcome.of(run_dir))
