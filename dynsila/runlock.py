@@ -28,8 +28,13 @@ LOCK_FILE = ".lock"
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir``'s lock (creating the folder) while the block runs; one line if another process has it."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:  # out_dir is a file, read-only, full: one line on every rank (the caller broadcasts it)
+        raise DynsilaError(
+            f"cannot create the run directory {run_dir} ({e.strerror or e}); choose another out_dir or name"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -37,6 +37,7 @@ from dynsila.export import main as export_main
 from dynsila.flops import main as flops_main
 from dynsila.infer import main as infer_main
 from dynsila.onnx_runner import MANIFEST, MANIFEST_FORMAT, OnnxEarlyExitRunner
+from dynsila.thresholds import geometric_fractions
 from dynsila.train import main as train_main
 from tests.conftest import TINY_MSDNET, load_benchmark
 
@@ -122,6 +123,13 @@ def test_a_checkpoint_cut_anywhere_is_one_clear_error(trained, tmp_path):
         cut.write_bytes(whole[:length])
         with pytest.raises(CheckpointError, match="is corrupt or truncated"):
             load_checkpoint(cut)
+
+
+def test_a_huge_q_sends_every_sample_to_the_last_exit():
+    """q^k overflowed (1e300 ** 2 = inf), the shares became NaN and infer sent everyone to exit 2."""
+    np.testing.assert_allclose(
+        geometric_fractions([1e300, 1.0], 3).numpy(), [[0, 0, 1], [1 / 3, 1 / 3, 1 / 3]], atol=1e-12
+    )
 
 
 def test_a_run_name_cannot_leave_out_dir(tmp_path, capsys):
@@ -332,6 +340,11 @@ CASES = [
     Case("train-name-dot-dot", lambda w: train(w, "name=.."), r"config key 'name' is '..'.*dot path"),
     Case("train-name-empty", lambda w: train(w, "name="), r"config key 'name' is ''.*empty"),
     Case("train-name-absolute", lambda w: train(w, "name=/tmp/elsewhere"), r"config key 'name'.*path separator"),
+    Case(
+        "train-out-dir-is-a-file",
+        lambda w: train(w, "name=b", f"out_dir={w.config}"),
+        r"cannot create the run directory .*tiny.yaml/b \(Not a directory\); choose another out_dir",
+    ),
     Case("train-existing-run", train, r"already exists; pass resume=true .* --force .* name="),
     Case("train-unknown-flag", lambda w: train(w, "--forse"), r"unrecognized arguments: --forse; see"),
     Case(
