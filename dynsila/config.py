@@ -161,12 +161,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(
                 f"config file {path} not found; pass the path of a YAML file such as configs/msdnet_sila.yaml"
             )
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of config sections, not a {type(raw).__name__}")
+        raw = parse_yaml(path.read_text(), str(path))
         raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
@@ -194,6 +189,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = _build_dataclass(Config, raw, prefix="")
+    if (problem := name_problem(cfg.name)) is not None:
+        raise ConfigError(f"config key 'name' is {cfg.name!r}: {problem}; a run name is a folder name, e.g. sila_seed0")
     cfg.model = _validate_model_section(cfg.model, "model")
     if cfg.dml.models is not None:
         if len(cfg.dml.models) != cfg.dml.peers:
@@ -214,11 +211,37 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def config_from_yaml(text: str) -> Config:
-    return config_from_dict(yaml.safe_load(text))
+def config_from_yaml(text: str, source: str = "the config") -> Config:
+    """A config from YAML text we may not have written (a run's config.yaml, a deploy file's metadata): parsed
+    and validated exactly as a config file is, so a tampered name, key or value stops with one line."""
+    return config_from_dict(parse_yaml(text, source))
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """``yaml.safe_load`` of a config's text (empty: {}); one line when it is not YAML or not a mapping."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a mapping of config sections, not a {type(raw).__name__}")
+    return raw
 
 
 # --- validation ---------------------------------------------------------------------------------------------
+
+
+def name_problem(text: str) -> str | None:
+    """Why ``text`` cannot name a folder inside another (a run in out_dir, a result in benchmarks/results), or
+    None. A name joined as a path must not climb out (``..``), go elsewhere (``/``, ``\\``) or hide control
+    characters; anything else a file system accepts is kept (spaces, dots, unicode)."""
+    if text.strip() in ("", ".", ".."):
+        return "it is empty or a dot path"
+    if any(c in text for c in "/\\") or any(ord(c) < 32 for c in text):
+        return "it contains a path separator or a control character"
+    if len(text.encode()) > 255:
+        return "it is longer than a file name may be (255 bytes)"
+    return None
 
 
 def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:

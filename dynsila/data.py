@@ -101,6 +101,7 @@ def build_splits(cfg: DataConfig) -> Splits:
                 f"{cfg.name}: {split} labels span {int(lab.min())}..{int(lab.max())} but the data "
                 f"has {num_classes} classes; fix the labels or set data.num_classes"
             )
+    _refuse_degenerate(cfg.name, images)
     mean, std = _configured_stats(cfg, *_stats(cfg.name, images["train"]))
     augment = _train_transform(cfg, size)
     return Splits(
@@ -112,6 +113,20 @@ def build_splits(cfg: DataConfig) -> Splits:
         mean=mean,
         std=std,
     )
+
+
+def _refuse_degenerate(name: str, images: dict[str, torch.Tensor]) -> None:
+    """An empty split (nothing to evaluate or select on) or training images that are all one value (nothing to
+    learn, and a standard deviation of zero) stop here, before a run is built on them."""
+    for split, x in images.items():
+        if len(x) == 0:
+            raise DataError(f"{name}: the {split} split holds no images; add some (or lower data.val_size)")
+    low, high = torch.aminmax(images["train"])
+    if low == high:
+        raise DataError(
+            f"{name}: every training pixel is {int(low)} (constant images, nothing to learn); check how the "
+            "data file was made"
+        )
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

@@ -6,7 +6,6 @@ the run directory's job, a layer above the counting."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -14,14 +13,14 @@ import sys
 from torch import nn
 
 from dynsila.budget.flops import costs_as_json, exit_costs, format_cost_table, format_gated_costs, gated_costs
+from dynsila.cli import USER_ERRORS, OneLineParser, fail
 from dynsila.config import load_config
-from dynsila.errors import DynsilaError
 from dynsila.methods.sila import SiLa, prune
 from dynsila.runs.rundir import build_model, input_shape
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m dynsila.flops", description="Per-exit MACs and parameters of the model a config describes."
     )
     parser.add_argument("config")
@@ -38,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(gated), indent=1) if args.json else format_gated_costs(gated))
             return 0
         costs = exit_costs(model, input_shape(cfg))
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     print(json.dumps(costs_as_json(costs), indent=1) if args.json else format_cost_table(costs))
     return 0
 

@@ -7,6 +7,7 @@ Import the plain functions with ``from tests.conftest import ...``; the fixtures
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -51,6 +52,18 @@ def randomise_batchnorm(
                 m.running_mean.uniform_(*mean)
                 m.running_var.uniform_(*var)
     return model
+
+
+def deploy_installed() -> bool:
+    """Whether the deploy extra (onnx, onnxruntime, onnxscript) can be imported. A package hidden by
+    ``sys.modules[name] = None`` or by an import hook counts as absent (``find_spec`` raises there)."""
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    return True
 
 
 def load_benchmark(name: str) -> ModuleType:

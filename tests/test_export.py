@@ -29,9 +29,11 @@ from dynsila.evaluation.evaluate import collect_logits
 from dynsila.models import MultiExitNetwork
 from dynsila.runs.rundir import load_deploy_model
 from dynsila.training.train import main as train_main
+from tests.conftest import deploy_installed
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_DEPLOY = all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime", "onnxscript"))
+DEPLOY_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+HAVE_DEPLOY = deploy_installed()
 needs_deploy = pytest.mark.skipif(
     not HAVE_DEPLOY, reason='onnx, onnxruntime or onnxscript not installed: pip install -e ".[deploy]"'
 )
@@ -239,12 +241,16 @@ def test_gated_networks_are_refused_in_one_line(tmp_path):
 
 
 def test_missing_deploy_packages_give_one_clear_line(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    """The same messages whether or not the deploy extra is installed: all three packages are hidden here."""
+    for name in DEPLOY_PACKAGES:
+        monkeypatch.setitem(sys.modules, name, None)  # import <name> now raises ImportError
     with pytest.raises(DynsilaError, match=r'needs onnxruntime: pip install -e "\.\[deploy\]"'):
         OnnxEarlyExitRunner(tmp_path)
     fit = ThresholdFit([0.0, 0.0, 0.0], "max_prob", 1.0, None, 0, [], 0.0)
-    with pytest.raises(DynsilaError, match=r"needs onnxruntime \(the deploy extra\)"):
+    with pytest.raises(DynsilaError, match=r"needs onnx, onnxruntime, onnxscript \(the deploy extra\)"):
         export_onnx(TensorStateNet().eval(), tmp_path / "out", torch.zeros(2, 3, 6, 6), [], fit)
+    with pytest.raises(DynsilaError, match=r"needs onnx, onnxruntime \(the deploy extra\)"):
+        export_onnx(TensorStateNet().eval(), tmp_path / "out", torch.zeros(2, 3, 6, 6), [], fit, exporter="torchscript")
 
 
 def test_export_cli_errors_in_one_line(tmp_path, capsys):
@@ -269,11 +275,12 @@ def test_numpy_criteria_equal_the_torch_criteria(criterion):
 
 
 def test_the_runner_module_needs_no_torch():
-    """dynsila/onnx_runner.py alone (numpy, onnxruntime) runs where torch is absent."""
+    """dynsila/deploy/onnx_runner.py alone (numpy, onnxruntime) runs where torch is absent."""
     code = (
         "import sys, importlib.util\n"
         "sys.modules['torch'] = None\n"  # any import of torch now fails
-        f"spec = importlib.util.spec_from_file_location('onnx_runner', {str(REPO / 'dynsila' / 'onnx_runner.py')!r})\n"
+        "spec = importlib.util.spec_from_file_location("
+        f"'onnx_runner', {str(REPO / 'dynsila' / 'deploy' / 'onnx_runner.py')!r})\n"
         "module = sys.modules['onnx_runner'] = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
         "import numpy as np\n"
@@ -297,3 +304,21 @@ def test_onnx_speed_benchmark_smoke(tmp_path, capsys):
     ]
     assert all(r["decisions_differing"] == 0 and r["onnx_seconds"] > 0 for r in result["rows"])
     assert "| batch | target MACs share |" in (tmp_path / "onnx_speed.md").read_text()
+
+
+def test_the_dev_install_without_the_deploy_extra_passes_these_tests():
+    """``pip install -e ".[dev]"`` has no onnx, onnxruntime or onnxscript: run this file's tests that do not need
+    them in a Python that cannot import them (tests/without_deploy/sitecustomize.py), every process included;
+    the deploy tests must skip, the rest pass."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "without_deploy"), str(REPO)])}
+    keep = "missing_deploy or export_cli_errors or gated_networks or digits_run_exports"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", __file__, "-k", keep],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "SKIPPED [1]" in done.stdout and "not installed" in done.stdout, done.stdout[-3000:]

@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["dynsila.errors", "dynsila.console"],  # foundation: no dynsila imports
     ["dynsila.models"],  # architectures (the models/ folder)
     ["dynsila.config"],
-    ["dynsila.val_indices"],  # a validation split listed in a file (the data layer reads it)
+    ["dynsila.cli", "dynsila.val_indices"],  # one-line command-line errors; a validation split listed in a file
     ["dynsila.data"],
     ["dynsila.methods"],  # training techniques
     ["dynsila.budget"],  # exit costs and thresholds

@@ -9,7 +9,6 @@ heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from benchmarks.toolkit import (
     save_figure,
     write_results,
 )
+from dynsila.cli import USER_ERRORS, OneLineParser, fail, plain_name
 from dynsila.config import load_config
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import EVAL_FILE, MACS_UNITS, evaluate_run
@@ -52,7 +52,12 @@ def report_for(run_dir: Path) -> EvalReport:
     """The run's evaluation, recomputed unless eval.json is newer than the deploy weights."""
     eval_path, deploy = run_dir / EVAL_FILE, run_dir / DEPLOY
     if eval_path.exists() and eval_path.stat().st_mtime >= deploy.stat().st_mtime:
-        return EvalReport.from_json(eval_path.read_text())
+        try:
+            return EvalReport.from_json(eval_path.read_text())
+        except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or not a report: recomputed once removed
+            raise DynsilaError(
+                f"{eval_path} is not JSON; delete it (it is recomputed) and run again"
+            ) from None
     return evaluate_run(run_dir)
 
 
@@ -167,9 +172,9 @@ def plot(entries: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python benchmarks/flops_vs_acc.py", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, help="run directories (default: every run under runs/)")
-    parser.add_argument("--out", default="flops_vs_acc", help="result name under benchmarks/results/")
+    parser.add_argument("--out", type=plain_name, default="flops_vs_acc", help="result name under benchmarks/results/")
     parser.add_argument("--title", default="Accuracy vs MACs (deploy models)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -180,9 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no runs under runs/: training the embedded-data pair first (about 2 minutes)", flush=True)
             runs = [train(load_config(REPO_ROOT / c)).run_dir for c in DEFAULT_CONFIGS]
         entries: list[dict[str, Any]] = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     env = environment()
     runs_json = [{"report": e["report"].to_dict(), "setup": e["setup"]} for e in entries]
     payload = {"command": command, "environment": env, "units": MACS_UNITS, "runs": runs_json}

@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make `
 
 from benchmarks.sila_experiment.anytime_report import markdown, plot, summarise
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, budget_points, command_line, environment, write_results
+from dynsila.cli import OneLineParser, at_least_one, positive
 from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, topk_accuracy
 from dynsila.evaluation.report import EvalReport
 from dynsila.runs.checkpoint import atomic_write_text
@@ -327,14 +328,14 @@ def report(preset_name: str, planned: list[RunSpec], results: Path, command: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python benchmarks/anytime.py", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--max-minutes", type=float, help="start nothing new after this; stop running jobs")
+    parser.add_argument("--max-minutes", type=positive, help="start nothing new after this; stop running jobs")
     parser.add_argument("--report-only", action="store_true", help="aggregate the existing run files; no training")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--jobs", type=int, help="concurrent training processes (default: the preset's)")
-    parser.add_argument("--threads", type=int, help="CPU threads per process (default: the preset's)")
+    parser.add_argument("--jobs", type=at_least_one, help="concurrent training processes (default: the preset's)")
+    parser.add_argument("--threads", type=at_least_one, help="CPU threads per process (default: the preset's)")
     parser.add_argument("--runs-root", type=Path, help="checkpoints go here (default runs/anytime_<dataset>)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)

@@ -69,7 +69,12 @@ def confidence_of(criterion: str) -> Callable[[torch.Tensor], torch.Tensor]:
 def geometric_fractions(qs: Sequence[float], num_exits: int) -> torch.Tensor:
     """``Q x K`` target exit distributions, share of exit k proportional to q^k (k = 1..K)."""
     q = torch.as_tensor(list(qs), dtype=torch.float64)[:, None]
-    w = q ** torch.arange(1, num_exits + 1, dtype=torch.float64)[None]
+    k = torch.arange(1, num_exits + 1, dtype=torch.float64)[None]
+    w = q**k
+    overflow = ~torch.isfinite(w.sum(dim=1, keepdim=True))  # a huge q (1e300 ** 2): those rows in logs
+    if overflow.any():
+        log_w = k * torch.log(q)
+        w = torch.where(overflow, torch.exp(log_w - log_w.max(dim=1, keepdim=True).values), w)
     return w / w.sum(dim=1, keepdim=True)
 
 

@@ -20,7 +20,6 @@ why. After export every exit's logits are checked against PyTorch on validation 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -47,6 +46,7 @@ from dynsila.budget.thresholds import (
     exit_indices,
     thresholds_for_target,
 )
+from dynsila.cli import USER_ERRORS, OneLineParser, fail, positive
 from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.fuse import fold_batchnorm
@@ -489,13 +489,13 @@ def export_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynsila.export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m dynsila.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--format", choices=("onnx",), default="onnx")
     parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/onnx)")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--q", type=float, help="exit distribution share_k ~ q^k (default 1.0: equal shares)")
-    target.add_argument("--budget", type=float, help="average MACs per image to stay within (on validation)")
+    target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k (default 1.0: equal shares)")
+    target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -511,9 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             manifest = export_run(
                 args.run_dir, out_dir, args.criterion, q, args.budget, args.exporter, args.force, args.lazy
             )
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     print(format_summary(manifest, out_dir, time.perf_counter() - start))
     return 0
 

@@ -19,6 +19,7 @@ import torch
 
 from dynsila.budget.flops import exit_costs
 from dynsila.budget.thresholds import CONFIDENCE, thresholds_for_target
+from dynsila.cli import USER_ERRORS, OneLineParser, at_least_one, device_name, fail, positive
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
@@ -41,15 +42,15 @@ class Tally:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dynsila.infer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m dynsila.infer", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--q", type=float, help="exit distribution share_k ~ q^k (MSDNet's budget parameter)")
-    target.add_argument("--budget", type=float, help="average MACs per image to stay within (on validation)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k (MSDNet's budget parameter)")
+    target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
+    parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
 
@@ -118,16 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         model, cfg, splits = _load(args.run_dir)
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counted = exit_costs(model, input_shape(cfg))
-    costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
-    model.to(args.device)
-    val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
-    thresholds = _fit(args, val_logits, costs)
-    runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
-    _print_summary(cfg.name, args, _run(runner, splits, args, lazy), thresholds, costs, lazy)
+        counted = exit_costs(model, input_shape(cfg))
+        costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
+        model.to(args.device)
+        val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
+        thresholds = _fit(args, val_logits, costs)
+        runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
+        _print_summary(cfg.name, args, _run(runner, splits, args, lazy), thresholds, costs, lazy)
+    except USER_ERRORS as e:
+        return fail(e)
     return 0
 
 

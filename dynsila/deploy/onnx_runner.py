@@ -88,13 +88,73 @@ def _import_onnxruntime() -> Any:
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of an export folder, checked before anything in it is used: it may come from anywhere, so
+    every graph it names must be a plain file name of a file inside the folder (no path, no ``..``)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise _DeployError(f"{directory} holds no {MANIFEST}; export a run first: python -m dynsila.export RUN_DIR")
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise _DeployError(f"{path} is not JSON ({type(e).__name__}); re-export: python -m dynsila.export") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise _DeployError(f"{path} is not a {MANIFEST_FORMAT} manifest; re-export with python -m dynsila.export")
+    problem = _manifest_problem(manifest, Path(directory))
+    if problem is not None:
+        raise _DeployError(f"{path}: {problem}; re-export with python -m dynsila.export")
     return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any], directory: Path) -> str | None:
+    """What makes a manifest unusable (a missing entry, a graph outside the folder or absent), or None."""
+    stages, exits = manifest.get("stages"), manifest.get("exits")
+    if not isinstance(manifest.get("criterion"), str) or not isinstance(manifest.get("input"), dict):
+        return "its criterion or input entry is missing"
+    if not isinstance(manifest["input"].get("name"), str):
+        return "its input has no name"
+    if not (isinstance(stages, list) and stages and isinstance(exits, list) and exits):
+        return "it lists no stages or no exits"
+    if not all(isinstance(e, dict) for e in stages + exits):
+        return "a stage or exit entry is not a mapping"
+    graphs = stages + [s["rest"] for s in stages if "rest" in s] + exits
+    for entry in graphs:
+        problem = _graph_file_problem(entry, directory)
+        if problem is not None:
+            return problem
+    for k, e in enumerate(exits):
+        after = e.get("after_stage")
+        if not (isinstance(after, int) and 0 <= after < len(stages)) or "threshold" not in e:
+            return f"exit {k + 1} has no threshold or no valid after_stage (0..{len(stages) - 1})"
+    return None
+
+
+def _graph_file_problem(entry: Any, directory: Path) -> str | None:
+    """A graph entry's ``file`` must name a ``.onnx`` file directly inside ``directory`` (the export writes bare
+    names): anything with a separator, ``..``, or an absolute path is refused before it is opened."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not name.endswith(".onnx"):
+        return f"graph entry {name!r} does not name a .onnx file"
+    if Path(name).name != name or "\\" in name or name in (".onnx", "..onnx"):
+        return f"graph file {name!r} is not a plain file name inside the export folder"
+    path = directory / name
+    if not path.is_file():
+        return f"graph file {name} is missing from {directory}"
+    if path.is_symlink() and not path.resolve().is_relative_to(directory.resolve()):
+        return f"graph file {name} links outside the export folder"
+    if not isinstance(entry.get("opset", 0), int):
+        return f"graph file {name} has a non-integer opset {entry.get('opset')!r}"
+    return None
+
+
+def _thresholds(values: list[Any]) -> list[float]:
+    """Thresholds as floats: numbers or infinities (the manifest writes them as "inf" / "-inf"), never NaN."""
+    try:
+        chosen = [float(t) for t in values]
+    except (TypeError, ValueError):
+        raise _DeployError(f"thresholds {values!r} are not all numbers; pass one number per exit") from None
+    if any(t != t for t in chosen):
+        raise _DeployError("a threshold is NaN; pass one number (or +-inf) per exit")
+    return chosen
 
 
 class _Graph:
@@ -159,9 +219,11 @@ class OnnxEarlyExitRunner:
             raise _DeployError(f"the manifest's thresholds are for {self.manifest['criterion']}; pass thresholds")
         exits = self.manifest["exits"]
         # float(): the manifest writes infinities as "inf" / "-inf" (strict JSON has none)
-        chosen = [float(e["threshold"]) for e in exits] if thresholds is None else [float(t) for t in thresholds]
+        chosen = _thresholds([e["threshold"] for e in exits] if thresholds is None else list(thresholds))
         if len(chosen) != len(exits):
             raise _DeployError(f"{len(chosen)} thresholds for an export with {len(exits)} exits")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise _DeployError(f"threads={threads!r}: give a whole number >= 1, or None for ONNX Runtime's default")
         self.thresholds = np.asarray(chosen, dtype=np.float64)
         self.confidence = NUMPY_CONFIDENCE[criterion]
         stage_entries = self.manifest["stages"]
@@ -175,8 +237,15 @@ class OnnxEarlyExitRunner:
             options.intra_op_num_threads = threads
 
         def open_graph(entry: dict[str, Any]) -> _Graph:
-            path = str(self.directory / entry["file"])
-            return _Graph(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+            path = str(self.directory / entry["file"])  # a plain name of a file inside, checked by read_manifest
+            try:
+                return _Graph(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+            except Exception as e:  # onnxruntime's own exception types: an unsupported opset, a damaged graph
+                detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
+                raise _DeployError(
+                    f"onnxruntime {ort.__version__} cannot load {entry['file']} ({detail}); re-export the run with "
+                    "python -m dynsila.export, or install an onnxruntime that supports its opset"
+                ) from None
 
         self.stages = [
             _Stage(

@@ -18,7 +18,6 @@ The report is ``dynsila.report.EvalReport``, written to ``RUN_DIR/eval.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from dynsila.budget.flops import ExitCost, GatedCosts, exit_costs, gated_costs
 from dynsila.budget.thresholds import CONFIDENCE, budgeted_sweep
+from dynsila.cli import USER_ERRORS, OneLineParser, device_name, fail
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.errors import DynsilaError
@@ -358,10 +358,10 @@ def format_report(report: EvalReport, criteria: Sequence[str] | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynsila.evaluate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m dynsila.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--criteria", nargs="+", default=list(CONFIDENCE), choices=sorted(CONFIDENCE))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--macs", choices=sorted(MACS_CONVENTIONS), default="paper", help="convention of the budgeted average MACs"
     )
@@ -369,9 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = evaluate_run(args.run_dir, args.criteria, args.device, macs=args.macs, val_indices=args.val_indices)
-    except DynsilaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return fail(e)
     print(format_report(report))
     print(f"\nwrote {args.run_dir / EVAL_FILE}")
     return 0

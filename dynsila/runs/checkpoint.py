@@ -11,7 +11,6 @@ import io
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -87,10 +86,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is corrupt ({type(e).__name__}); use another checkpoint (best.pt or last.pt) or retrain"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # a damaged zip fails in many ways (OSError, IndexError, RuntimeError, ...): all one
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:80]
         raise CheckpointError(
-            f"{path} is corrupt or truncated ({str(e).splitlines()[0][:80]}); use another "
-            "checkpoint (best.pt or last.pt) or retrain"
+            f"{path} is corrupt or truncated ({detail}); use another checkpoint (best.pt or last.pt) or retrain"
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
@@ -134,8 +133,12 @@ def read_deploy(path: Path) -> tuple[dict[str, torch.Tensor], str]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-export it") from None
-    if "config" not in metadata:
-        raise CheckpointError(f"{path} carries no dynsila config in its metadata; export it with dynsila")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise CheckpointError(f"{path} is not a readable safetensors file ({detail}); re-export it") from None
+    if metadata.get("format") != CHECKPOINT_FORMAT or not isinstance(metadata.get("config"), str):
+        raise CheckpointError(
+            f"{path} carries no dynsila config in its metadata (format {CHECKPOINT_FORMAT!r}); write it with "
+            "dynsila.train (deploy.safetensors in the run directory)"
+        )
     return state, metadata["config"]

@@ -51,7 +51,7 @@ def read_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise DynsilaError(f"{run_dir} is not a dynsila run directory (no {CONFIG}); pass runs/<name>")
-    return config_from_yaml(path.read_text())
+    return config_from_yaml(path.read_text(), str(path))
 
 
 def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
@@ -61,7 +61,7 @@ def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
         peers = ", ".join(str(p) for p in sorted(run_dir.glob("peer*")))
         raise DynsilaError(f"{run_dir} is a DML run with one deploy model per peer; pass one of: {peers}")
     state, config_yaml = read_deploy(run_dir / DEPLOY)
-    cfg = config_from_yaml(config_yaml)
+    cfg = config_from_yaml(config_yaml, f"the config in {run_dir / DEPLOY}'s metadata")
     model = build_model(cfg)  # the saved config has data.num_classes resolved
     load_weights(model, state, Path(run_dir) / DEPLOY)
     return model.eval(), cfg
@@ -71,7 +71,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DynsilaError(f"{path} line {number} is not JSON; restore the file or delete the line") from None
+    return rows
 
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:

@@ -16,7 +16,6 @@ still names the epoch, step and term where it first appeared, and no checkpoint 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -35,10 +34,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dynsila.cli import USER_ERRORS, OneLineParser, fail
 from dynsila.config import Config, DMLConfig, TrainConfig, config_to_yaml, load_config
 from dynsila.console import log_lines_to
 from dynsila.data import DeviceBatches, Splits, build_splits, dataset_size, make_loader, normalize
-from dynsila.errors import ConfigError, DynsilaError, TrainingError
+from dynsila.errors import CheckpointError, ConfigError, DynsilaError, TrainingError
 from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, evaluate_run, format_report, topk_accuracy
 from dynsila.methods.dml import exit_pairs
 from dynsila.methods.losses import Output, ensemble_loss_terms, ensemble_monitor_terms, logits_of
@@ -53,6 +53,7 @@ from dynsila.runs.checkpoint import (
     save_deploy,
 )
 from dynsila.runs.rundir import BEST, CONFIG, DEPLOY, LAST, build_model, read_metrics, write_metrics
+from dynsila.runs.runlock import holds_run, run_lock
 from dynsila.training import distributed
 
 log = logging.getLogger("dynsila.train")  # not __name__: that is "__main__" under python -m dynsila.train
@@ -177,17 +178,25 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
 
 
 def _train(cfg: Config, force: bool, ctx: distributed.Context) -> TrainResult:
-    resuming = cfg.resume and (cfg.run_dir / LAST).exists()
-    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()) and not (cfg.resume or force):
-        raise DynsilaError(
-            f"run directory {cfg.run_dir} already exists; pass resume=true to continue it, --force to "
-            "overwrite it, or another name=..."
-        )
+    refuse_existing_run(cfg, force)  # before the data loads: the common mistake, told at once
     distributed.barrier(ctx)  # every rank has looked before rank 0 writes anything
-    run = build_run(cfg, ctx, resuming)
+    run = build_run(cfg, ctx, cfg.resume and (cfg.run_dir / LAST).exists())
+    with contextlib.ExitStack() as held:
+        take_run_directory(run, force, held)
+        return _train_locked(run)
+
+
+def _train_locked(run: Run) -> TrainResult:
+    """The run with its directory locked (rank 0): restore or start, the epochs, the export."""
+    cfg, ctx = run.cfg, run.ctx
+    resuming = cfg.resume and (cfg.run_dir / LAST).exists()
     state = restore_state(run) if resuming else TrainState()
+    if cfg.resume and not resuming:
+        # resume=true with nothing to resume starts fresh, saying so, rather than refusing: a torchrun relaunch
+        # script passes the same command line (resume=true) on every launch, the first included, and a job
+        # preempted before its first checkpoint must simply start again
+        run.say(f"no checkpoint in {cfg.run_dir} ({LAST}): starting fresh")
     if ctx.is_main:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.run_dir / CONFIG, config_to_yaml(run.cfg))
     run.say(describe(run))
 
@@ -203,6 +212,29 @@ def _train(cfg: Config, force: bool, ctx: distributed.Context) -> TrainResult:
         return export(run, state.best_epoch)
     finally:
         distributed.barrier(ctx)
+
+
+def refuse_existing_run(cfg: Config, force: bool) -> None:
+    if holds_run(cfg.run_dir) and not (cfg.resume or force):
+        raise DynsilaError(
+            f"run directory {cfg.run_dir} already exists; pass resume=true to continue it, --force to "
+            "overwrite it, or another name=..."
+        )
+
+
+def take_run_directory(run: Run, force: bool, held: contextlib.ExitStack) -> None:
+    """Rank 0 locks the run directory for the rest of the run (released by ``held``, or by the OS should the
+    process die) and looks again for a run there, now that no other process can write one; every rank stops
+    when it could not."""
+    failure: DynsilaError | None = None
+    if run.ctx.is_main:
+        try:
+            held.enter_context(run_lock(run.cfg.run_dir))
+            refuse_existing_run(run.cfg, force)
+        except DynsilaError as e:
+            failure = e
+    if distributed.broadcast_flag(failure is not None, run.ctx):
+        raise failure or TrainingError(f"rank 0 could not take {run.cfg.run_dir}; see its error line")
 
 
 # --- building the run ---------------------------------------------------------------------------------------
@@ -293,15 +325,23 @@ def restore_state(run: Run) -> TrainState:
     """Weights, optimizer, scaler and this rank's RNG state from ``last.pt``; the metrics rows it had written."""
     path = run.cfg.run_dir / LAST
     checkpoint = load_checkpoint(path)
-    load_weights(run.ensemble, checkpoint["model"], path)
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint.get("scaler"):
-        run.scaler.load_state_dict(checkpoint["scaler"])
-    states = checkpoint["rng"]
-    set_rng_state(states[run.ctx.rank] if len(states) == run.ctx.world_size else states[0])
-    epoch = checkpoint["epoch"]
+    try:
+        load_weights(run.ensemble, checkpoint["model"], path)
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            run.scaler.load_state_dict(checkpoint["scaler"])
+        states = checkpoint["rng"]
+        set_rng_state(states[run.ctx.rank] if len(states) == run.ctx.world_size else states[0])
+        epoch, best_score = int(checkpoint["epoch"]), float(checkpoint["best_score"])
+        best_epoch = int(checkpoint["best_epoch"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        detail = f"no entry {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise CheckpointError(
+            f"{path} is not a whole training checkpoint ({detail}); resume from a last.pt written by dynsila.train "
+            "or start again without resume=true"
+        ) from None
     run.say(f"resuming {run.cfg.run_dir} after epoch {epoch}")
-    return TrainState(epoch, checkpoint["best_score"], checkpoint["best_epoch"], read_metrics(run.cfg.run_dir)[:epoch])
+    return TrainState(epoch, best_score, best_epoch, read_metrics(run.cfg.run_dir)[:epoch])
 
 
 def describe(run: Run) -> str:
@@ -492,10 +532,12 @@ def record_epoch(
         "world_size": run.ctx.world_size,
         "config": config_to_yaml(run.cfg),
     }
+    # best.pt before last.pt: a kill between the two then leaves last.pt one epoch behind (that epoch reruns and
+    # rewrites best.pt identically), never a last.pt whose best_epoch names weights best.pt does not hold
     write_metrics(run.cfg.run_dir, state.metrics)
-    save_checkpoint(run.cfg.run_dir / LAST, checkpoint)
     if improved:
         save_checkpoint(run.cfg.run_dir / BEST, checkpoint)
+    save_checkpoint(run.cfg.run_dir / LAST, checkpoint)
     return improved
 
 
@@ -695,7 +737,7 @@ def format_row(values: list[float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynsila.train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m dynsila.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config, e.g. configs/msdnet_sila.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 sila.enabled=false")
     parser.add_argument("--force", action="store_true", help="overwrite an existing run directory")
@@ -703,9 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     with log_lines_to(sys.stdout):  # the library's log records, printed as plain lines
         try:
             train(load_config(args.config, args.overrides), force=args.force)
-        except DynsilaError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        except USER_ERRORS as e:
+            return fail(e)
     return 0
 
 
