@@ -1,7 +1,7 @@
 """Does early exiting save wall time in proportion to MACs, and what does lazy evaluation save?
 
     python benchmarks/early_exit_speed.py [--device cpu|cuda] [--threads 2] [--out early_exit_speed] [--smoke]
-                                          [--no-imagenet]
+                                          [--no-imagenet] [--run RUN_DIR]
 
 MSDNet CIFAR-100 b7 (random weights: only timing matters). Thresholds are fitted on calibration inputs for exit
 mixes spending about 25 %, 50 % and 75 % of the full network's MACs in the paper's convention (every stage whole,
@@ -20,6 +20,8 @@ only), on the states of a real run.
 Targets (issue 14): 50 % mix, batch 64: wall ratio <= 1.15 x the lazy MACs ratio, stretch: below the paper's
 MACs ratio; batch-1 latency to exit 1 <= 1.2 x its lazy MACs share. Every ratio is a median of back-to-back
 pairs in one process, so that the load of a shared machine cancels as far as it can.
+``--run RUN_DIR``: a trained run's deploy model instead (any family, e.g. a ViT), thresholds fitted on its
+validation images and its test images timed (repeated where the stream needs more).
 Writes benchmarks/results/<out>.{json,md} (``--smoke``: a tiny MSDNet on a few images, written under
 ``--results-dir`` only, for tests).
 """
@@ -31,7 +33,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,9 @@ from benchmarks.toolkit import (
 )
 from dynsila import models
 from dynsila.config import load_config
+from dynsila.data import build_splits, make_loader, normalize
 from dynsila.flops import ExitCost, exit_costs
+from dynsila.rundir import input_shape, load_deploy_model
 from dynsila.runner import EarlyExitRunner, raise_primitive_cache
 from dynsila.thresholds import thresholds_for_budget
 
@@ -87,7 +91,15 @@ SMOKE = Sizes(batched=(8, 16), single=(1, 4), calibration=64, repeats=1, imagene
 class Bench:
     """The model, its exit costs, the inputs and the inference form every timing uses."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, sizes: Sizes, size: int = 32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        sizes: Sizes,
+        size: int = 32,
+        inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """``inputs``: (calibration, timed) images; random ones when not given."""
         self.model, self.device, self.sizes = model, device, sizes
         self.exit_costs: list[ExitCost] = exit_costs(model, (3, size, size))
         self.paper = [c.macs_cumulative for c in self.exit_costs]
@@ -95,9 +107,13 @@ class Bench:
         self.full = self.paper[-1]
         model.to(device)
         g = torch.Generator().manual_seed(0)
-        calibration = torch.randn(sizes.calibration, 3, size, size, generator=g).to(device)
         n_images = max(sizes.batched[1], sizes.single[1], sizes.long_stream)
-        self.images = torch.randn(n_images, 3, size, size, generator=g).to(device)
+        calibration = torch.randn(sizes.calibration, 3, size, size, generator=g)
+        self.images = torch.randn(n_images, 3, size, size, generator=g)
+        if inputs is not None:
+            calibration, timed = inputs
+            self.images = timed.repeat(-(-n_images // len(timed)), 1, 1, 1)[:n_images]
+        calibration, self.images = calibration.to(device), self.images.to(device)
         with torch.no_grad():
             self.cal_logits = torch.cat([torch.stack(model(x), 1) for x in calibration.split(256)]).cpu()
         # The full network is timed in the runner's own inference form (batch-norm folded, channels-last), so the
@@ -255,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny MSDNet on a few images (tests)")
     parser.add_argument("--no-imagenet", action="store_true", help="skip the ImageNet step-4 per-exit timings")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--run", type=Path, help="time this trained run's deploy model on its own images")
     args = parser.parse_args(argv)
     if args.smoke:  # one thread: on a loaded machine two OpenMP threads wait on each other longer than tiny ops take
         args.threads = 1
@@ -264,20 +281,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     kwargs = load_config(PRESET).model_kwargs() | (SMOKE_MODEL if args.smoke else {})
     sizes = SMOKE if args.smoke else Sizes(repeats=args.repeats, imagenet_images=0 if args.no_imagenet else 4)
-    bench = Bench(models.build("msdnet", num_classes=100, **kwargs).eval(), device, sizes)
+    if args.run is not None:
+        bench, described = run_bench(args.run, device, sizes)
+    else:
+        bench = Bench(models.build("msdnet", num_classes=100, **kwargs).eval(), device, sizes)
+        described = "msdnet CIFAR-100 b7, random weights, 32x32 inputs" if not args.smoke else f"msdnet {kwargs}"
     result = measure(bench, sizes)
     result["imagenet"] = imagenet_per_exit(device, sizes) if sizes.imagenet_images else None
     result |= {
         "command": command_line(__file__, argv),
         "environment": environment(device, args.threads),
         "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-        "model": "msdnet CIFAR-100 b7, random weights, 32x32 inputs" if not args.smoke else f"msdnet {kwargs}",
+        "model": described,
     }
     md = markdown(result, sizes)
     if not (args.smoke and args.results_dir == RESULTS_DIR):  # a smoke run never overwrites the committed result
         write_results(args.out, result, md, args.results_dir)
     print(md)
     return 0
+
+
+def run_bench(run_dir: Path, device: torch.device, sizes: Sizes) -> tuple[Bench, str]:
+    """A trained run's deploy model with its validation images (calibration) and test images (timed)."""
+    model, cfg = load_deploy_model(run_dir)
+    splits = build_splits(cfg.data)
+    val, test = (next(iter(make_loader(s, len(s), shuffle=False)))[0] for s in (splits.val, splits.test))
+    inputs = (normalize(val, splits.mean, splits.std), normalize(test, splits.mean, splits.std))
+    size = input_shape(cfg)[1]
+    bench = Bench(model, device, replace(sizes, calibration=len(val)), size, inputs)
+    described = (
+        f"{cfg.model['name']} from the run {run_dir} (trained weights, {size}x{size} inputs); thresholds fitted on "
+        f"its {len(val)} validation images, its {len(test)} test images timed"
+    )
+    return bench, described
 
 
 def measure(bench: Bench, sizes: Sizes) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from dynsila.runner import EarlyExitRunner
 from dynsila.sila import SiLa, prune
 from dynsila.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
 from dynsila.train import main as train_main
+from tests.conftest import load_benchmark
 from tests.test_export import assert_graphs_are_deployable, compare_runners, needs_deploy
 
 TINY_VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "exits": [1, 2, 3]}
@@ -250,6 +251,12 @@ def test_train_with_sila_and_self_distillation_then_early_exit_from_the_cli(tiny
     assert "top-1" in out and "images/s" in out
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1
+    # the early-exit speed benchmark times a trained run's deploy model on its own images
+    speed = load_benchmark("early_exit_speed")
+    assert speed.main(["--smoke", "--run", str(run_dir), "--results-dir", str(path.parent), "--out", "ee"]) == 0
+    result = json.loads((path.parent / "ee.json").read_text())
+    assert "vit_exits from the run" in result["model"] and len(result["exit_macs_cumulative"]) == 3
+    assert result["exit_macs_cumulative"] == [c.macs_cumulative for c in costs]
 
 
 def test_dml_peers_with_sila_heads_train_a_step():
