@@ -17,10 +17,11 @@ Exit heads (both end in the ``nn.Linear`` named ``fc`` that SiLa's heads hook):
   the backbone's final norm, so with pretrained weights the exit after the last block is the backbone's own head
   but for ``fc``.
 - ``block``: one more transformer encoder block (same width, heads and MLP ratio as the backbone's, initialised
-  afresh) on the exit's token map, then the ``linear`` head: the "ViT-EE" exit of Bakhtiarnia, Zhang and
-  Iosifidis, "Multi-Exit Vision Transformer for Dynamic Inference" (BMVC 2021), the strongest of the exit
-  architectures they compare for early exits on ViT. It mixes tokens with attention before pooling, which a
-  linear exit on block k's tokens cannot.
+  afresh) on the exit's token map, then the ``linear`` head: a transformer-layer exit branch of the kind
+  Bakhtiarnia, Zhang and Iosifidis propose among their seven ViT exit branches ("Multi-Exit Vision Transformer
+  for Dynamic Inference", BMVC 2021) and build on in "Single-Layer Vision Transformers for More Accurate Early
+  Exits with Less Overhead" (Neural Networks, 2022). It mixes tokens with attention before pooling, which a linear
+  exit on block k's tokens cannot; it costs about one more block per exit (counted, attention included).
 
 Pretrained weights load as in ``timm_exits`` (a local file or the local cache only; timm resamples the position
 embedding to ``img_size`` / ``patch_size``).
