@@ -253,10 +253,14 @@ def test_train_with_sila_and_self_distillation_then_early_exit_from_the_cli(tiny
     assert len(metrics) == 1
     # the early-exit speed benchmark times a trained run's deploy model on its own images
     speed = load_benchmark("early_exit_speed")
-    assert speed.main(["--smoke", "--run", str(run_dir), "--results-dir", str(path.parent), "--out", "ee"]) == 0
+    args = ["--smoke", "--run", str(run_dir), "--mix50-only", "--results-dir", str(path.parent), "--out", "ee"]
+    assert speed.main(args) == 0
     result = json.loads((path.parent / "ee.json").read_text())
     assert "vit_exits from the run" in result["model"] and len(result["exit_macs_cumulative"]) == 3
     assert result["exit_macs_cumulative"] == [c.macs_cumulative for c in costs]
+    (row,) = result["rows"]
+    assert row["target_fraction"] == 0.5 and sum(row["exit_histogram"]) == row["images"]
+    assert "| MACs ratio, paper |" in (path.parent / "ee.md").read_text()
 
 
 def test_dml_peers_with_sila_heads_train_a_step():
