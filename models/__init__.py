@@ -1,5 +1,5 @@
-"""Architectures and their registry. Importing this package registers every model; ``timm_exits`` (which needs
-timm) is imported the first time it is built or its parameters are asked for."""
+"""Architectures and their registry. Importing this package registers every model; ``timm_exits`` and
+``vit_exits`` (which need timm) are imported the first time it is built or its parameters are asked for."""
 
 from . import msdnet as _msdnet  # noqa: F401  (registers "msdnet")
 from . import skipnet as _skipnet  # noqa: F401  (registers "skipnet")
@@ -15,6 +15,7 @@ from ._registry import (
 )
 
 register_deferred("timm_exits", ".timm_exits")
+register_deferred("vit_exits", ".vit_exits")
 
 __all__ = [
     "DeferredSplit",

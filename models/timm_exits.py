@@ -108,25 +108,13 @@ def _pretrained_file(backbone: str) -> str:
     )
 
 
-@register_model("timm_exits")
-def timm_exits(
-    num_classes: int,
-    backbone: str = "resnet18",
-    exit_stages: Sequence[int] = (1, 2, 3, 4),
-    exit_head: Literal["linear", "conv"] = "linear",
-    head_channels: int = 128,
-    pretrained: bool = False,
-    pretrained_file: str | None = None,
-    in_chans: int = 3,
-) -> TimmExits:
-    """Exits after feature levels ``exit_stages`` (timm's ``out_indices`` numbering) of a timm CNN.
-
-    ``exit_head``: ``linear`` (global pool -> fc) or ``conv`` (MSDNet's two stride-2 convs ``head_channels``
-    wide -> pool -> fc). ``pretrained``: load weights from ``pretrained_file`` or the local cache only."""
+def create_backbone(backbone: str, pretrained: bool, pretrained_file: str | None, **kwargs: Any) -> nn.Module:
+    """A timm model without its classifier (``num_classes=0``), with pretrained weights from ``pretrained_file``
+    or the local cache only when asked; ``kwargs`` go to ``timm.create_model``. Shared by the timm families."""
     if backbone not in timm.list_models():
         near = difflib.get_close_matches(backbone, timm.list_models(), n=3)
         raise ValueError(f"unknown timm backbone {backbone!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
-    kwargs: dict = {"pretrained": pretrained or pretrained_file is not None, "num_classes": 0, "in_chans": in_chans}
+    kwargs |= {"pretrained": pretrained or pretrained_file is not None, "num_classes": 0}
     if kwargs["pretrained"]:
         file = pretrained_file or _pretrained_file(backbone)
         if not Path(file).is_file():
@@ -144,4 +132,23 @@ def timm_exits(
                 f"({str(e).splitlines()[0][:120]}); check model.pretrained_file"
             ) from None
         raise
+    return model
+
+
+@register_model("timm_exits")
+def timm_exits(
+    num_classes: int,
+    backbone: str = "resnet18",
+    exit_stages: Sequence[int] = (1, 2, 3, 4),
+    exit_head: Literal["linear", "conv"] = "linear",
+    head_channels: int = 128,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    in_chans: int = 3,
+) -> TimmExits:
+    """Exits after feature levels ``exit_stages`` (timm's ``out_indices`` numbering) of a timm CNN.
+
+    ``exit_head``: ``linear`` (global pool -> fc) or ``conv`` (MSDNet's two stride-2 convs ``head_channels``
+    wide -> pool -> fc). ``pretrained``: load weights from ``pretrained_file`` or the local cache only."""
+    model = create_backbone(backbone, pretrained, pretrained_file, in_chans=in_chans)
     return TimmExits(model, list(exit_stages), exit_head, head_channels, num_classes)

@@ -55,9 +55,7 @@ def report_for(run_dir: Path) -> EvalReport:
         try:
             return EvalReport.from_json(eval_path.read_text())
         except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or not a report: recomputed once removed
-            raise DynsilaError(
-                f"{eval_path} is not JSON; delete it (it is recomputed) and run again"
-            ) from None
+            raise DynsilaError(f"{eval_path} is not JSON; delete it (it is recomputed) and run again") from None
     return evaluate_run(run_dir)
 
 

@@ -1,7 +1,7 @@
 """Does early exiting save wall time in proportion to MACs, and what does lazy evaluation save?
 
     python benchmarks/speed/early_exit_speed.py [--device cpu|cuda] [--threads 2] [--out early_exit_speed] [--smoke]
-                                          [--no-imagenet]
+                                          [--no-imagenet] [--run RUN_DIR] [--mix50-only]
 
 MSDNet CIFAR-100 b7 (random weights: only timing matters). Thresholds are fitted on calibration inputs for exit
 mixes spending about 25 %, 50 % and 75 % of the full network's MACs in the paper's convention (every stage whole,
@@ -20,6 +20,9 @@ only), on the states of a real run.
 Targets: 50 % mix, batch 64: wall ratio <= 1.15 x the lazy MACs ratio, stretch: below the paper's
 MACs ratio; batch-1 latency to exit 1 <= 1.2 x its lazy MACs share. Every ratio is a median of back-to-back
 pairs in one process, so that the load of a shared machine cancels as far as it can.
+``--run RUN_DIR``: a trained run's deploy model instead (any family, e.g. a ViT), thresholds fitted on its
+validation images and its test images timed (repeated where the stream needs more). ``--mix50-only``: only the
+batched 50 % mix (its wall ratio against its MACs ratios), for a short measurement window on a busy machine.
 Writes benchmarks/results/<out>.{json,md} (``--smoke``: a tiny MSDNet on a few images, written under
 ``--results-dir`` only, for tests).
 """
@@ -31,7 +34,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +60,9 @@ from dynsila import models
 from dynsila.budget.flops import ExitCost, exit_costs
 from dynsila.budget.thresholds import thresholds_for_budget
 from dynsila.config import load_config
+from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
+from dynsila.runs.rundir import input_shape, load_deploy_model
 
 PRESET = REPO_ROOT / "configs" / "cifar100" / "msdnet_baseline.yaml"
 IMAGENET_PRESET = REPO_ROOT / "configs" / "imagenet" / "msdnet_baseline.yaml"
@@ -87,7 +92,15 @@ SMOKE = Sizes(batched=(8, 16), single=(1, 4), calibration=64, repeats=1, imagene
 class Bench:
     """The model, its exit costs, the inputs and the inference form every timing uses."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, sizes: Sizes, size: int = 32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        sizes: Sizes,
+        size: int = 32,
+        inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """``inputs``: (calibration, timed) images; random ones when not given."""
         self.model, self.device, self.sizes = model, device, sizes
         self.exit_costs: list[ExitCost] = exit_costs(model, (3, size, size))
         self.paper = [c.macs_cumulative for c in self.exit_costs]
@@ -95,9 +108,13 @@ class Bench:
         self.full = self.paper[-1]
         model.to(device)
         g = torch.Generator().manual_seed(0)
-        calibration = torch.randn(sizes.calibration, 3, size, size, generator=g).to(device)
         n_images = max(sizes.batched[1], sizes.single[1], sizes.long_stream)
-        self.images = torch.randn(n_images, 3, size, size, generator=g).to(device)
+        calibration = torch.randn(sizes.calibration, 3, size, size, generator=g)
+        self.images = torch.randn(n_images, 3, size, size, generator=g)
+        if inputs is not None:
+            calibration, timed = inputs
+            self.images = timed.repeat(-(-n_images // len(timed)), 1, 1, 1)[:n_images]
+        calibration, self.images = calibration.to(device), self.images.to(device)
         with torch.no_grad():
             self.cal_logits = torch.cat([torch.stack(model(x), 1) for x in calibration.split(256)]).cpu()
         # The full network is timed in the runner's own inference form (batch-norm folded, channels-last), so the
@@ -255,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny MSDNet on a few images (tests)")
     parser.add_argument("--no-imagenet", action="store_true", help="skip the ImageNet step-4 per-exit timings")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--run", type=Path, help="time this trained run's deploy model on its own images")
+    parser.add_argument("--mix50-only", action="store_true", help="time only the batched 50 %% mix")
     args = parser.parse_args(argv)
     if args.smoke:  # one thread: on a loaded machine two OpenMP threads wait on each other longer than tiny ops take
         args.threads = 1
@@ -264,20 +283,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     kwargs = load_config(PRESET).model_kwargs() | (SMOKE_MODEL if args.smoke else {})
     sizes = SMOKE if args.smoke else Sizes(repeats=args.repeats, imagenet_images=0 if args.no_imagenet else 4)
-    bench = Bench(models.build("msdnet", num_classes=100, **kwargs).eval(), device, sizes)
-    result = measure(bench, sizes)
-    result["imagenet"] = imagenet_per_exit(device, sizes) if sizes.imagenet_images else None
+    if args.run is not None:
+        bench, described = run_bench(args.run, device, sizes)
+    else:
+        bench = Bench(models.build("msdnet", num_classes=100, **kwargs).eval(), device, sizes)
+        described = "msdnet CIFAR-100 b7, random weights, 32x32 inputs" if not args.smoke else f"msdnet {kwargs}"
+    result = mix50(bench) if args.mix50_only else measure(bench, sizes)
+    if not args.mix50_only:
+        result["imagenet"] = imagenet_per_exit(device, sizes) if sizes.imagenet_images else None
     result |= {
         "command": command_line(__file__, argv),
         "environment": environment(device, args.threads),
         "load_average_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-        "model": "msdnet CIFAR-100 b7, random weights, 32x32 inputs" if not args.smoke else f"msdnet {kwargs}",
+        "model": described,
     }
-    md = markdown(result, sizes)
+    md = mix50_markdown(result, sizes) if args.mix50_only else markdown(result, sizes)
     if not (args.smoke and args.results_dir == RESULTS_DIR):  # a smoke run never overwrites the committed result
         write_results(args.out, result, md, args.results_dir)
     print(md)
     return 0
+
+
+def run_bench(run_dir: Path, device: torch.device, sizes: Sizes) -> tuple[Bench, str]:
+    """A trained run's deploy model with its validation images (calibration) and test images (timed)."""
+    model, cfg = load_deploy_model(run_dir)
+    splits = build_splits(cfg.data)
+    val, test = (next(iter(make_loader(s, dataset_size(s), shuffle=False)))[0] for s in (splits.val, splits.test))
+    inputs = (normalize(val, splits.mean, splits.std), normalize(test, splits.mean, splits.std))
+    size = input_shape(cfg)[1]
+    bench = Bench(model, device, replace(sizes, calibration=len(val)), size, inputs)
+    described = (
+        f"{cfg.model['name']} from the run {run_dir} (trained weights, {size}x{size} inputs); thresholds fitted on "
+        f"its {len(val)} validation images, its {len(test)} test images timed"
+    )
+    return bench, described
+
+
+def mix50(bench: Bench) -> dict[str, Any]:
+    """Only the batched 50 % mix: its MACs ratios (paper, lazy) and wall ratios, against the full network."""
+    batch_size, n_images = bench.sizes.batched
+    batches = bench.images[:n_images].split(batch_size)
+    row = mix_row(bench, batches, 0.5, each(batches, bench.full_forward))
+    return {"exit_macs_cumulative": bench.paper, "exit_macs_lazy": bench.lazy, "rows": [row]}
+
+
+def mix50_markdown(result: dict[str, Any], sizes: Sizes) -> str:
+    r = result["rows"][0]
+    load = result["load_average_1min"]
+    lines = [
+        *header("Early-exit wall time versus MACs: the 50 % mix", result["command"], result["environment"]),
+        f"{result['model']}. Exit MACs as evaluated: "
+        f"{', '.join(f'{m / 1e6:.2f}M' for m in result['exit_macs_cumulative'])}. Thresholds fitted for about 50 % "
+        f"of the full network's MACs; batch {r['batch_size']} (`run_stream`), {r['images']} images; ratios are "
+        f"early-exit / full network (every exit evaluated), medians of back-to-back pairs in one process "
+        f"({sizes.repeats} pairs, the wall ratio {r['pairs']}). 1-minute load average {load['start']:.1f} at the "
+        f"start, {load['end']:.1f} at the end.",
+        "",
+        "| MACs ratio, paper | MACs ratio, lazy | wall ratio (quartiles) | wall / lazy MACs | eager runner "
+        "| per batch | exit histogram |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {r['macs_ratio']:.3f} | {r['lazy_macs_ratio']:.3f} | {r['wall_ratio']:.3f} "
+        f"({r['wall_ratio_quartiles'][0]:.3f}–{r['wall_ratio_quartiles'][1]:.3f}) | "
+        f"{r['wall_ratio'] / r['lazy_macs_ratio']:.2f} | {r['eager_runner_wall_ratio']:.3f} | "
+        f"{r.get('per_batch_wall_ratio', float('nan')):.3f} | {r['exit_histogram']} |",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def measure(bench: Bench, sizes: Sizes) -> dict[str, Any]:

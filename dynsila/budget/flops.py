@@ -42,7 +42,10 @@ with warnings.catch_warnings():
     from fvcore.nn import FlopCountAnalysis
 
 # fvcore operator keys that are convolutions or fully connected layers (the "conv+linear" column)
-CONV_LINEAR_OPS = frozenset({"conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum", "lstm"})
+# (attention's two matrix products count here too, fused or not: see ``attention_macs``)
+CONV_LINEAR_OPS = frozenset(
+    {"conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum", "lstm", "scaled_dot_product_attention"}
+)
 
 # Ops fvcore has no handler for and we knowingly count as free (elementwise, shape and indexing ops, activations,
 # poolings without a handler). Any other unsupported op is reported once per process.
@@ -116,6 +119,9 @@ KNOWN_FREE_OPS = frozenset(
         "aten::empty",
         "aten::copy_",
         "aten::index_put",
+        "aten::unbind",
+        "aten::transpose",
+        "aten::t",
     }
 )
 _REPORTED_OPS: set[str] = set()
@@ -228,8 +234,24 @@ def lstm_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return int(steps * batch * 4 * hidden * (in_features + hidden))
 
 
+def attention_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for aten::scaled_dot_product_attention (fvcore has none and would count 0): its two matrix
+    products, Q K^T (batch x heads x L x S x E) and the weights times V (batch x heads x L x S x Ev); softmax and
+    scaling are free as elsewhere. torch.utils.flop_counter counts the same two products when SDPA runs as
+    matrix products (its math backend); it counts nothing for the fused CPU kernel either."""
+    from fvcore.nn.jit_handles import get_shape
+
+    *batch, length, embed = get_shape(inputs[0])
+    source = get_shape(inputs[1])[-2]
+    value_embed = get_shape(inputs[2])[-1]
+    heads = 1
+    for n in batch:
+        heads *= n
+    return int(heads * length * source * (embed + value_embed))
+
+
 # Cost handles dynsila adds to fvcore's table (fvcore's own design: one small function per op).
-EXTRA_OP_HANDLES = {"aten::lstm": lstm_macs}
+EXTRA_OP_HANDLES = {"aten::lstm": lstm_macs, "aten::scaled_dot_product_attention": attention_macs}
 
 
 def _count(module: nn.Module, inputs: Any) -> dict[str, Counter[str]]:
