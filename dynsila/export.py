@@ -49,7 +49,15 @@ from dynsila.evaluate import collect_logits
 from dynsila.flops import exit_costs
 from dynsila.fuse import fold_batchnorm
 from dynsila.models import MultiExitNetwork, gated_body
-from dynsila.onnx_runner import DEPLOY_EXTRA, MANIFEST, MANIFEST_FORMAT, OnnxEarlyExitResult, OnnxEarlyExitRunner
+from dynsila.onnx_runner import (
+    DEPLOY_EXTRA,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    OPTIMIZATION_LEVELS,
+    THREAD_POOLS,
+    OnnxEarlyExitResult,
+    OnnxEarlyExitRunner,
+)
 from dynsila.report import json_safe
 from dynsila.rundir import input_shape, load_deploy_model
 from dynsila.sila import unwrap
@@ -465,9 +473,11 @@ def export_run(
     exporter: str,
     force: bool,
     lazy: bool = False,
+    onnxruntime: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
-    export. Returns the manifest."""
+    export. ``onnxruntime``: session settings the runner uses by default (``SessionSettings`` fields). Returns
+    the manifest."""
     model, cfg = load_deploy_model(run_dir)
     refuse_gated(model)
     splits = build_splits(cfg.data)
@@ -485,6 +495,8 @@ def export_run(
         }
     }
     extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, **preprocess}
+    if onnxruntime:
+        extra["onnxruntime"] = onnxruntime
     return export_onnx(model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra)
 
 
@@ -502,14 +514,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lazy", action="store_true", help="split stages for lazy evaluation (fewer MACs, slower on ORT here)"
     )
+    parser.add_argument("--ort-optimization", choices=OPTIMIZATION_LEVELS, help="graph optimisation (default all)")
+    parser.add_argument("--ort-thread-pool", choices=THREAD_POOLS, help="per session (default) or process-wide")
+    parser.add_argument("--ort-cache", help="folder (inside the export) for optimised graphs, reused at start")
     args = parser.parse_args(argv)
+    settings = {"optimization": args.ort_optimization, "thread_pool": args.ort_thread_pool, "cache_dir": args.ort_cache}
     q = 1.0 if args.q is None and args.budget is None else args.q
     out_dir = args.out or args.run_dir / "onnx"
     start = time.perf_counter()
     try:
         with log_lines_to(sys.stdout):
             manifest = export_run(
-                args.run_dir, out_dir, args.criterion, q, args.budget, args.exporter, args.force, args.lazy
+                args.run_dir,
+                out_dir,
+                args.criterion,
+                q,
+                args.budget,
+                args.exporter,
+                args.force,
+                args.lazy,
+                {k: v for k, v in settings.items() if v is not None},
             )
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
