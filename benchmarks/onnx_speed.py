@@ -1,6 +1,7 @@
 """Early exit on ONNX Runtime beside PyTorch: wall time of the same exit mixes in both runtimes.
 
-    python benchmarks/onnx_speed.py [--threads 2] [--repeats 7] [--exporter auto] [--out onnx_speed] [--smoke]
+    python benchmarks/onnx_speed.py [--threads 2] [--repeats 7] [--images 1280] [--exporter auto] [--out onnx_speed]
+        [--smoke]
 
 MSDNet CIFAR-100 b7 (random weights: only timing matters), the setting of ``benchmarks/early_exit_speed.py``:
 thresholds fitted on calibration inputs for exit mixes spending about 25 %, 50 % and 75 % of the full network's
@@ -241,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=Sizes.repeats)
     parser.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    parser.add_argument("--images", type=int, default=Sizes.batched[1], help="images in the batch-64 rows")
     parser.add_argument("--out", default="onnx_speed")
     parser.add_argument("--smoke", action="store_true", help="a tiny MSDNet on a few images (tests)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
@@ -251,12 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kwargs = load_config(PRESET).model_kwargs() | (SMOKE_MODEL if args.smoke else {})
-    sizes = SMOKE if args.smoke else Sizes(repeats=args.repeats)
+    sizes = SMOKE if args.smoke else Sizes(batched=(Sizes.batched[0], args.images), repeats=args.repeats)
     model = models.build("msdnet", num_classes=100, **kwargs).eval()
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         bench = Bench(model, sizes, args.threads, Path(tmp) / "onnx", args.exporter)
+        print(f"exported in {bench.export_seconds:.0f} s", flush=True)
         full_rows = [full_network_row(bench, b, n) for b, n in (sizes.batched, sizes.single)]
+        print(full_rows, flush=True)
         rows = []
         for batch_size, n_images in (sizes.batched, sizes.single):
             for fraction in MIXES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,13 +264,15 @@ def export_onnx(
     force: bool = False,
     lazy: bool = False,
     extra: dict[str, Any] | None = None,
+    finish: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s stages and exits to ``out_dir`` (written to a temporary folder beside it, then renamed
     into place) and return the manifest. ``example``: a few normalised inputs ``N x C x H x W`` (N >= 2) to trace
     and verify with; ``costs``: per exit ``{"macs", "macs_cumulative"[, "macs_lazy"]}``; ``extra``: more manifest
     entries. ``lazy``: write stages with a deferred split as two graphs (see the module docstring); off by default,
     because on ONNX Runtime the extra graph calls and the pending tensors' round trip through numpy cost more than
-    the skipped MACs save (b7, 2 CPU threads: 10-27 % slower, README)."""
+    the skipped MACs save (b7, 2 CPU threads: 10-27 % slower, README). ``finish``: a last step on the verified
+    graphs (int8 quantisation) that may rewrite them and change the manifest, before anything is published."""
     bare = unwrap(model)
     refuse_gated(bare)
     if exporter not in EXPORTERS:
@@ -296,6 +299,8 @@ def export_onnx(
         manifest = _manifest(example, stages, exits, costs, fit, dict(extra or {}))
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
         manifest["verified_max_abs_logit_difference"] = _verify(folded, example, staging)
+        if finish is not None:
+            finish(staging, manifest)
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
         _publish(staging, out_dir)
     except BaseException:
@@ -413,7 +418,7 @@ def _verify(model: MultiExitNetwork, example: torch.Tensor, folder: Path) -> flo
     A wrong graph stops the export (nothing is published)."""
     with torch.no_grad():
         expected = torch.stack(model(example.float()), dim=1).numpy()
-    got = OnnxEarlyExitRunner(folder).all_exit_logits(example.numpy())
+    got = OnnxEarlyExitRunner(folder, thread_pool="session").all_exit_logits(example.numpy())
     difference = float(np.abs(got - expected).max())
     if not np.allclose(got, expected, rtol=VERIFY_TOLERANCE, atol=VERIFY_TOLERANCE):
         raise DynsilaError(
@@ -445,6 +450,13 @@ def fit_run_thresholds(
     if (q is None) == (budget is None):
         raise DynsilaError("give exactly one of q and budget")
     val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, "cpu")
+    return fit_logits(val_logits, costs, criterion, q, budget)
+
+
+def fit_logits(
+    val_logits: torch.Tensor, costs: list[float], criterion: str, q: float | None, budget: float | None
+) -> ThresholdFit:
+    """``fit_run_thresholds`` on given validation logits ``N x K x C`` (an int8 export's own, say)."""
     conf = CONFIDENCE[criterion](val_logits)
     if q is not None:
         thresholds = fit_thresholds(conf, geometric_fractions([q], len(costs)))[0]
@@ -474,10 +486,12 @@ def export_run(
     force: bool,
     lazy: bool = False,
     onnxruntime: dict[str, str] | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
-    export. ``onnxruntime``: session settings the runner uses by default (``SessionSettings`` fields). Returns
-    the manifest."""
+    export. ``onnxruntime``: session settings the runner uses by default (``SessionSettings`` fields). ``int8``:
+    quantise the graphs, calibrated on the validation split, and refit the thresholds on the int8 graphs'
+    validation logits (``dynsila.quantize``). Returns the manifest."""
     model, cfg = load_deploy_model(run_dir)
     refuse_gated(model)
     splits = build_splits(cfg.data)
@@ -497,7 +511,39 @@ def export_run(
     extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, **preprocess}
     if onnxruntime:
         extra["onnxruntime"] = onnxruntime
-    return export_onnx(model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra)
+    finish = None
+    if int8:
+        val_images = torch.cat([normalize(x, splits.mean, splits.std) for x, _ in make_loader(splits.val, 256, False)])
+        cumulative: list[float] = [c.macs_cumulative for c in measured]
+        finish = functools.partial(_quantize, val_images.numpy(), cumulative, criterion, q, budget)
+    return export_onnx(
+        model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra, finish=finish
+    )
+
+
+def _quantize(
+    val_images: np.ndarray,
+    costs: list[float],
+    criterion: str,
+    q: float | None,
+    budget: float | None,
+    folder: Path,
+    manifest: dict[str, Any],
+) -> None:
+    """int8 graphs calibrated on the validation images, and thresholds refitted on their validation logits."""
+    from dynsila.quantize import quantize_export
+
+    fp32 = OnnxEarlyExitRunner(folder, thread_pool="session").all_exit_logits(val_images)
+    manifest["quantization"] = quantize_export(folder, val_images)
+    int8 = OnnxEarlyExitRunner(folder, thread_pool="session").all_exit_logits(val_images)
+    manifest["quantization"]["val_top1_agreement_with_fp32"] = (fp32.argmax(-1) == int8.argmax(-1)).mean(0).tolist()
+    fit = fit_logits(torch.from_numpy(int8), costs, criterion, q, budget)
+    for entry, threshold in zip(manifest["exits"], fit.thresholds, strict=True):
+        entry["threshold"] = threshold
+    manifest["thresholds_fitted_on_val"] = {
+        k: v for k, v in fit.__dict__.items() if k not in ("thresholds", "criterion")
+    }
+    manifest["thresholds_fitted_on_val"]["logits"] = "the int8 graphs'"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--lazy", action="store_true", help="split stages for lazy evaluation (fewer MACs, slower on ORT here)"
+    )
+    parser.add_argument(
+        "--int8", action="store_true", help="int8 graphs, calibrated on the validation split (thresholds refitted)"
     )
     parser.add_argument("--ort-optimization", choices=OPTIMIZATION_LEVELS, help="graph optimisation (default all)")
     parser.add_argument("--ort-thread-pool", choices=THREAD_POOLS, help="per session (default) or process-wide")
@@ -534,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.force,
                 args.lazy,
                 {k: v for k, v in settings.items() if v is not None},
+                args.int8,
             )
     except DynsilaError as e:
         print(f"error: {e}", file=sys.stderr)
