@@ -1,6 +1,7 @@
 """int8 exits on ONNX Runtime against fp32: accuracy per exit, exit decisions, and speed, on a trained run.
 
-    python benchmarks/int8_exits.py RUN_DIR [--q 1.0] [--threads 2] [--repeats 7] [--out int8_exits]
+    python benchmarks/int8_exits.py RUN_DIR [--q 1.0] [--threads 2] [--repeats 7] [--exporter auto]
+        [--out int8_exits]
 
 Exports RUN_DIR twice with ``python -m dynsila.export``'s code: fp32, and ``--int8`` (static quantisation
 calibrated on the run's validation split, thresholds refitted on the int8 graphs' validation logits). On the
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--q", type=float, default=1.0, help="exit distribution share_k ~ q^k fitted on validation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
     parser.add_argument("--out", default="int8_exits")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -112,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         manifests = {
             name: export_run(
-                args.run_dir, Path(tmp) / name, "max_prob", args.q, None, "auto", False, int8=name == "int8"
+                args.run_dir, Path(tmp) / name, "max_prob", args.q, None, args.exporter, False, int8=name == "int8"
             )
             for name in ("fp32", "int8")
         }

@@ -7,11 +7,12 @@ head (``exit<k>.onnx``). Each stage graph reads the previous stage state and wri
 ``--lazy`` a stage that declares a deferred split (``MultiExitNetwork.deferred_split``; MSDNet: the finer scales
 only later exits read) is written as two graphs, as the PyTorch runner evaluates it lazily: ``stage<k>.onnx``
 computes what its exits read (``exit_state<k>_<j>``) and what the rest needs (``pending<k>_<j>``);
-``stage<k>_rest.onnx`` turns the pending tensors of the samples that go on into the stage's output (fewer MACs, but
-slower on ONNX Runtime on our CPU, so off by default). Every graph has a dynamic batch axis. ``manifest.json`` holds
-the exit order, the tensor names, the thresholds fitted on the run's validation split (as ``python -m
-dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs exit only, as
-evaluated and lazy). ``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
+``stage<k>_rest.onnx`` turns the pending tensors of the samples that go on into the stage's output (fewer MACs,
+but not faster on ONNX Runtime in every exit mix on our CPU, so off by default). Every graph has a dynamic batch
+axis. ``manifest.json`` holds the exit order, the tensor names, the thresholds fitted on the run's validation split
+(as ``python -m dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs
+exit only, as evaluated and lazy); with ``--int8``, the quantisation (``dynsila.quantize``).
+``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
 
 Graphs come from ``torch.onnx.export``: the torch.export-based ("dynamo") exporter by default; a graph that it fails
 on is exported with the TorchScript exporter instead, and the manifest records which exporter wrote each graph and
@@ -269,9 +270,10 @@ def export_onnx(
     """Export ``model``'s stages and exits to ``out_dir`` (written to a temporary folder beside it, then renamed
     into place) and return the manifest. ``example``: a few normalised inputs ``N x C x H x W`` (N >= 2) to trace
     and verify with; ``costs``: per exit ``{"macs", "macs_cumulative"[, "macs_lazy"]}``; ``extra``: more manifest
-    entries. ``lazy``: write stages with a deferred split as two graphs (see the module docstring); off by default,
-    because on ONNX Runtime the extra graph calls and the pending tensors' round trip through numpy cost more than
-    the skipped MACs save (b7, 2 CPU threads: 10-27 % slower, README). ``finish``: a last step on the verified
+    entries. ``lazy``: write stages with a deferred split as two graphs (see the module docstring); off by default:
+    on ONNX Runtime the extra graph calls and the pending tensors' round trip through numpy can cost more than the
+    skipped MACs save (b7, 2 CPU threads, the runner's sleeping pools: 0.73-1.18 x the default's time depending on
+    the exit mix and batch, benchmarks/results/onnx_speed.md). ``finish``: a last step on the verified
     graphs (int8 quantisation) that may rewrite them and change the manifest, before anything is published."""
     bare = unwrap(model)
     refuse_gated(bare)
@@ -558,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument(
-        "--lazy", action="store_true", help="split stages for lazy evaluation (fewer MACs, slower on ORT here)"
+        "--lazy",
+        action="store_true",
+        help="split stages for lazy evaluation (fewer MACs; not faster on ORT in every mix here)",
     )
     parser.add_argument(
         "--int8", action="store_true", help="int8 graphs, calibrated on the validation split (thresholds refitted)"

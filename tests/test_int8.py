@@ -15,6 +15,7 @@ from dynsila.onnx_runner import OnnxEarlyExitRunner
 from dynsila.rundir import load_deploy_model
 from dynsila.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions
 from dynsila.train import main as train_main
+from tests.conftest import load_benchmark
 from tests.test_export import needs_deploy
 
 # Measured on this digits run (2 epochs, seed 0; barely trained, 13-18 % top-1, so confidences sit close together
@@ -72,3 +73,10 @@ def test_int8_export_is_calibrated_on_validation_and_decides_like_fp32(tiny_conf
     assert len(set(a.exit_index.tolist())) > 1  # not trivial: samples leave at different exits
     streamed = int8.run_stream([x[i : i + 16] for i in range(0, len(x), 16)])
     assert np.array_equal(streamed.exit_index, a.exit_index)
+
+    # the benchmark on this run, end to end (its numbers mean nothing here)
+    argv = [str(run_dir), "--repeats", "1", "--exporter", "torchscript", "--results-dir", str(run_dir / "bench")]
+    assert load_benchmark("int8_exits").main(argv) == 0
+    result = json.loads((run_dir / "bench" / "int8_exits.json").read_text())
+    assert [r["exit"] for r in result["per_exit"]] == [1, 2, 3] and len(result["speed"]) == 4
+    assert result["quantization"]["calibration_split"] == "validation" and result["test_images"] == len(x)
