@@ -1,14 +1,15 @@
 """int8 exits on ONNX Runtime against fp32: accuracy per exit, exit decisions, and speed, on a trained run.
 
     python benchmarks/int8_exits.py RUN_DIR [--q 1.0] [--threads 2] [--repeats 7] [--exporter auto]
-        [--out int8_exits]
+        [--out int8_exits] [--no-b7]
 
 Exports RUN_DIR twice with ``python -m dynsila.export``'s code: fp32, and ``--int8`` (static quantisation
 calibrated on the run's validation split, thresholds refitted on the int8 graphs' validation logits). On the
 run's test split: top-1 of every exit in both (the anytime outputs), and each export's early-exit decisions with
 its own thresholds (the share of test images that leave at another exit, or with another prediction). Speed:
 ``OnnxEarlyExitRunner`` int8 over fp32, paired in one process, full network (every exit) and early exit
-(``run_stream`` at batch 64, one image at a time at batch 1). Writes benchmarks/results/<out>.{json,md}.
+(``run_stream`` at batch 64, one image at a time at batch 1); and, as the run's network is small, the full
+MSDNet CIFAR-100 b7 with random weights (speed only). Writes benchmarks/results/<out>.{json,md}.
 """
 
 from __future__ import annotations
@@ -99,6 +100,48 @@ def speed_rows(fp32: OnnxEarlyExitRunner, int8: OnnxEarlyExitRunner, x: np.ndarr
     return rows
 
 
+def b7_speed(folder: Path, threads: int, repeats: int, exporter: str) -> list[dict[str, Any]]:
+    """int8 over fp32 on MSDNet CIFAR-100 b7 (random weights, calibrated on random images: speed only), full
+    network at batch 64 and batch 1: the trained run's network is small enough for overheads to dominate."""
+    import shutil
+
+    from benchmarks.onnx_speed import PRESET
+    from dynsila import models
+    from dynsila.config import load_config
+    from dynsila.export import ThresholdFit, export_onnx
+    from dynsila.quantize import quantize_export
+
+    torch.manual_seed(0)
+    model = models.build("msdnet", num_classes=100, **load_config(PRESET).model_kwargs()).eval()
+    images = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fit = ThresholdFit([0.0] * model.num_exits, "max_prob", 1.0, None, 0, [], 0.0)
+    costs = [{"macs": 0, "macs_cumulative": k} for k in range(model.num_exits)]
+    export_onnx(model, folder / "b7_fp32", images[:8], costs, fit, exporter=exporter)
+    shutil.copytree(folder / "b7_fp32", folder / "b7_int8")
+    quantize_export(folder / "b7_int8", images[:128].numpy())
+    fp32, int8 = (OnnxEarlyExitRunner(folder / n, threads=threads) for n in ("b7_fp32", "b7_int8"))
+    x = images.numpy()
+    rows = []
+    for batch, n in ((64, 256), (1, 16)):
+        parts = [x[i : i + batch] for i in range(0, n, batch)]
+
+        def every_exit(r: OnnxEarlyExitRunner, parts: list[np.ndarray] = parts) -> Callable[[], Any]:
+            return lambda: [r.all_exit_logits(b) for b in parts]
+
+        every_exit(int8)(), every_exit(fp32)()
+        int8_times, fp32_times = paired_times(every_exit(int8), every_exit(fp32), "cpu", repeats)
+        rows.append(
+            {
+                "case": f"b7 full network, batch {batch}",
+                "fp32_seconds": statistics.median(fp32_times),
+                "int8_seconds": statistics.median(int8_times),
+                "int8_over_fp32": statistics.median(a / b for a, b in zip(int8_times, fp32_times, strict=True)),
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -107,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
     parser.add_argument("--out", default="int8_exits")
+    parser.add_argument("--no-b7", action="store_true", help="skip the b7 speed rows (random weights)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -124,13 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": command_line(__file__, argv),
             "environment": environment("cpu", args.threads),
             "run": str(args.run_dir),
+            "run_epochs": read_run_config(args.run_dir).train.epochs,
             "q": args.q,
             "quantization": manifests["int8"]["quantization"],
             "thresholds": {n: [float(e["threshold"]) for e in m["exits"]] for n, m in manifests.items()},
             "test_images": len(x),
             "per_exit": accuracy_rows(fp32, int8, x, y),
             "early_exit": decisions(fp32, int8, x, y),
-            "speed": speed_rows(fp32, int8, x, args.repeats),
+            "speed": speed_rows(fp32, int8, x, args.repeats)
+            + ([] if args.no_b7 else b7_speed(Path(tmp), args.threads, args.repeats, args.exporter)),
             "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         }
     md = markdown(result)
@@ -143,7 +189,8 @@ def markdown(result: dict[str, Any]) -> str:
     env, load, ee = result["environment"], result["load_average_1min"], result["early_exit"]
     lines = [
         *header("int8 exits on ONNX Runtime against fp32", result["command"], env),
-        f"Run `{result['run']}`; {result['quantization']['method']}; calibrated on "
+        f"Run `{result['run']}` (trained {result['run_epochs']} epochs); {result['quantization']['method']}; "
+        "calibrated on "
         f"{result['quantization']['calibration_images']} {result['quantization']['calibration_split']} images; "
         f"thresholds (max_prob, q {result['q']}) fitted on the validation split, the int8 ones on the int8 graphs' "
         f"logits. Accuracy and decisions on the {result['test_images']} test images. {env['threads']} threads; "
