@@ -550,6 +550,25 @@ CASES = [
         "onnxruntime",
     ),
     Case(
+        "runner-cache-dir-climbs-out",
+        runner(),
+        r"onnxruntime cache_dir '../cache' is not a folder inside the export folder",
+        folder(onnxruntime={"cache_dir": "../cache"}),
+        "onnxruntime",
+    ),
+    Case(
+        "runner-cache-dir-absolute",
+        runner(),
+        r"onnxruntime cache_dir '/tmp/cache' is not a folder inside the export folder",
+        folder(onnxruntime={"cache_dir": "/tmp/cache"}),
+        "onnxruntime",
+    ),
+    Case(
+        "export-ort-cache-outside",
+        lambda w: cli(export_main, w.run, "--ort-cache", "/tmp/ort-cache-elsewhere"),
+        r"--ort-cache: '/tmp/ort-cache-elsewhere' is not a folder inside the export folder",
+    ),
+    Case(
         "runner-graph-missing",
         runner(),
         r"graph file exit9.onnx is missing",

@@ -191,3 +191,11 @@ def test_flops_vs_acc_on_two_tiny_runs(tiny_config, tmp_path, capsys):
     # identical architectures: the SiLa run's deploy costs equal the baseline's
     costs = [[x["macs_cumulative"] for x in e["report"]["exits"]] for e in payload["runs"]]
     assert costs[0] == costs[1]
+
+
+def test_torch_inference_forms_smoke(tmp_path):
+    bench = load_benchmark("speed.torch_inference_forms")
+    assert bench.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "torch_inference_forms.json").read_text())
+    assert [r["form"].split(",")[0] for r in result["rows"]] == ["eager", "eager", "TorchScript"]
+    assert all(r["max_abs_logit_difference"] < 1e-3 and r["seconds"] > 0 for r in result["rows"])

@@ -7,11 +7,12 @@ head (``exit<k>.onnx``). Each stage graph reads the previous stage state and wri
 ``--lazy`` a stage that declares a deferred split (``MultiExitNetwork.deferred_split``; MSDNet: the finer scales
 only later exits read) is written as two graphs, as the PyTorch runner evaluates it lazily: ``stage<k>.onnx``
 computes what its exits read (``exit_state<k>_<j>``) and what the rest needs (``pending<k>_<j>``);
-``stage<k>_rest.onnx`` turns the pending tensors of the samples that go on into the stage's output (fewer MACs, but
-slower on ONNX Runtime on our CPU, so off by default). Every graph has a dynamic batch axis. ``manifest.json`` holds
-the exit order, the tensor names, the thresholds fitted on the run's validation split (as ``python -m
-dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs exit only, as
-evaluated and lazy). ``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
+``stage<k>_rest.onnx`` turns the pending tensors of the samples that go on into the stage's output (fewer MACs,
+but not faster on ONNX Runtime in every exit mix on our CPU, so off by default). Every graph has a dynamic batch
+axis. ``manifest.json`` holds the exit order, the tensor names, the thresholds fitted on the run's validation split
+(as ``python -m dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs
+exit only, as evaluated and lazy); with ``--int8``, the quantisation (``dynsila.deploy.quantize``).
+``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
 
 Graphs come from ``torch.onnx.export``: the torch.export-based ("dynamo") exporter by default; a graph that it fails
 on is exported with the TorchScript exporter instead, and the manifest records which exporter wrote each graph and
@@ -21,6 +22,7 @@ why. After export every exit's logits are checked against PyTorch on validation 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,16 @@ from dynsila.cli import USER_ERRORS, OneLineParser, fail, positive
 from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.fuse import fold_batchnorm
-from dynsila.deploy.onnx_runner import DEPLOY_EXTRA, MANIFEST, MANIFEST_FORMAT, OnnxEarlyExitResult, OnnxEarlyExitRunner
+from dynsila.deploy.onnx_runner import (
+    DEPLOY_EXTRA,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    OPTIMIZATION_LEVELS,
+    THREAD_POOLS,
+    OnnxEarlyExitResult,
+    OnnxEarlyExitRunner,
+    cache_dir_problem,
+)
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits
 from dynsila.evaluation.report import json_safe
@@ -259,13 +270,16 @@ def export_onnx(
     force: bool = False,
     lazy: bool = False,
     extra: dict[str, Any] | None = None,
+    finish: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Export ``model``'s stages and exits to ``out_dir`` (written to a temporary folder beside it, then renamed
     into place) and return the manifest. ``example``: a few normalised inputs ``N x C x H x W`` (N >= 2) to trace
     and verify with; ``costs``: per exit ``{"macs", "macs_cumulative"[, "macs_lazy"]}``; ``extra``: more manifest
-    entries. ``lazy``: write stages with a deferred split as two graphs (see the module docstring); off by default,
-    because on ONNX Runtime the extra graph calls and the pending tensors' round trip through numpy cost more than
-    the skipped MACs save (b7, 2 CPU threads: 10-27 % slower, README)."""
+    entries. ``lazy``: write stages with a deferred split as two graphs (see the module docstring); off by default:
+    on ONNX Runtime the extra graph calls and the pending tensors' round trip through numpy can cost more than the
+    skipped MACs save (b7, 2 CPU threads, the runner's sleeping pools: 0.73-1.18 x the default's time depending on
+    the exit mix and batch, benchmarks/results/onnx_speed.md). ``finish``: a last step on the verified
+    graphs (int8 quantisation) that may rewrite them and change the manifest, before anything is published."""
     bare = unwrap(model)
     refuse_gated(bare)
     if exporter not in EXPORTERS:
@@ -292,6 +306,8 @@ def export_onnx(
         manifest = _manifest(example, stages, exits, costs, fit, dict(extra or {}))
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
         manifest["verified_max_abs_logit_difference"] = _verify(folded, example, staging)
+        if finish is not None:
+            finish(staging, manifest)
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
         _publish(staging, out_dir)
     except BaseException:
@@ -409,7 +425,7 @@ def _verify(model: MultiExitNetwork, example: torch.Tensor, folder: Path) -> flo
     A wrong graph stops the export (nothing is published)."""
     with torch.no_grad():
         expected = torch.stack(model(example.float()), dim=1).numpy()
-    got = OnnxEarlyExitRunner(folder).all_exit_logits(example.numpy())
+    got = OnnxEarlyExitRunner(folder, thread_pool="session").all_exit_logits(example.numpy())
     difference = float(np.abs(got - expected).max())
     if not np.allclose(got, expected, rtol=VERIFY_TOLERANCE, atol=VERIFY_TOLERANCE):
         raise DynsilaError(
@@ -441,6 +457,13 @@ def fit_run_thresholds(
     if (q is None) == (budget is None):
         raise DynsilaError("give exactly one of q and budget")
     val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, "cpu")
+    return fit_logits(val_logits, costs, criterion, q, budget)
+
+
+def fit_logits(
+    val_logits: torch.Tensor, costs: list[float], criterion: str, q: float | None, budget: float | None
+) -> ThresholdFit:
+    """``fit_run_thresholds`` on given validation logits ``N x K x C`` (an int8 export's own, say)."""
     thresholds, _ = thresholds_for_target(val_logits, costs, criterion, q, budget)
     conf = CONFIDENCE[criterion](val_logits)
     exits = exit_indices(conf, thresholds[None])[0]
@@ -465,9 +488,13 @@ def export_run(
     exporter: str,
     force: bool,
     lazy: bool = False,
+    onnxruntime: dict[str, str] | None = None,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
-    export. Returns the manifest."""
+    export. ``onnxruntime``: session settings the runner uses by default (``SessionSettings`` fields). ``int8``:
+    quantise the graphs, calibrated on the validation split, and refit the thresholds on the int8 graphs'
+    validation logits (``dynsila.deploy.quantize``). Returns the manifest."""
     model, cfg = load_deploy_model(run_dir)
     refuse_gated(model)
     splits = build_splits(cfg.data)
@@ -485,7 +512,41 @@ def export_run(
         }
     }
     extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, **preprocess}
-    return export_onnx(model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra)
+    if onnxruntime:
+        extra["onnxruntime"] = onnxruntime
+    finish = None
+    if int8:
+        val_images = torch.cat([normalize(x, splits.mean, splits.std) for x, _ in make_loader(splits.val, 256, False)])
+        cumulative: list[float] = [c.macs_cumulative for c in measured]
+        finish = functools.partial(_quantize, val_images.numpy(), cumulative, criterion, q, budget)
+    return export_onnx(
+        model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra, finish=finish
+    )
+
+
+def _quantize(
+    val_images: np.ndarray,
+    costs: list[float],
+    criterion: str,
+    q: float | None,
+    budget: float | None,
+    folder: Path,
+    manifest: dict[str, Any],
+) -> None:
+    """int8 graphs calibrated on the validation images, and thresholds refitted on their validation logits."""
+    from dynsila.deploy.quantize import quantize_export
+
+    fp32 = OnnxEarlyExitRunner(folder, thread_pool="session").all_exit_logits(val_images)
+    manifest["quantization"] = quantize_export(folder, val_images)
+    int8 = OnnxEarlyExitRunner(folder, thread_pool="session").all_exit_logits(val_images)
+    manifest["quantization"]["val_top1_agreement_with_fp32"] = (fp32.argmax(-1) == int8.argmax(-1)).mean(0).tolist()
+    fit = fit_logits(torch.from_numpy(int8), costs, criterion, q, budget)
+    for entry, threshold in zip(manifest["exits"], fit.thresholds, strict=True):
+        entry["threshold"] = threshold
+    manifest["thresholds_fitted_on_val"] = {
+        k: v for k, v in fit.__dict__.items() if k not in ("thresholds", "criterion")
+    }
+    manifest["thresholds_fitted_on_val"]["logits"] = "the int8 graphs'"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,16 +561,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument(
-        "--lazy", action="store_true", help="split stages for lazy evaluation (fewer MACs, slower on ORT here)"
+        "--lazy",
+        action="store_true",
+        help="split stages for lazy evaluation (fewer MACs; not faster on ORT in every mix here)",
     )
+    parser.add_argument(
+        "--int8", action="store_true", help="int8 graphs, calibrated on the validation split (thresholds refitted)"
+    )
+    parser.add_argument("--ort-optimization", choices=OPTIMIZATION_LEVELS, help="graph optimisation (default all)")
+    parser.add_argument("--ort-thread-pool", choices=THREAD_POOLS, help="per session (default) or process-wide")
+    parser.add_argument("--ort-cache", help="folder (inside the export) for optimised graphs, reused at start")
     args = parser.parse_args(argv)
+    settings = {"optimization": args.ort_optimization, "thread_pool": args.ort_thread_pool, "cache_dir": args.ort_cache}
+    problem = cache_dir_problem(settings)
+    if problem is not None:
+        return fail(
+            DynsilaError(
+                f"--ort-cache: {problem.removeprefix('its onnxruntime cache_dir ')}; name a folder "
+                "relative to the export, e.g. --ort-cache ort_cache"
+            )
+        )
     q = 1.0 if args.q is None and args.budget is None else args.q
     out_dir = args.out or args.run_dir / "onnx"
     start = time.perf_counter()
     try:
         with log_lines_to(sys.stdout):
             manifest = export_run(
-                args.run_dir, out_dir, args.criterion, q, args.budget, args.exporter, args.force, args.lazy
+                args.run_dir,
+                out_dir,
+                args.criterion,
+                q,
+                args.budget,
+                args.exporter,
+                args.force,
+                args.lazy,
+                {k: v for k, v in settings.items() if v is not None},
+                args.int8,
             )
     except USER_ERRORS as e:
         return fail(e)

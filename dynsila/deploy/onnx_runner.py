@@ -12,7 +12,11 @@ are computed in float64, as the PyTorch criteria (``dynsila.evaluate.CONFIDENCE`
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import platform
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ MANIFEST_FORMAT = "dynsila-onnx-1"
 DEPLOY_EXTRA = 'pip install -e ".[deploy]"'
 
 Array = np.ndarray
+log = logging.getLogger(__name__)
 
 
 # --- confidence criteria: logits N x C (any float) -> confidence N (float64), higher = more confident ---------
@@ -65,6 +70,99 @@ NUMPY_CONFIDENCE: dict[str, Callable[[Array], Array]] = {
     "entropy": negative_entropy,
     "margin": margin,
 }
+
+
+# --- sessions -------------------------------------------------------------------------------------------------
+
+THREAD_POOLS = ("shared", "session")
+OPTIMIZATION_LEVELS = {
+    "disabled": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+_UNKNOWN_POOL = -1  # ONNX Runtime's global pools were made outside this module: their size is unknown
+_global_pool: list[int | None] = []  # the intra-op size this process's global pools were made with, once set
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """How the runner's ONNX Runtime sessions are made.
+
+    A staged export is a dozen small graphs run one after another. With a thread pool per session whose idle
+    threads spin (ONNX Runtime's default), the pools fight over the cores (MSDNet b7, 2 cores: the staged runner
+    2-5 x slower than the same network as one graph). thread_pool "session" (default): a pool of ``threads``
+    per session whose threads sleep when idle instead of spinning. "shared": every session of the process runs
+    on ONNX Runtime's global pools, whose threads spin; made once per process by the first runner and never
+    resized, and once they exist ONNX Runtime refuses sessions with pools of their own (other code using
+    onnxruntime in the process included), so a runner asking for another size or for "session" is refused.
+    On a busy machine the spinning costs more than it saves (benchmarks/results/onnx_speed.md).
+    optimization: ONNX Runtime's graph optimisation level (``OPTIMIZATION_LEVELS``). cache_dir: keep each
+    graph's optimised form there, keyed by the graph's bytes, the level, the machine and the onnxruntime
+    version, and load it with optimisation off next time (a faster start; an optimised graph at "all" may hold
+    code for this processor only, hence the machine in the key).
+    """
+
+    threads: int | None = None
+    thread_pool: str = "session"
+    optimization: str = "all"
+    cache_dir: Path | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.thread_pool not in THREAD_POOLS:
+            raise _DeployError(f"unknown thread_pool {self.thread_pool!r}; choose one of {', '.join(THREAD_POOLS)}")
+        if self.optimization not in OPTIMIZATION_LEVELS:
+            levels = ", ".join(OPTIMIZATION_LEVELS)
+            raise _DeployError(f"unknown optimization {self.optimization!r}; choose one of {levels}")
+        if self.threads is not None and self.threads < 1:
+            raise _DeployError(f"threads must be at least 1 (or None for ONNX Runtime's default), not {self.threads}")
+
+    def pool(self, ort: Any) -> str:
+        """The pool the sessions use (``thread_pool``), once it is known ONNX Runtime can give it."""
+        if self.thread_pool == "shared" and not _global_pool:
+            try:
+                ort.capi._pybind_state.set_global_thread_pool_sizes(self.threads or 0, 1)
+                _global_pool.append(self.threads)
+            except Exception:  # made already, elsewhere in the process
+                _global_pool.append(_UNKNOWN_POOL)
+        if _global_pool and (self.thread_pool == "session" or _global_pool[0] != self.threads):
+            size = "an unknown number of" if _global_pool[0] == _UNKNOWN_POOL else _global_pool[0]
+            raise _DeployError(
+                f"this process already runs ONNX Runtime on shared thread pools of {size} threads, which cannot "
+                f"change: pass thread_pool='shared' with threads={_global_pool[0]}, or use another process"
+            )
+        return self.thread_pool
+
+    def options(self, ort: Any, pool: str, level: str) -> Any:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
+        if pool == "shared":
+            options.use_per_session_threads = False
+        else:
+            options.inter_op_num_threads = 1
+            if self.threads is not None:
+                options.intra_op_num_threads = self.threads
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return options
+
+    def open(self, ort: Any, path: Path, pool: str) -> Any:
+        """A CPU session on the graph at ``path``, through the cache when there is one."""
+        providers = ["CPUExecutionProvider"]
+        if self.cache_dir is None:
+            return ort.InferenceSession(str(path), self.options(ort, pool, self.optimization), providers=providers)
+        graph = path.read_bytes()
+        key = f"{self.optimization}|{platform.machine()}|{platform.processor()}|{ort.__version__}".encode()
+        cached = Path(self.cache_dir) / f"{path.stem}.{hashlib.sha256(key + graph).hexdigest()[:24]}.onnx"
+        if cached.is_file():
+            return ort.InferenceSession(str(cached), self.options(ort, pool, "disabled"), providers=providers)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        options = self.options(ort, pool, self.optimization)
+        partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+        options.optimized_model_filepath = str(partial)
+        options.log_severity_level = 3  # not the warning that an "all" graph is for this machine: the key says so
+        session = ort.InferenceSession(graph, options, providers=providers)
+        os.replace(partial, cached)  # whole or absent: a reader never sees half a file
+        return session
 
 
 # --- the runner ---------------------------------------------------------------------------------------------
@@ -125,6 +223,19 @@ def _manifest_problem(manifest: dict[str, Any], directory: Path) -> str | None:
         after = e.get("after_stage")
         if not (isinstance(after, int) and 0 <= after < len(stages)) or "threshold" not in e:
             return f"exit {k + 1} has no threshold or no valid after_stage (0..{len(stages) - 1})"
+    return cache_dir_problem(manifest.get("onnxruntime", {}))
+
+
+def cache_dir_problem(settings: Any) -> str | None:
+    """A recorded ``onnxruntime.cache_dir`` is written to: it must be a folder below the export folder (relative,
+    no ``..``), never a path elsewhere on the machine."""
+    if not isinstance(settings, dict):
+        return "its onnxruntime entry is not a mapping"
+    cache = settings.get("cache_dir")
+    if cache is None:
+        return None
+    if not isinstance(cache, str) or not cache or Path(cache).is_absolute() or ".." in Path(cache).parts:
+        return f"its onnxruntime cache_dir {cache!r} is not a folder inside the export folder"
     return None
 
 
@@ -199,7 +310,10 @@ class OnnxEarlyExitRunner:
     directory: what ``python -m dynsila.export`` wrote (``manifest.json`` and the ``.onnx`` graphs).
     thresholds: one per exit on the criterion's scale (default: the manifest's, fitted on the run's validation
     split; the last is ignored, every remaining sample exits there). criterion: default the manifest's; another
-    one needs its own thresholds. threads: ONNX Runtime intra-op threads (None: its default).
+    one needs its own thresholds. threads: ONNX Runtime intra-op threads (None: its default, one per core).
+    thread_pool, optimization, cache_dir: how the sessions are made (``SessionSettings``); None: the manifest's
+    ``onnxruntime`` entry (``python -m dynsila.export --ort-*``), else the defaults, measured fastest
+    (benchmarks/results/onnx_speed.md); a relative cache_dir is inside ``directory``.
     """
 
     def __init__(
@@ -208,6 +322,9 @@ class OnnxEarlyExitRunner:
         thresholds: Sequence[float] | None = None,
         criterion: str | None = None,
         threads: int | None = None,
+        thread_pool: str | None = None,
+        optimization: str | None = None,
+        cache_dir: Path | str | None = None,
     ) -> None:
         ort = _import_onnxruntime()
         self.directory = Path(directory)
@@ -231,15 +348,19 @@ class OnnxEarlyExitRunner:
         self.cost_convention = "lazy" if lazy else "paper"  # what ``macs`` in the results counts
         self.costs = np.asarray([e["macs_lazy" if lazy else "macs_cumulative"] for e in exits], dtype=np.float64)
         self.exit_after = [int(e["after_stage"]) for e in exits]
-        options = ort.SessionOptions()
-        options.inter_op_num_threads = 1
-        if threads is not None:
-            options.intra_op_num_threads = threads
+        chosen_ort = self.manifest.get("onnxruntime", {})
+        cache = cache_dir if cache_dir is not None else chosen_ort.get("cache_dir")
+        self.sessions = SessionSettings(
+            threads,
+            thread_pool or chosen_ort.get("thread_pool", SessionSettings.thread_pool),
+            optimization or chosen_ort.get("optimization", SessionSettings.optimization),
+            None if cache is None else self.directory / cache,
+        )
+        self.thread_pool = self.sessions.pool(ort)
 
         def open_graph(entry: dict[str, Any]) -> _Graph:
-            path = str(self.directory / entry["file"])  # a plain name of a file inside, checked by read_manifest
-            try:
-                return _Graph(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+            try:  # a plain name of a file inside, checked by read_manifest
+                return _Graph(self.sessions.open(ort, self.directory / entry["file"], self.thread_pool))
             except Exception as e:  # onnxruntime's own exception types: an unsupported opset, a damaged graph
                 detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
                 raise _DeployError(
