@@ -27,8 +27,9 @@ LAYERS: list[list[str]] = [
     ["dynsila.runs"],  # run directory, checkpoints, model builder
     ["dynsila.evaluation"],
     ["dynsila.training", "dynsila.deploy"],
-    # the command lines and the public API
-    ["dynsila", "dynsila.train", "dynsila.evaluate", "dynsila.infer", "dynsila.export", "dynsila.flops"],
+    # the command lines and the public API (python -m dynsila.convert: the converter of published checkpoints)
+    ["dynsila", "dynsila.train", "dynsila.evaluate", "dynsila.infer", "dynsila.export", "dynsila.flops"]
+    + ["dynsila.convert"],
 ]
 
 
