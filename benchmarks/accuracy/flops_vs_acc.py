@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/<folder>/x.py` puts only its folder there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run directly has only its folder there
 
 from benchmarks.toolkit import (
     PLOTTED_CRITERION,

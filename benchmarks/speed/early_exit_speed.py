@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/<folder>/x.py` puts only its folder there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run directly has only its folder there
 
 import dynsila.deploy.runner as runner_module
 from benchmarks.toolkit import (

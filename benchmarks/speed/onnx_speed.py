@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/<folder>/x.py` puts only its folder there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run directly has only its folder there
 
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, command_line, environment, header, paired_times, write_results
 from dynsila import models
