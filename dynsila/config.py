@@ -116,7 +116,7 @@ class LossConfig:
     # gated nets, SP stage only: + gate_cost x the expected share of gated-block MACs executed. An addition of ours:
     # the SkipNet reference's SP stage is plain cross-entropy (gate_cost 0); the HRL stage ignores it
     gate_cost: float = bounded(0.0, 0.0)
-    # gated nets, HRL stage (SkipNet hybrid RL, dynsila/methods/hrl.py): a skip earns hrl_alpha / G (G gates), the task
+    # gated nets, HRL stage (SkipNet's hybrid RL, methods/hrl.py): a skip earns hrl_alpha / G (G gates), the task
     # reward is -CE; the policy-gradient term is scaled by rl_weight per sample and summed over the batch, as the
     # reference (alpha 0.1, rl_weight 0.01). hrl_alpha is SkipNet's accuracy/cost knob: sweep it, one run each
     hrl_alpha: float = bounded(0.1, 0.0)

@@ -18,7 +18,13 @@ from tests.conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 # the scripts that use benchmarks/toolkit.py
-TOOLKIT_SCRIPTS = ("budgeted_sweep_speed", "early_exit_speed", "flops_vs_acc", "skip_speed", "throughput")
+TOOLKIT_SCRIPTS = (
+    "speed/budgeted_sweep_speed",
+    "speed/early_exit_speed",
+    "accuracy/flops_vs_acc",
+    "speed/skip_speed",
+    "speed/throughput",
+)
 
 
 def test_command_line_keeps_the_flags_of_a_shell_call(monkeypatch):
@@ -27,14 +33,15 @@ def test_command_line_keeps_the_flags_of_a_shell_call(monkeypatch):
     assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", None) == (
         "python benchmarks/speed/skip_speed.py --gate rnn --out 'a b'"
     )
-    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"  # given: not sys.argv
     assert toolkit.command_line("/x/benchmarks/speed/skip_speed.py", []) == "python benchmarks/speed/skip_speed.py"
-    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/speed/skip_speed.py --smoke"
+    assert toolkit.command_line("skip_speed.py", []) == "python benchmarks/skip_speed.py"  # given: not sys.argv
+    assert toolkit.command_line("skip_speed.py", ["--smoke"]) == "python benchmarks/skip_speed.py --smoke"
 
 
 def test_script_run_from_a_shell_in_another_directory_records_its_flags(tmp_path):
-    """``python benchmarks/x.py`` (not imported): the toolkit import works and the saved command has the flags."""
-    script = REPO / "benchmarks" / "budgeted_sweep_speed.py"
+    """``python benchmarks/speed/x.py`` (not imported): the toolkit import works and the saved command has the
+    flags."""
+    script = REPO / "benchmarks" / "speed" / "budgeted_sweep_speed.py"
     done = subprocess.run(
         [sys.executable, str(script), "--smoke", "--results-dir", str(tmp_path)],
         cwd=tmp_path,

@@ -274,13 +274,15 @@ def test_numpy_criteria_equal_the_torch_criteria(criterion):
     )
 
 
+RUNNER_FILE = REPO / "dynsila" / "deploy" / "onnx_runner.py"
+
+
 def test_the_runner_module_needs_no_torch():
     """dynsila/deploy/onnx_runner.py alone (numpy, onnxruntime) runs where torch is absent."""
     code = (
         "import sys, importlib.util\n"
         "sys.modules['torch'] = None\n"  # any import of torch now fails
-        "spec = importlib.util.spec_from_file_location("
-        f"'onnx_runner', {str(REPO / 'dynsila' / 'deploy' / 'onnx_runner.py')!r})\n"
+        f"spec = importlib.util.spec_from_file_location('onnx_runner', {str(RUNNER_FILE)!r})\n"
         "module = sys.modules['onnx_runner'] = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
         "import numpy as np\n"

@@ -65,7 +65,8 @@ def test_smoke_check_measures_every_part_and_evaluates_every_target(tmp_path, ca
     assert targets["sila_step_overhead"]["value"] == pytest.approx(sila["step_time_ratio"] - 1)
     assert targets["runner_mix50"]["value"] == pytest.approx(half["wall_ratio"] / half["macs_ratio"])
     md = (tmp_path / "gpu.md").read_text()
-    assert md.startswith("# GPU check: training, evaluation and early exit\n\nCommand: `python benchmarks/gpu_check")
+    title = "# GPU check: training, evaluation and early exit\n\n"
+    assert md.startswith(title + "Command: `python benchmarks/speed/gpu_check")
     for t in targets.values():
         assert f"{t['value']:.3f} (target {t['comparison']} {t['limit']}): {t['status']}" in md
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run directly has only its folder there
 
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, run_seconds, verdict, write_results
 from dynsila.budget.thresholds import DEFAULT_QS, budgeted_sweep, geometric_fractions

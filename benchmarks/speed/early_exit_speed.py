@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmarks/x.py` puts only benchmarks/ there
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run directly has only its folder there
 
 import dynsila.deploy.runner as runner_module
 from benchmarks.toolkit import (

@@ -127,7 +127,7 @@ def training_config(setup: Setup, batch: int, options: Sequence[str], sila: bool
 
 def dynsila_epochs(cfg: Config) -> Epochs:
     """A dynsila training run built as ``python -m dynsila.train`` builds it; each call trains the next epoch."""
-    from dynsila import distributed  # dynsila.train imports fvcore (through dynsila.evaluate): only here
+    from dynsila.training import distributed  # dynsila.train imports fvcore (through dynsila.evaluate): only here
     from dynsila.training.train import Clock, build_run, train_one_epoch
 
     run = build_run(cfg, distributed.setup(cfg.train.device), resuming=False)
