@@ -412,7 +412,7 @@ def _manifest(
         "criterion": fit.criterion,
         "thresholds_fitted_on_val": fitted,
         "macs_units": "MACs (multiply-accumulates, conv+linear), batch 1, deploy model; cumulative = as evaluated",
-        "batchnorm": "folded into the convolutions (dynsila.fuse.fold_batchnorm)",
+        "batchnorm": "folded into the convolutions (dynsila.deploy.fuse.fold_batchnorm)",
         "torch": torch.__version__,
         "stages": stages,
         "exits": exits,
