@@ -93,6 +93,10 @@ METHODS: dict[str, Method] = {
         ("sila.enabled=true", "sila.head=mlp", "sila.attach=features", "sila.softmax=separate"),
         "SiLa, twin = a one-hidden-layer MLP on the exit's features",
     ),
+    "baseline_rerun": Method(3, ("sila.enabled=false",), "the baseline re-run at tier 3's revision and machine"),
+    "baseline_x2_rerun": Method(
+        3, ("sila.enabled=false", "loss.ce_weight=2.0"), "the loss-scale control re-run at tier 3's revision"
+    ),
     "half_params_baseline": Method(3, ("sila.enabled=false",), "half the parameters, baseline", "half_params"),
     "half_params_sila": Method(
         3,
