@@ -278,3 +278,8 @@ def test_half_parameter_claim_needs_both_conditions(sila: float, small: float, s
     claim = summarise(runs, anytime.METHODS)["half_params"]
     assert claim["supported"] is supported
     assert set(claim["area_vs"]) == {"baseline_rerun", "half_params_baseline"}
+
+
+def test_half_parameter_claim_is_not_judged_on_one_seed() -> None:
+    runs = grid_runs({"baseline_rerun": 0.0, "half_params_baseline": -3.0, "half_params_sila": 0.0}, seeds=1)
+    assert summarise(runs, anytime.METHODS)["half_params"]["supported"] is None

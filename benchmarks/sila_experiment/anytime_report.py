@@ -181,7 +181,8 @@ def size_claim(
         },
         "half_sila_vs": {ref: per_exit(rows[sila]["_scores"], rows[ref]["_scores"]) for ref in area},
         "area_vs": area,
-        "supported": bool(keeps and helps),
+        # None: fewer than two paired seeds on a side, so "beyond noise" cannot be judged either way
+        "supported": None if min((a["n"] for a in area.values()), default=0) < 2 else bool(keeps and helps),
     }
 
 
@@ -490,7 +491,9 @@ def half_width_lines(half: dict[str, Any] | None, missing: str = "No half-width 
         "",
         *table(header, body),
     ]
-    if "supported" in half:
+    if half.get("supported", False) is None:
+        lines += ["", "Claim **not yet judged**: fewer than two paired seeds (anytime area)."]
+    elif "supported" in half:
         verdict = "**supported**" if half["supported"] else "**not supported**"
         lines += [
             "",
