@@ -126,8 +126,7 @@ class MultiExitNetwork(nn.Module):
         """A new classifier with exit ``k``'s architecture and an initialisation of its own, drawn from the global
         RNG as the family initialises its exits (``init_exit``): what a siamese *classifier* twin starts from."""
         twin = copy.deepcopy(self.exits[k])
-        twin._forward_hooks.clear()
-        for module in twin.modules():
+        for module in twin.modules():  # the copy carries any hooks on the exit (a SiLa wrapper's): drop them
             module._forward_hooks.clear()
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):

@@ -474,26 +474,25 @@ def secondary_lines(compared: list[dict[str, Any]], exits: list[str]) -> list[st
 def half_width_lines(half: dict[str, Any] | None, missing: str = "No half-width SiLa run yet.") -> list[str]:
     if half is None:
         return [missing]
-    methods, sila = half["methods"], half.get("sila", HALF_SILA)
+    methods, sila = half["methods"], half["sila"]
     exits = len(next(iter(methods.values()))["test_top1"])
     header = ["", "deploy params", "MACs per exit", *[f"exit {k + 1}" for k in range(exits)], "anytime area"]
     body = [
         [m, f"{v['params']:,}", " / ".join(f"{x / 1e6:.2f}M" for x in v["macs"]), *[fmt(i) for i in v["test_top1"]],
-         fmt(v["anytime_area"]) if "anytime_area" in v else ""]
+         fmt(v["anytime_area"])]
         for m, v in methods.items()
     ]  # fmt: skip
     for ref, diffs in half["half_sila_vs"].items():
-        area = half.get("area_vs", {}).get(ref)
-        body.append([f"{sila} − {ref}", "", "", *[diff_cell(d) for d in diffs], diff_cell(area) if area else ""])
+        body.append([f"{sila} − {ref}", "", "", *[diff_cell(d) for d in diffs], diff_cell(half["area_vs"][ref])])
     lines = [
-        f"{sila} has {half.get('param_share', math.nan):.1%} of the baseline's deploy parameters. Test top-1 per "
+        f"{sila} has {half['param_share']:.1%} of the baseline's deploy parameters. Test top-1 per "
         "exit (each network at its own exits' MACs); the difference rows are paired by seed.",
         "",
         *table(header, body),
     ]
-    if half.get("supported", False) is None:
+    if half["supported"] is None:
         lines += ["", "Claim **not yet judged**: fewer than two paired seeds (anytime area)."]
-    elif "supported" in half:
+    else:
         verdict = "**supported**" if half["supported"] else "**not supported**"
         lines += [
             "",

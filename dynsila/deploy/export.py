@@ -573,14 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ort-cache", help="folder (inside the export) for optimised graphs, reused at start")
     args = parser.parse_args(argv)
     settings = {"optimization": args.ort_optimization, "thread_pool": args.ort_thread_pool, "cache_dir": args.ort_cache}
-    problem = cache_dir_problem(settings)
+    problem = cache_dir_problem(args.ort_cache)
     if problem is not None:
-        return fail(
-            DynsilaError(
-                f"--ort-cache: {problem.removeprefix('its onnxruntime cache_dir ')}; name a folder "
-                "relative to the export, e.g. --ort-cache ort_cache"
-            )
-        )
+        message = f"--ort-cache: {problem}; name a folder relative to the export, e.g. --ort-cache ort_cache"
+        return fail(DynsilaError(message))
     q = 1.0 if args.q is None and args.budget is None else args.q
     out_dir = args.out or args.run_dir / "onnx"
     start = time.perf_counter()

@@ -223,19 +223,20 @@ def _manifest_problem(manifest: dict[str, Any], directory: Path) -> str | None:
         after = e.get("after_stage")
         if not (isinstance(after, int) and 0 <= after < len(stages)) or "threshold" not in e:
             return f"exit {k + 1} has no threshold or no valid after_stage (0..{len(stages) - 1})"
-    return cache_dir_problem(manifest.get("onnxruntime", {}))
-
-
-def cache_dir_problem(settings: Any) -> str | None:
-    """A recorded ``onnxruntime.cache_dir`` is written to: it must be a folder below the export folder (relative,
-    no ``..``), never a path elsewhere on the machine."""
+    settings = manifest.get("onnxruntime", {})
     if not isinstance(settings, dict):
         return "its onnxruntime entry is not a mapping"
-    cache = settings.get("cache_dir")
+    problem = cache_dir_problem(settings.get("cache_dir"))
+    return None if problem is None else f"its onnxruntime cache_dir {problem}"
+
+
+def cache_dir_problem(cache: Any) -> str | None:
+    """An ORT cache folder is written to: it must lie below the export folder (relative, no ``..``), never
+    elsewhere on the machine. None (no cache) is fine."""
     if cache is None:
         return None
     if not isinstance(cache, str) or not cache or Path(cache).is_absolute() or ".." in Path(cache).parts:
-        return f"its onnxruntime cache_dir {cache!r} is not a folder inside the export folder"
+        return f"{cache!r} is not a folder inside the export folder"
     return None
 
 
