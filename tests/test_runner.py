@@ -266,3 +266,58 @@ def test_compaction_keeps_the_channels_last_layout(tiny_model_kwargs):
     runner.thresholds = torch.tensor([conf[:, 0].median().item(), conf[:, 1].median().item(), 0.0]).double()
     runner(x)
     assert layouts and all(layouts)
+
+
+def test_compiled_runner_sends_every_piece_through_the_compiler(tiny_model_kwargs, monkeypatch):
+    """``compile=True`` wraps exactly the pieces the runner calls (stem, each stage's deferred halves or the whole
+    stage, each exit head), the runner calls only wrapped pieces, and its decisions stay the eager runner's."""
+    import dynsila.deploy.runner as runner_module
+
+    wrapped: list = []
+    called: set[int] = set()
+
+    def counting(fn):
+        index = len(wrapped)
+        wrapped.append(fn)
+
+        def run(*args):
+            called.add(index)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(runner_module, "_compiled", counting)
+    model = tiny_msdnet(tiny_model_kwargs | THREE_SCALES)
+    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
+    thresholds = fit_thresholds(conf, geometric_fractions([1.0], 3))[0]
+    plain = EarlyExitRunner(model, thresholds, costs=[1, 2, 3])
+    compiled = EarlyExitRunner(model, thresholds, costs=[1, 2, 3], compile=True)
+    net = compiled.model
+    assert wrapped[0] is net.stem and all(any(w is head for w in wrapped) for head in net.exits)
+    for stage, split in zip(net.stages, compiled.splits, strict=True):
+        assert any(w is stage for w in wrapped)
+        if split is not None:
+            assert any(w == split.for_exits for w in wrapped) and any(w == split.complete for w in wrapped)
+    assert any(s is not None for s in compiled.splits), "the three-scale tiny MSDNet has a deferred stage"
+    expected, got = plain.run_stream(x.split(16)), compiled.run_stream(x.split(16))
+    assert torch.equal(got.exit_index, expected.exit_index) and len(set(expected.exit_index.tolist())) == 3
+    assert torch.equal(got.predictions, expected.predictions)
+    assert called  # the compiled runner ran through the wrapped pieces (a bypass would leave this empty)
+    assert any(wrapped[i] == s.complete for i in called for s in compiled.splits if s is not None)
+
+
+def test_compiled_runner_matches_the_eager_runner_for_real(tiny_model_kwargs):
+    """Through inductor itself (a one-stage graph per piece, dynamic batch size, frozen weights): the same exit
+    decisions and predictions as the eager runner, on batches that shrink as samples leave."""
+    pytest.importorskip("torch._inductor")
+    model = tiny_msdnet(tiny_model_kwargs | THREE_SCALES).float()
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
+    thresholds = fit_thresholds(conf, geometric_fractions([1.0], 3))[0]
+    expected = EarlyExitRunner(model, thresholds, costs=[1, 2, 3])(x)
+    got = EarlyExitRunner(model, thresholds, costs=[1, 2, 3], compile=True)(x)
+    assert torch.equal(got.exit_index, expected.exit_index)
+    assert torch.equal(got.predictions, expected.predictions)

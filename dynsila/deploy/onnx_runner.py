@@ -96,7 +96,8 @@ class SessionSettings:
     on ONNX Runtime's global pools, whose threads spin; made once per process by the first runner and never
     resized, and once they exist ONNX Runtime refuses sessions with pools of their own (other code using
     onnxruntime in the process included), so a runner asking for another size or for "session" is refused.
-    On a busy machine the spinning costs more than it saves (benchmarks/results/onnx_speed.md).
+    Measured (docs/early_exit.md): on an idle machine "shared" is the fastest, on a busy one its spinning costs
+    far more than it saves; "session" stays the default as it holds up under load and leaves the process free.
     optimization: ONNX Runtime's graph optimisation level (``OPTIMIZATION_LEVELS``). cache_dir: keep each
     graph's optimised form there, keyed by the graph's bytes, the level, the machine and the onnxruntime
     version, and load it with optimisation off next time (a faster start; an optimised graph at "all" may hold

@@ -17,7 +17,7 @@ count the exits' costs itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,10 @@ class EarlyExitRunner:
     fold_batchnorm: run a copy with batch-norm folded into the convolutions (faster; logits change by float
     rounding only, so a sample within rounding of a threshold could in principle decide differently).
     channels_last: run in NHWC memory layout, which oneDNN and cuDNN convolutions prefer.
+    compile: run every piece the runner calls (stem, stage or its two deferred halves, exit head) through
+    ``torch.compile`` (inductor, batch size dynamic, weights frozen as constants). The first call of each piece
+    compiles it (seconds to minutes; batch sizes 1 and 2 compile apart). Logits equal the eager ones up to float
+    rounding. On a CPU the early, finest-scale stages gain most (docs/early_exit.md).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class EarlyExitRunner:
         channels_last: bool = True,
         deferred: bool = True,
         lazy_costs: bool = False,
+        compile: bool = False,
     ) -> None:
         raise_primitive_cache()
         self.confidence = confidence_of(criterion)
@@ -87,9 +92,7 @@ class EarlyExitRunner:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float64).cpu()
-        if len(self.thresholds) != self.model.num_exits:
-            raise ValueError(f"{len(self.thresholds)} thresholds for a model with {self.model.num_exits} exits")
+        self.set_thresholds(thresholds)
         if costs is None:
             if input_shape is None:
                 raise ValueError("pass the exits' costs or the input shape to count them")
@@ -103,6 +106,14 @@ class EarlyExitRunner:
         stages = range(len(self.model.stages))
         self.splits = [self.model.deferred_split(i) if deferred else None for i in stages]
         self.exits_after = [[k for k, after in enumerate(self.model.exit_after) if after == i] for i in stages]
+        self.pieces = _Pieces(self.model, self.splits, compile)
+
+    def set_thresholds(self, thresholds: Sequence[float] | torch.Tensor) -> None:
+        """New thresholds (one per exit), keeping everything else, compiled pieces included."""
+        values = torch.as_tensor(thresholds, dtype=torch.float64).cpu()
+        if len(values) != self.model.num_exits:
+            raise ValueError(f"{len(values)} thresholds for a model with {self.model.num_exits} exits")
+        self.thresholds = values
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> EarlyExitResult:
@@ -110,7 +121,7 @@ class EarlyExitRunner:
         Lowest latency; later stages run on ever smaller batches."""
         finished = _Finished()
         x = x.contiguous(memory_format=self.memory_format)
-        group: _Group | None = _Group(self.model.stem(x), torch.arange(x.shape[0], device=x.device))
+        group: _Group | None = _Group(self.pieces.stem(x), torch.arange(x.shape[0], device=x.device))
         for stage_index in range(len(self.model.stages)):
             if group is None:
                 break
@@ -134,7 +145,7 @@ class EarlyExitRunner:
             group_size = group_size or x.shape[0]
             positions = torch.arange(seen, seen + x.shape[0], device=x.device)
             seen += x.shape[0]
-            pending[0].append(_Group(self.model.stem(x.contiguous(memory_format=self.memory_format)), positions))
+            pending[0].append(_Group(self.pieces.stem(x.contiguous(memory_format=self.memory_format)), positions))
             self._drain(pending, finished, group_size)
         self._drain(pending, finished, 1)
         return finished.result(seen, self.costs)
@@ -155,14 +166,14 @@ class EarlyExitRunner:
         With a deferred split the exits read the stage's exit path, and only the samples that stay compute the
         deferred part. Leavers are dropped by one index tensor per exit, applied to the pending state only (the
         tensors the rest of the stage and the next stage read)."""
-        model, split = self.model, self.splits[stage_index]
+        model, split, pieces = self.model, self.splits[stage_index], self.pieces
         if split is None:
-            exit_state = pending = model.stages[stage_index](group.state)
+            exit_state = pending = pieces.stages[stage_index](group.state)
         else:
-            exit_state, pending = split.for_exits(group.state)
+            exit_state, pending = pieces.for_exits[stage_index](group.state)
         positions, exits = group.positions, self.exits_after[stage_index]
         for n, k in enumerate(exits):
-            logits = model.exits[k](exit_state)
+            logits = pieces.exits[k](exit_state)
             conf = self.confidence(logits[:, None, :])[:, 0]
             if k == model.num_exits - 1:  # everyone left leaves here
                 finished.add(positions, logits.argmax(dim=-1), k, conf)
@@ -180,7 +191,34 @@ class EarlyExitRunner:
                     exit_state = pending
                 elif n < len(exits) - 1:  # another exit after this stage reads the exit path
                     exit_state = _select(exit_state, keep)
-        return _Group(pending if split is None else split.complete(pending), positions)
+        return _Group(pending if split is None else pieces.complete[stage_index](pending), positions)
+
+
+class _Pieces:
+    """What the runner calls, as the model's own callables or each one compiled on its own (graphs of one piece:
+    the runner's decisions between them stay in Python)."""
+
+    def __init__(self, model: Any, splits: Sequence[Any], compile: bool) -> None:  # the protocol of docs/design.md
+        wrap = _compiled if compile else _as_is
+        self.stem: Callable[..., Any] = wrap(model.stem)
+        self.stages: list[Callable[..., Any]] = [wrap(stage) for stage in model.stages]
+        self.for_exits: list[Callable[..., Any]] = [wrap(s.for_exits) if s is not None else _absent for s in splits]
+        self.complete: list[Callable[..., Any]] = [wrap(s.complete) if s is not None else _absent for s in splits]
+        self.exits: list[Callable[..., Any]] = [wrap(head) for head in model.exits]
+
+
+def _as_is(fn: Any) -> Any:
+    return fn
+
+
+def _absent(*args: Any) -> Any:
+    raise AssertionError("a stage without a deferred split has no deferred halves")
+
+
+def _compiled(fn: Any) -> Any:
+    """``fn`` through inductor with a dynamic batch size and the weights frozen as constants (which lets inductor
+    prepack convolution weights and fuse the passes eager mode runs one by one)."""
+    return torch.compile(fn, dynamic=True, options={"freezing": True})
 
 
 def _select(tree: Any, index: torch.Tensor) -> Any:
