@@ -128,6 +128,23 @@ def test_folded_batchnorm_keeps_the_function(tiny_model_kwargs):
 def test_runner_rejects_wrong_threshold_counts(tiny_model_kwargs):
     with pytest.raises(ValueError, match="2 thresholds"):
         EarlyExitRunner(tiny_msdnet(tiny_model_kwargs), [0.5, 0.5], costs=[1, 2, 3])
+    runner = EarlyExitRunner(tiny_msdnet(tiny_model_kwargs), [0.5, 0.5, 0.5], costs=[1, 2, 3])
+    with pytest.raises(ValueError, match="4 thresholds"):
+        runner.set_thresholds([0.1, 0.2, 0.3, 0.4])
+    assert runner.thresholds.tolist() == [0.5, 0.5, 0.5]  # a refused change leaves the runner as it was
+
+
+def test_set_thresholds_gives_the_decisions_of_a_new_runner(tiny_model_kwargs):
+    model = tiny_msdnet(tiny_model_kwargs)
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5)).double()
+    runner = EarlyExitRunner(model, [2.0, 2.0, 0.0], costs=[1, 2, 3])  # nobody leaves before the last exit
+    assert set(runner(x).exit_index.tolist()) == {2}
+    with torch.no_grad():
+        conf = CONFIDENCE["max_prob"](torch.stack(model(x), 1))
+    thresholds = fit_thresholds(conf, geometric_fractions([1.0], 3))[0]
+    runner.set_thresholds(thresholds)
+    expected = EarlyExitRunner(model, thresholds, costs=[1, 2, 3])(x).exit_index
+    assert torch.equal(runner(x).exit_index, expected) and len(set(expected.tolist())) > 1
 
 
 def test_infer_cli(tiny_config, capsys):
