@@ -83,6 +83,13 @@ def environment_line(env: dict[str, Any]) -> str:
     return f"Date: {env['date']}; {where}"
 
 
+def schedule_text(train: Any) -> str:
+    """A run's learning-rate schedule in words: the milestones only where the schedule reads them (multistep)."""
+    if train.schedule == "multistep":
+        return f"{train.schedule} {train.milestones}"
+    return str(train.schedule)
+
+
 def header(title: str, command: str, env: dict[str, Any]) -> list[str]:
     """The first lines of every result's Markdown: title, the command that made it, and where it ran."""
     return [f"# {title}", "", f"Command: `{command}`  ", environment_line(env), ""]

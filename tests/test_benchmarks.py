@@ -104,6 +104,15 @@ def test_accuracy_curve_helpers_on_known_numbers():
         toolkit.budget_points(report, "margin")
 
 
+def test_schedule_text_names_milestones_only_where_the_schedule_reads_them():
+    toolkit = load_benchmark("toolkit")
+    train_cfg = load_config(REPO / "configs" / "msdnet_sila.yaml").train
+    train_cfg.schedule, train_cfg.milestones = "multistep", [0.5, 0.75]
+    assert toolkit.schedule_text(train_cfg) == "multistep [0.5, 0.75]"
+    train_cfg.schedule = "cosine"
+    assert toolkit.schedule_text(train_cfg) == "cosine"
+
+
 def test_write_results_is_strict_json_and_markdown(tmp_path):
     toolkit = load_benchmark("toolkit")
     payload = {"a": float("inf"), "b": [float("nan"), np.float32(0.5)], "c": torch.tensor([1, 2]), "d": tmp_path}

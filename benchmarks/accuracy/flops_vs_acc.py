@@ -29,6 +29,7 @@ from benchmarks.toolkit import (
     environment,
     header,
     save_figure,
+    schedule_text,
     write_results,
 )
 from dynsila.cli import USER_ERRORS, OneLineParser, fail, plain_name
@@ -66,7 +67,7 @@ def run_setup(run_dir: Path) -> dict[str, Any]:
         "data": {"name": cfg.data.name, "root": cfg.data.root, "image_size": cfg.data.image_size},
         "seed": cfg.seed,
         "epochs": cfg.train.epochs,
-        "schedule": f"{cfg.train.optimizer} lr {cfg.train.lr} {cfg.train.schedule} {cfg.train.milestones}, "
+        "schedule": f"{cfg.train.optimizer} lr {cfg.train.lr} {schedule_text(cfg.train)}, "
         f"batch {cfg.data.batch_size}, wd {cfg.train.weight_decay}",
         "sila": vars(cfg.sila),
     }

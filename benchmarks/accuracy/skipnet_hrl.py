@@ -34,6 +34,7 @@ from benchmarks.toolkit import (
     header,
     run_seconds,
     save_figure,
+    schedule_text,
     verdict,
     write_results,
 )
@@ -283,7 +284,7 @@ def describe(sp: Config, hrl: Config, macs_all: int, macs_plain: int, gates: int
         "description": (
             f"SkipNet-{m['depth']} ({m['gate']} gates, {gates} gated blocks) on {data} at {size} x {size}, seed "
             f"{sp.seed}, batch {sp.data.batch_size}. SP: {sp.train.epochs} epoch(s), SGD lr {sp.train.lr:g} "
-            f"{sp.train.schedule} {sp.train.milestones}, plain cross-entropy (loss.gate_cost {sp.loss.gate_cost:g}). "
+            f"{schedule_text(sp.train)}, plain cross-entropy (loss.gate_cost {sp.loss.gate_cost:g}). "
             f"HRL from the SP weights: {hrl.train.epochs} epoch(s), SGD lr {hrl.train.lr:g} {hrl.train.schedule}, "
             f"rl_weight {hrl.loss.rl_weight:g} (per sample, summed over the batch), baseline "
             f"{hrl.loss.rl_baseline}; only alpha differs between the HRL runs."
