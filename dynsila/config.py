@@ -66,6 +66,9 @@ class TrainConfig:
     momentum: float = bounded(0.9, 0.0, 1.0)
     nesterov: bool = False
     weight_decay: float = bounded(1e-4, 0.0)
+    # which parameters weight decay reaches: all (the MSDNet / SkipNet authors' SGD) or weights (not norms, biases,
+    # nor the tokens and position embeddings a module names in its no_weight_decay(): the usual ViT recipe)
+    decay: Literal["all", "weights"] = "all"
     schedule: Literal["multistep", "cosine", "constant"] = "multistep"
     milestones: list[float] = bounded([0.5, 0.75], 0.0, 1.0)  # fractions of training
     gamma: float = bounded(0.1, 0.0, 1.0, low_open=True)

@@ -64,6 +64,10 @@ class TokenEmbedding(nn.Module):
         self.patch_drop: nn.Module = vit.patch_drop
         self.norm_pre: nn.Module = vit.norm_pre
 
+    def no_weight_decay(self) -> set[str]:
+        """The parameters weight decay should not pull to zero (``train.decay: weights``)."""
+        return {"cls_token", "reg_token", "pos_embed"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # N x patches x dim
         prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]

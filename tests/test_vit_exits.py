@@ -24,6 +24,7 @@ from dynsila.methods.sila import SiLa, prune
 from dynsila.models.vit_exits import VitExits
 from dynsila.runs.rundir import build_model
 from dynsila.train import main as train_main
+from dynsila.training.train import build_optimizer, parameter_groups
 from tests.conftest import load_benchmark
 from tests.test_export import assert_graphs_are_deployable, compare_runners, needs_deploy
 
@@ -160,6 +161,27 @@ def test_sila_trains_a_step_and_prunes_to_the_plain_deploy_model(exit_head, sila
     assert count_params(deployed) == count_params(plain)
     assert exit_costs(deployed, SHAPE) == exit_costs(plain, SHAPE)
     assert exit_costs(net, SHAPE) == exit_costs(plain, SHAPE)
+
+
+def test_decay_weights_spares_norms_biases_tokens_and_position_embedding_even_under_a_sila_wrapper():
+    net = SiLa(tiny_vit(), SiLaConfig(head="classifier"))
+    names = {id(p): name for name, p in net.named_parameters()}
+    everything = parameter_groups(net, "all")
+    assert len(everything) == 1 and len(everything[0]["params"]) == len(names)
+    decayed, plain = parameter_groups(net, "weights")
+    assert plain["weight_decay"] == 0.0 and "weight_decay" not in decayed  # the optimizer's own value
+    spared = {names[id(p)] for p in plain["params"]}
+    assert {"model.stem.cls_token", "model.stem.pos_embed"} <= spared
+    assert all(p.ndim >= 2 for p in decayed["params"]) and len(decayed["params"]) + len(spared) == len(names)
+    assert any(name.endswith("norm1.weight") for name in spared) and any(n.endswith(".bias") for n in spared)
+    # AdamW with zero gradients: decay alone moves a parameter, so only the decayed group changes
+    optimizer = build_optimizer(load_config(None, ["train.optimizer=adamw", "train.decay=weights"]).train, net)
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    moved = {name for name, p in net.named_parameters() if not torch.equal(before[name], p)}
+    assert moved == {names[id(p)] for p in decayed["params"]}
 
 
 def test_the_classifier_twin_is_a_fresh_copy_of_the_whole_exit():

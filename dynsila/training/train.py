@@ -653,12 +653,30 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = parameter_groups(net, cfg.decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
         )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def parameter_groups(net: nn.Module, decay: str) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one group when weight decay reaches ``all`` of them; with
+    ``weights``, a second group without decay for norms, biases (every parameter of at most one dimension) and the
+    parameters a module names in its ``no_weight_decay()`` (a ViT's class token and position embedding)."""
+    trainable = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    if decay == "all":
+        return [{"params": [p for _, p in trainable]}]
+    exempt = {
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in net.named_modules()
+        if callable(getattr(module, "no_weight_decay", None))
+        for name in module.no_weight_decay()
+    }
+    plain = [p for name, p in trainable if p.ndim <= 1 or name in exempt]
+    decayed = [p for name, p in trainable if not (p.ndim <= 1 or name in exempt)]
+    return [{"params": decayed}, {"params": plain, "weight_decay": 0.0}]
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
