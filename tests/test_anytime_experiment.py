@@ -260,6 +260,14 @@ def test_tier3_family_is_holm_corrected_on_its_own_and_calls_wide_nulls_inconclu
     assert all(v["p_holm"] >= v["area"]["p_value"] for v in summary["tier3"]) and len(family) == 4
     noisy = summarise(grid_runs({"baseline_rerun": 0.0, "sila_mlp": 0.0}, noise=4.0), anytime.METHODS)["tier3"]
     assert [v["verdict"] for v in noisy] == ["inconclusive"]
+
+    from benchmarks.sila_experiment.anytime_report import reading_verdict
+
+    nominal = {"mean": 0.9, "p_value": 0.04, "mde": 1.0}  # beyond noise alone, not after Holm over the family
+    assert reading_verdict(nominal, p_holm=0.17) == "nominal gain, not after Holm"
+    assert reading_verdict({**nominal, "mean": -0.9}, p_holm=0.17) == "nominal loss, not after Holm"
+    assert reading_verdict(nominal, p_holm=0.01) == "helps"
+    assert reading_verdict({**nominal, "p_value": 0.4}, p_holm=1.0) == "no effect seen"
     assert "## Twins that can carry a new signal" in anytime.markdown(report_payload(runs))
 
 

@@ -214,10 +214,13 @@ def family_holm(compared: list[dict[str, Any]], tier: int) -> list[dict[str, Any
 
 
 def reading_verdict(difference: dict[str, float], p_holm: float) -> str:
-    """One word for a paired difference in anytime area: helps / hurts (Holm-corrected), no effect seen (the
-    design could have seen one of INCONCLUSIVE_MDE points), or inconclusive (it could not)."""
+    """A few words for a paired difference in anytime area: helps / hurts (Holm-corrected), a nominal gain or
+    loss (beyond noise alone, not after Holm over the family), no effect seen (the design could have seen one of
+    INCONCLUSIVE_MDE points), or inconclusive (it could not)."""
     if math.isfinite(p_holm) and p_holm < ALPHA:
         return "helps" if difference["mean"] > 0 else "hurts"
+    if difference.get("p_value", math.nan) < ALPHA:
+        return ("nominal gain" if difference["mean"] > 0 else "nominal loss") + ", not after Holm"
     if math.isfinite(difference.get("mde", math.nan)) and difference["mde"] <= INCONCLUSIVE_MDE:
         return "no effect seen"
     return "inconclusive"
@@ -511,8 +514,9 @@ def tier3_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         for v in verdicts
     ]  # fmt: skip
     return [
-        f"Anytime area, paired by seed; Holm over this family's comparisons. A null is *inconclusive* when its "
-        f"MDE exceeds {INCONCLUSIVE_MDE:.0f} points. Collapsed: at the last epoch the twin's logits are within "
+        f"Anytime area, paired by seed; Holm over this family's comparisons: *helps* / *hurts* need the Holm p "
+        f"below {ALPHA}; a *nominal* gain or loss is beyond noise alone but not after Holm. A null is "
+        f"*inconclusive* when its MDE exceeds {INCONCLUSIVE_MDE:.0f} points. Collapsed: at the last epoch the twin's logits are within "
         f"{COLLAPSE_REL_GAP:.0%} of the exit's (mean |z′ − z| / mean |z|) and agree on ≥ {COLLAPSE_AGREEMENT:.0%} "
         "of training samples.",
         "",
