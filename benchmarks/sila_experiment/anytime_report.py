@@ -517,8 +517,8 @@ def tier3_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         f"Anytime area, paired by seed; Holm over this family's comparisons: *helps* / *hurts* need the Holm p "
         f"below {ALPHA}; a *nominal* gain or loss is beyond noise alone but not after Holm. A null is "
         f"*inconclusive* when its MDE exceeds {INCONCLUSIVE_MDE:.0f} points. Collapsed: at the last epoch the "
-        f"twin's logits are within {COLLAPSE_REL_GAP:.0%} of the exit's (mean |z′ − z| / mean |z|) and agree on ≥ {COLLAPSE_AGREEMENT:.0%} "
-        "of training samples.",
+        f"twin's logits are within {COLLAPSE_REL_GAP:.0%} of the exit's (mean |z′ − z| / mean |z|) and agree on "
+        f"≥ {COLLAPSE_AGREEMENT:.0%} of training samples.",
         "",
         *table(["reading", "vs", "Δ anytime area", "p (Holm)", "verdict", "twin collapsed"], body),
     ]
