@@ -674,8 +674,9 @@ def parameter_groups(net: nn.Module, decay: str) -> list[dict[str, Any]]:
         if callable(getattr(module, "no_weight_decay", None))
         for name in module.no_weight_decay()
     }
-    plain = [p for name, p in trainable if p.ndim <= 1 or name in exempt]
-    decayed = [p for name, p in trainable if not (p.ndim <= 1 or name in exempt)]
+    spared = {name for name, p in trainable if p.ndim <= 1 or name in exempt}
+    decayed = [p for name, p in trainable if name not in spared]
+    plain = [p for name, p in trainable if name in spared]
     return [{"params": decayed}, {"params": plain, "weight_decay": 0.0}]
 
 
