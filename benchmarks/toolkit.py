@@ -5,6 +5,8 @@
 - ``REPO_ROOT``, ``RESULTS_DIR``: the repository root and ``benchmarks/results/``.
 - ``command_line(script, argv)``: the exact ``python benchmarks/x.py --flags`` line (``argv=None``: ``sys.argv``).
 - ``environment(device, threads)``: date, machine, torch version, threads and device, as a dict.
+- ``machine_fingerprint()``: CPU model, logical cores, torch and oneDNN versions: what must match for two runs'
+  numbers to be compared as a pair.
 - ``header(title, command, env)``: the Markdown title, ``Command:`` and ``Date:`` lines every result file starts with.
 - ``write_results(stem, payload, markdown, results_dir)``: atomic ``<stem>.json`` (JSON-safe) and ``<stem>.md``.
 - ``save_figure(fig, path)``: atomic PNG of a matplotlib figure.
@@ -23,7 +25,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -75,6 +79,28 @@ def environment(device: torch.device | str = "cpu", threads: int | None = None) 
         "threads": torch.get_num_threads() if threads is None else threads,
         "device": device_name(torch.device(device)),
     }
+
+
+def cpu_model() -> str:
+    """The processor's model name as the kernel reports it (``/proc/cpuinfo``), else what the platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name") and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def onednn_version() -> str:
+    """The oneDNN (MKL-DNN) version torch was built with, from its build configuration ("none" without it)."""
+    match = re.search(r"MKL-DNN v([0-9][0-9.]*)", torch.__config__.show())
+    return match.group(1) if match else "none"
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What two CPU runs must share for their accuracies to be paired: the same seed trained on another processor
+    or another build of the kernels takes other floating-point paths and lands up to about 2 points away."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "onednn": onednn_version()}
 
 
 def environment_line(env: dict[str, Any]) -> str:

@@ -36,7 +36,15 @@ if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make `
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.sila_experiment.anytime_report import markdown, plot, summarise
-from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, budget_points, command_line, environment, write_results
+from benchmarks.toolkit import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    budget_points,
+    command_line,
+    environment,
+    machine_fingerprint,
+    write_results,
+)
 from dynsila.cli import OneLineParser, at_least_one, positive
 from dynsila.evaluation.evaluate import EVAL_FILE, collect_logits, topk_accuracy
 from dynsila.evaluation.report import EvalReport
@@ -108,6 +116,19 @@ METHODS: dict[str, Method] = {
 
 
 @dataclass(frozen=True)
+class SeedExtension:
+    """More seeds of a few methods than their tiers give, planned seed-major after the tiers, so each seed's runs
+    train side by side on one machine and a partial extension stays paired."""
+
+    methods: tuple[str, ...]
+    seeds: range
+
+
+# the two SiLa readings that can carry a signal, and their references, until the paired intervals reach +-1 point
+PRECISION = SeedExtension(("sila_mlp", "sila_joint_only", "baseline_rerun", "baseline_x2_rerun"), range(5, 15))
+
+
+@dataclass(frozen=True)
 class Preset:
     dataset: str  # names the results: anytime_<dataset>
     config: str
@@ -118,6 +139,7 @@ class Preset:
     jobs: int = 2  # concurrent training processes
     threads: int = 1  # CPU threads per process
     device: str = "cpu"
+    extension: SeedExtension | None = None
 
 
 QUIET = ("train.eval_test_every_epoch=false", "train.log_every=100000")
@@ -126,7 +148,7 @@ CPU_HALF_PARAMS = ("model.n_channels=6", "model.growth_rate=3", "model.head_chan
 CPU_WIDTHS = {"full": (), "half_width": CPU_HALF, "half_params": CPU_HALF_PARAMS}
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("cifar10_dev2", "configs/cifar10_dev2/msdnet_anytime.yaml", "../shared/data/cifar10_dev2.npz",
-                  QUIET, CPU_WIDTHS),
+                  QUIET, CPU_WIDTHS, extension=PRECISION),
     "gpu": Preset("cifar10_dev2_gpu", "configs/cifar10_dev2/msdnet_anytime.yaml", ".gpu/cifar10_dev2.npz",
                   (*QUIET, "data.root=.gpu/cifar10_dev2.npz", "data.on_device=true", "train.device=cuda"),
                   CPU_WIDTHS, jobs=12, threads=1, device="cuda"),
@@ -153,6 +175,9 @@ def plan(preset: Preset, methods: list[str]) -> list[RunSpec]:
     for tier in sorted(preset.seeds):
         tier_methods = [m for m in methods if METHODS[m].tier == tier and METHODS[m].width in preset.widths]
         specs += [RunSpec(m, s) for s in range(preset.seeds[tier]) for m in tier_methods]
+    if preset.extension is not None:
+        wanted = [m for m in preset.extension.methods if m in methods]
+        specs += [RunSpec(m, s) for s in preset.extension.seeds for m in wanted if RunSpec(m, s) not in specs]
     return specs
 
 
@@ -231,11 +256,30 @@ def record_run(preset_name: str, spec: RunSpec, run_dir: Path, device: str) -> d
         + " ".join(run_overrides(PRESETS[preset_name], spec)),
         "code": code_version(),
         "environment": environment(device),
+        "fingerprint": run_fingerprint(run_dir),
         "epochs": len(rows),
         "train_seconds": sum(r["seconds"] for r in rows),
         "last_epoch": last,
         "peers": [peer_record(d, device) for d in deploy_dirs(run_dir)],
     }
+
+
+MACHINES = "machines.jsonl"  # in a run's folder: the fingerprint of every machine that trained part of it
+
+
+def note_machine(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / MACHINES).open("a") as log:
+        log.write(json.dumps(machine_fingerprint(), sort_keys=True) + "\n")
+
+
+def run_fingerprint(run_dir: Path) -> dict[str, Any] | None:
+    """The machine a run trained on; None when its epochs were split over machines that differ (a resume
+    elsewhere), so the report never pairs it."""
+    path = run_dir / MACHINES
+    seen = {line for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+    seen.add(json.dumps(machine_fingerprint(), sort_keys=True))
+    return json.loads(seen.pop()) if len(seen) == 1 else None
 
 
 # --- running the grid ---------------------------------------------------------------------------------------
@@ -250,6 +294,7 @@ class Job:
 
 def launch(preset: Preset, spec: RunSpec, runs_root: Path, threads: int) -> Job:
     runs_root.mkdir(parents=True, exist_ok=True)
+    note_machine(runs_root / spec.name)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with (runs_root / f"{spec.name}.log").open("ab") as log:
         process = subprocess.Popen(
