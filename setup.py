@@ -26,6 +26,16 @@ setup(
         "safetensors",  # deploy weights
         "matplotlib",  # benchmark plots
     ],
+    # the modules that register dynsila's training techniques (config keys included); a package of the user's
+    # names its own here and its technique is found with no edit to dynsila
+    entry_points={
+        "dynsila.techniques": [
+            "sila = dynsila.methods.sila",
+            "self_distill = dynsila.methods.self_distill",
+            "gates = dynsila.methods.hrl",
+            "dml = dynsila.methods.dml",
+        ]
+    },
     extras_require={
         "dev": ["pytest", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML"],
         # python -m dynsila.export and dynsila.export.OnnxEarlyExitRunner (tested with onnx 1.23.2,

@@ -7,15 +7,17 @@ line naming the key: an unknown key with the nearest valid one, a wrong type wit
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import importlib.metadata
 import re
 import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import yaml
@@ -82,52 +84,74 @@ class TrainConfig:
     compile: bool = False  # torch.compile the step's forward, loss terms and statistics (not the optimizer)
     sync_bn: bool = False  # SyncBatchNorm across DDP ranks (CUDA only)
     accumulate_steps: int = bounded(1, 1)  # split each (global) batch into this many micro-batches, one step
-    stage: Literal["sp", "hrl"] = "sp"  # gated nets: supervised pre-training, or hybrid reinforcement learning
     init_from: str | None = None  # a finished run directory whose deploy weights initialise the model (SP -> HRL)
     log_every: int = bounded(20, 1)  # steps between progress lines
     eval_test_every_epoch: bool = True  # test top-1 per epoch in metrics.jsonl (logged only, never used to select)
 
 
 @dataclass
-class SiLaConfig:
-    enabled: bool = True
-    attach: Literal["features", "logits"] = "features"
-    # separate: twin CE on its own softmax; joint: + a 2C softmax over [z, z'] (main CE kept); joint_only: that
-    # 2C softmax replaces the exit CE (SilaNet v1's duplicated label; see README, SiLa)
-    softmax: Literal["separate", "joint", "joint_only"] = "separate"
-    # linear / mlp: a twin of the exit's fc (reads its input, or its logits); classifier: a fresh copy of the exit's
-    # whole classifier module (for MSDNet its convolutions, pooling and fc) reading what that classifier reads
-    head: Literal["linear", "mlp", "classifier"] = "linear"
-    hidden: int = bounded(256, 1)  # width of the mlp head
-    weight: float = bounded(1.0, 0.0)  # lambda: the twin head's loss
-    consistency: float = bounded(0.0, 0.0)  # mu: KL(twin || main) at temperature T
-    temperature: float = bounded(1.0, 0.0, low_open=True)
-
-
-@dataclass
-class DMLConfig:
-    peers: int = bounded(1, 1)  # models trained jointly; 1 = no mutual learning
-    weight: float = bounded(1.0, 0.0)  # each peer adds weight / (N - 1) * sum_j KL(p_j || p_i) per exit
-    temperature: float = bounded(1.0, 0.0, low_open=True)
-    align: Literal["strict", "tail"] = "strict"  # peers' exits: equal counts, or matched from the last backwards
-    models: list[dict[str, Any]] | None = None  # one model section per peer (heterogeneous); None: copies of model
-
-
-@dataclass
 class LossConfig:
     exit_weights: list[float] | None = bounded(None, 0.0)  # w_k per exit; None: all 1
-    # gated nets, SP stage only: + gate_cost x the expected share of gated-block MACs executed. An addition of ours:
-    # the SkipNet reference's SP stage is plain cross-entropy (gate_cost 0); the HRL stage ignores it
-    gate_cost: float = bounded(0.0, 0.0)
-    # gated nets, HRL stage (SkipNet's hybrid RL, methods/hrl.py): a skip earns hrl_alpha / G (G gates), the task
-    # reward is -CE; the policy-gradient term is scaled by rl_weight per sample and summed over the batch, as the
-    # reference (alpha 0.1, rl_weight 0.01). hrl_alpha is SkipNet's accuracy/cost knob: sweep it, one run each
-    hrl_alpha: float = bounded(0.1, 0.0)
-    rl_weight: float = bounded(0.01, 0.0)
-    rl_baseline: Literal["none", "batch_mean"] = "none"  # none: the reference; batch_mean: ours, R_g - mean_batch(R_g)
     ce_weight: float = bounded(1.0, 0.0)  # scales the exit cross-entropy (SiLa joint_only: the joint CE in its place)
-    self_distill: float = bounded(0.0, 0.0)  # weight of T^2 KL(p_last || p_k) for every earlier exit k; 0 = off
-    distill_temperature: float = bounded(3.0, 0.0, low_open=True)  # T of self_distill
+
+
+@dataclass(frozen=True)
+class TechniqueSection:
+    """Config keys a training technique brings: its dataclass ``schema`` and the YAML section they live in, its own
+    (``sila:``) or one every run has (``loss:``, ``train:``, whose keys it then adds to)."""
+
+    owner: str  # the technique's name
+    section: str
+    schema: type
+
+
+# every technique's keys, in registration order (the order they appear in config.yaml): filled by the techniques
+# themselves (``dynsila.methods.technique.register_technique``) and by ``discover_techniques``
+TECHNIQUE_SECTIONS: list[TechniqueSection] = []
+CORE_SECTIONS = ("data", "train", "loss")  # the sections every run has (besides the top-level keys and model)
+ENTRY_POINTS = "dynsila.techniques"  # where installed packages name the modules that register their techniques
+_discovered = False
+
+
+def register_section(entry: TechniqueSection) -> None:
+    """Add a technique's keys to the schema; a key or section that exists already is refused."""
+    if not (dataclasses.is_dataclass(entry.schema) and isinstance(entry.schema, type)):
+        raise TypeError(f"technique {entry.owner!r}: its settings must be a dataclass, not {entry.schema!r}")
+    if entry.section in CORE_SECTIONS:
+        clash = set(keys_of(entry.section)) & {f.name for f in dataclasses.fields(entry.schema)}
+    else:
+        clash = {entry.section} & {*(f.name for f in dataclasses.fields(Config)), *technique_sections()}
+    if clash:
+        raise ValueError(f"technique {entry.owner!r}: config key(s) {sorted(clash)} in '{entry.section}' exist already")
+    TECHNIQUE_SECTIONS.append(entry)
+
+
+def technique_sections() -> list[str]:
+    """The top-level sections the techniques bring (``sila``, ``dml``, ...)."""
+    return [s.section for s in TECHNIQUE_SECTIONS if s.section not in CORE_SECTIONS]
+
+
+def keys_of(section: str) -> list[str]:
+    """Every key of a section: the core dataclass's, then those the techniques add to it."""
+    core = {"data": DataConfig, "train": TrainConfig, "loss": LossConfig}.get(section)
+    own = [f.name for f in dataclasses.fields(core)] if core else []
+    return own + [f.name for s in TECHNIQUE_SECTIONS if s.section == section for f in dataclasses.fields(s.schema)]
+
+
+def discover_techniques() -> None:
+    """Import, once, every module an installed package names under the ``dynsila.techniques`` entry point (the
+    built-in techniques among them): importing a technique module registers it, config keys included."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        entry_point.load()
+
+
+def default_settings() -> dict[type, Any]:
+    discover_techniques()
+    return {s.schema: s.schema() for s in TECHNIQUE_SECTIONS}
 
 
 @dataclass
@@ -139,9 +163,9 @@ class Config:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "msdnet"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sila: SiLaConfig = field(default_factory=SiLaConfig)
-    dml: DMLConfig = field(default_factory=DMLConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # each technique's settings, by its schema: read with ``section``; in YAML where the technique's section says
+    settings: dict[type, Any] = field(default_factory=default_settings, metadata={"yaml": False})
 
     @property
     def run_dir(self) -> Path:
@@ -150,6 +174,25 @@ class Config:
     def model_kwargs(self) -> dict[str, Any]:
         """The ``model:`` section minus ``name``: keyword arguments for ``models.build``."""
         return {k: v for k, v in self.model.items() if k != "name"}
+
+    def section(self, schema: type[S]) -> S:
+        """A technique's settings (``cfg.section(SiLaConfig).weight``)."""
+        return cast(S, self.settings[schema])
+
+    def with_section(self, value: Any) -> Config:
+        """A copy of this config whose settings of ``type(value)`` are ``value`` (the rest shared)."""
+        return dataclasses.replace(self, settings={**self.settings, type(value): value})
+
+    def __getattr__(self, name: str) -> Any:
+        """A technique's own section by its YAML name, as the YAML reads: ``cfg.sila.enabled``."""
+        if name != "settings":
+            for entry in TECHNIQUE_SECTIONS:
+                if entry.section == name and entry.schema in self.__dict__.get("settings", {}):
+                    return self.__dict__["settings"][entry.schema]
+        raise AttributeError(f"'Config' object has no attribute {name!r}")
+
+
+S = TypeVar("S")
 
 
 # --- loading ------------------------------------------------------------------------------------------------
@@ -191,23 +234,56 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    cfg = _build_dataclass(Config, raw, prefix="")
+    discover_techniques()
+    core, settings = split_technique_keys(raw)
+    cfg = _build_dataclass(Config, core, prefix="")
+    cfg.settings = settings
     if (problem := name_problem(cfg.name)) is not None:
         raise ConfigError(f"config key 'name' is {cfg.name!r}: {problem}; a run name is a folder name, e.g. sila_seed0")
-    cfg.model = _validate_model_section(cfg.model, "model")
-    if cfg.dml.models is not None:
-        if len(cfg.dml.models) != cfg.dml.peers:
-            raise ConfigError(
-                f"dml.models has {len(cfg.dml.models)} model sections for dml.peers={cfg.dml.peers}; "
-                "give one per peer or drop dml.models to copy model"
-            )
-        cfg.dml.models = [_validate_model_section(m, f"dml.models[{i}]") for i, m in enumerate(cfg.dml.models)]
+    cfg.model = validate_model_section(cfg.model, "model")
+    for value in settings.values():  # a technique's own checks of its keys against the rest (DML's model sections)
+        if callable(check := getattr(value, "check", None)):
+            check(cfg)
     _check_exit_weights(cfg)
     return cfg
 
 
+def split_technique_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[type, Any]]:
+    """(the raw config without the techniques' keys, each technique's settings built and checked from its keys)."""
+    core = {k: dict(v) if k in CORE_SECTIONS and isinstance(v, dict) else v for k, v in raw.items()}
+    settings: dict[type, Any] = {}
+    for entry in TECHNIQUE_SECTIONS:
+        names = {f.name for f in dataclasses.fields(entry.schema)}
+        if entry.section in CORE_SECTIONS:
+            section = core.get(entry.section)
+            mine = {k: section.pop(k) for k in list(section) if k in names} if isinstance(section, dict) else {}
+        else:
+            mine = core.pop(entry.section, {})
+        settings[entry.schema] = _build_dataclass(entry.schema, mine, f"{entry.section}.")
+    return core, settings
+
+
+def trained_model_sections(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
+    """(where, model section) of every network the run trains: ``model``, unless a technique trains others
+    (its settings' ``model_sections``, e.g. one per DML peer)."""
+    for value in cfg.settings.values():
+        if callable(sections := getattr(value, "model_sections", None)) and (found := sections(cfg)):
+            return cast(list[tuple[str, dict[str, Any]]], found)
+    return [("model", cfg.model)]
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as YAML reads it: the core sections, each technique's keys in its section."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("yaml", True):
+            value = getattr(cfg, f.name)
+            is_section = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            out[f.name] = dataclasses.asdict(value) if is_section else copy.deepcopy(value)
+    for entry in sorted(TECHNIQUE_SECTIONS, key=lambda e: e.owner):  # the same text whatever the import order
+        value = cfg.settings.get(entry.schema) or entry.schema()
+        out.setdefault(entry.section, {}).update(dataclasses.asdict(value))
+    return out
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -259,11 +335,11 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
             f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {type(raw).__name__}"
         )
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     names = list(fields)
     for key in raw:
         if key not in names:
-            raise _unknown_key(str(key), names, prefix)
+            raise _unknown_key(str(key), names + elsewhere(cls, prefix), prefix)
     values = {}
     for name in names:
         if name not in raw:
@@ -276,6 +352,15 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
             if "range" in fields[name].metadata:
                 check_range(values[name], fields[name].metadata["range"], f"{prefix}{name}")
     return cls(**values)
+
+
+def elsewhere(cls: type, prefix: str) -> list[str]:
+    """Keys valid at this place that another dataclass holds: the techniques' sections at the top level, their keys
+    in a core section (so that an unknown key's suggestion can name them)."""
+    if cls is Config:
+        return technique_sections()
+    section = prefix.rstrip(".")
+    return [k for k in keys_of(section) if k not in {f.name for f in dataclasses.fields(cls)}]
 
 
 def check_range(value: Any, valid: tuple[float | None, float | None, bool], key: str) -> None:
@@ -292,16 +377,13 @@ def check_range(value: Any, valid: tuple[float | None, float | None, bool], key:
 
 
 def _check_exit_weights(cfg: Config) -> None:
-    """One weight per exit, for every peer's model: checked with the config (before anything is written), only
-    when ``loss.exit_weights`` is set, by building the network on the meta device (no memory, no initialisation;
-    a few tenths of a second for the largest preset)."""
+    """One weight per exit, for every network the run trains: checked with the config (before anything is
+    written), only when ``loss.exit_weights`` is set, by building the network on the meta device (no memory, no
+    initialisation; a few tenths of a second for the largest preset)."""
     weights = cfg.loss.exit_weights
     if weights is None:
         return
-    sections = [("model", cfg.model)]
-    if cfg.dml.models is not None:
-        sections = [(f"dml.models[{i}]", m) for i, m in enumerate(cfg.dml.models)]
-    for where, section in sections:
+    for where, section in trained_model_sections(cfg):
         exits = count_exits(section, where, cfg.data.num_classes or 2)
         if len(weights) != exits:
             raise ConfigError(
@@ -323,7 +405,7 @@ def count_exits(section: dict[str, Any], where: str, num_classes: int) -> int:
     return int(getattr(model, "num_exits", 1))
 
 
-def _validate_model_section(section: dict[str, Any], where: str) -> dict[str, Any]:
+def validate_model_section(section: dict[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ConfigError(f"config section '{where}' must be a mapping, got {type(section).__name__}")
     name = section.get("name", "msdnet")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import TextIO
 
@@ -40,3 +41,22 @@ def log_lines_to(stream: TextIO, level: int = logging.INFO) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+class Clock:
+    """Throughput and ETA over the steps this process runs."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.start, self.total, self.steps, self.images = time.perf_counter(), total_steps, 0, 0
+
+    def tick(self, images: int) -> None:
+        self.steps += 1
+        self.images += images
+
+    def images_per_second(self) -> float:
+        return self.images / max(1e-9, time.perf_counter() - self.start)
+
+    def eta(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        remaining = elapsed / max(1, self.steps) * (self.total - self.steps)
+        return time.strftime("%H:%M:%S", time.gmtime(remaining))

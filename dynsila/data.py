@@ -23,7 +23,7 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
 from dynsila.config import DataConfig
@@ -506,3 +506,34 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
         mean=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[0],
         std=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[1],
     )
+
+
+def batch_split(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
+    """(batch per rank, micro-batches per step). data.batch_size is the global batch: ranks x micro-batches
+    must divide it. Micro-batches are strided (x[m::M]), which is exactly how DistributedSampler shards a global
+    batch over M ranks, so M micro-batches on one process compute what M DDP ranks compute."""
+    if micro < 1 or global_batch % (world_size * micro):
+        raise ConfigError(
+            f"data.batch_size={global_batch} must be divisible by the {world_size} process(es) "
+            f"x train.accumulate_steps={micro}; change one of them"
+        )
+    return global_batch // world_size, micro
+
+
+def train_loader(
+    dataset: Dataset, batch_size: int, seed: int, epoch: int, num_workers: int, shard: tuple[int, int] | None = None
+) -> DataLoader:
+    """Shuffled, drop_last (no 1-sample batch-norm batches). Single process (``shard`` None): order seeded by seed
+    and epoch. Under DDP, ``shard`` = (rank, world size): DistributedSampler (the same global permutation on every
+    rank, each rank a strided shard)."""
+    batch_size = min(batch_size, dataset_size(dataset))
+    if shard is None:
+        return make_loader(
+            dataset, batch_size, shuffle=True, seed=seed * 100_003 + epoch, num_workers=num_workers, drop_last=True
+        )
+    rank, world_size = shard
+    sampler: DistributedSampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers)

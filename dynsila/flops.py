@@ -15,7 +15,7 @@ from torch import nn
 from dynsila.budget.flops import costs_as_json, exit_costs, format_cost_table, format_gated_costs, gated_costs
 from dynsila.cli import USER_ERRORS, OneLineParser, fail
 from dynsila.config import load_config
-from dynsila.methods.sila import SiLa, prune
+from dynsila.methods.technique import deploy_network, prepare_network
 from dynsila.runs.rundir import build_model, input_shape
 
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         bare = build_model(cfg)
-        model: nn.Module = SiLa(bare, cfg.sila) if cfg.sila.enabled else bare  # counted after pruning, as trained
-        if prune(model).gated_body() is not None:
+        model: nn.Module = prepare_network(bare, cfg)  # as trained; counted after pruning
+        if deploy_network(model).gated_body() is not None:
             gated = gated_costs(model, input_shape(cfg))
             print(json.dumps(dataclasses.asdict(gated), indent=1) if args.json else format_gated_costs(gated))
             return 0

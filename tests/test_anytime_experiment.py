@@ -291,3 +291,33 @@ def test_half_parameter_claim_needs_both_conditions(sila: float, small: float, s
 def test_half_parameter_claim_is_not_judged_on_one_seed() -> None:
     runs = grid_runs({"baseline_rerun": 0.0, "half_params_baseline": -3.0, "half_params_sila": 0.0}, seeds=1)
     assert summarise(runs, anytime.METHODS)["half_params"]["supported"] is None
+
+
+def test_the_precision_family_pairs_only_seeds_run_on_the_same_machine():
+    """Seeds 0-1 without a fingerprint (older files), seed 3 on two different machines: only seeds 2 and 4 pair, and
+    a shift that only the unpaired seeds carry does not reach the verdict."""
+    machine_a, machine_b = {"cpu": "A", "torch": "2"}, {"cpu": "B", "torch": "2"}
+    runs = []
+    for seed in range(5):
+        for method, delta in {"baseline": 0.0, "baseline_x2_rerun": 0.0, "sila_mlp": 0.5}.items():
+            unpaired = seed in (0, 1, 3)
+            level = 60.0 + seed + delta + (10.0 if unpaired and method == "sila_mlp" else 0.0) + 0.1 * (seed % 2)
+            run = fake_run(method, seed, [level - 4, level - 2, level])
+            if seed >= 2:
+                run["fingerprint"] = machine_b if (seed == 3 and method == "sila_mlp") else machine_a
+            runs.append(run)
+    (verdict,) = summarise(runs, anytime.METHODS)["precision"]
+    assert (verdict["method"], verdict["reference"], verdict["seeds"]) == ("sila_mlp", "baseline_x2_rerun", [2, 4])
+    assert verdict["area"]["n"] == 2 and verdict["area"]["mean"] == pytest.approx(0.5, abs=0.2)
+    assert verdict["any_machine"]["n"] == 5 and verdict["any_machine"]["mean"] > 5  # the unchecked pairs differ
+    text = anytime.markdown(report_payload(runs))
+    assert "same-machine pairs" in text and "| sila_mlp | baseline_x2_rerun | 2 |" in text
+
+
+def test_a_run_resumed_on_another_machine_records_no_fingerprint(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    anytime.note_machine(run_dir)
+    assert anytime.run_fingerprint(run_dir) == anytime.machine_fingerprint()
+    monkeypatch.setattr(anytime, "machine_fingerprint", lambda: {"cpu": "elsewhere"})
+    anytime.note_machine(run_dir)  # the resumed part
+    assert anytime.run_fingerprint(run_dir) is None

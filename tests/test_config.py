@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 
 from dynsila import models
-from dynsila.config import Config, check_range, config_from_yaml, config_to_yaml, count_exits, load_config
+from dynsila.config import (
+    TECHNIQUE_SECTIONS,
+    Config,
+    check_range,
+    config_from_yaml,
+    config_to_dict,
+    config_to_yaml,
+    count_exits,
+    load_config,
+)
 from dynsila.errors import ConfigError
 from dynsila.runs.rundir import build_model
 
@@ -100,7 +109,7 @@ def test_sila_and_baseline_twins_differ_only_in_sila_enabled():
         checked += 1
         a, b = load_config(sila_path), load_config(base_path)
         assert a.sila.enabled and not b.sila.enabled
-        b = dataclasses.replace(b, name=a.name, sila=a.sila)  # run names differ on purpose
+        b = dataclasses.replace(b, name=a.name).with_section(a.sila)  # run names differ on purpose
         assert a == b, sila_path
     assert checked >= 6
 
@@ -161,6 +170,8 @@ def numeric_fields(cls, prefix=""):
 
 def test_every_numeric_key_has_a_range():
     keys = dict(numeric_fields(Config))
+    for entry in TECHNIQUE_SECTIONS:  # the techniques' keys, in the sections they live in
+        keys.update(numeric_fields(entry.schema, f"{entry.section}."))
     assert {"train.epochs", "train.milestones", "loss.exit_weights", "data.val_size", "sila.weight"} <= set(keys)
     unbounded = [key for key, f in keys.items() if "range" not in f.metadata]
     assert not unbounded, f"numeric config keys without a range (use config.bounded): {unbounded}"
@@ -168,7 +179,7 @@ def test_every_numeric_key_has_a_range():
     cfg = load_config(None)
     for key, f in keys.items():
         section, _, name = key.rpartition(".")
-        value = getattr(getattr(cfg, section) if section else cfg, name)
+        value = config_to_dict(cfg)[section][name] if section else getattr(cfg, name)
         check_range(value, f.metadata["range"], key)
 
 

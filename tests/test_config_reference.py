@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 from dynsila import config
+from dynsila.methods.sila import SiLaConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +25,7 @@ def test_the_config_reference_page_is_up_to_date():
 
 def test_the_reference_names_every_key_with_its_default_and_comment():
     page = _generator().reference()
-    for section, cls in [("data", config.DataConfig), ("train", config.TrainConfig), ("sila", config.SiLaConfig)]:
+    for section, cls in [("data", config.DataConfig), ("train", config.TrainConfig), ("sila", SiLaConfig)]:
         for f in dataclasses.fields(cls):
             assert f"| `{section}.{f.name}` |" in page
     self_distill = "| `loss.self_distill` | `float` | `0.0` | [0.0, ] | weight of T^2 KL(p_last \\|\\| p_k)"

@@ -5,12 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from dynsila.budget.flops import count_params
-from dynsila.config import DMLConfig, load_config
+from dynsila.config import load_config
 from dynsila.errors import ConfigError, DynsilaError
 from dynsila.methods import dml as dml_module
-from dynsila.methods.dml import dml_loss, exit_pairs
+from dynsila.methods.dml import DMLConfig, dml_loss, exit_pairs
 from dynsila.runs.rundir import build_model, load_deploy_model, read_metrics, read_run_config
-from dynsila.training import train as train_module
 from dynsila.training.train import train
 from tests.conftest import tiny_msdnet_section
 
@@ -54,7 +53,7 @@ def test_one_peer_reproduces_a_plain_run(tiny_config, monkeypatch):
 
     with monkeypatch.context() as absent:
         absent.setattr(dml_module, "dml_loss", no_dml)
-        absent.setattr(train_module, "exit_pairs", no_dml)
+        absent.setattr(dml_module, "exit_pairs", no_dml)
         plain = train(load_config(tiny_config("plain")))
     one = train(load_config(tiny_config("one_peer"), ["dml.peers=1", "dml.weight=3"]))
     assert read_run_config(one.run_dir).dml.weight == 3  # the override was applied, not dropped
@@ -69,15 +68,15 @@ def test_one_peer_reproduces_a_plain_run(tiny_config, monkeypatch):
 def test_sila_with_dml_prunes_to_independent_baseline_sized_models(tiny_config):
     result = train(load_config(tiny_config("mutual"), ["dml.peers=2"]))
     baseline_params = count_params(build_model(load_config(tiny_config("base"), ["sila.enabled=false"])))
-    assert [p.name for p in result.peer_dirs] == ["peer0", "peer1"]
-    deployed = [load_deploy_model(d)[0] for d in result.peer_dirs]
+    assert [p.name for p in result.network_dirs] == ["peer0", "peer1"]
+    deployed = [load_deploy_model(d)[0] for d in result.network_dirs]
     assert [count_params(m) for m in deployed] == [baseline_params] * 2
     assert not torch.equal(deployed[0].stem.scales[0][0].weight, deployed[1].stem.scales[0][0].weight)
     row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    assert "dml" in row and "sila" in row and len(row["peers"]) == 2
-    for d in result.peer_dirs:
+    assert "dml" in row and "sila" in row and len(row["networks"]) == 2
+    for d in result.network_dirs:
         assert (d / "eval.json").is_file() and (d / "config.yaml").is_file()
-    with pytest.raises(DynsilaError, match="DML run with one deploy model per peer"):
+    with pytest.raises(DynsilaError, match="several networks, each with its own deploy model; pass one of: .*peer0"):
         load_deploy_model(result.run_dir)
 
 
@@ -87,7 +86,7 @@ def test_heterogeneous_peers(tiny_config, capsys):
     with pytest.raises(ConfigError, match="2 and 3 exits"):
         train(load_config(path))
     result = train(load_config(path, ["dml.align=tail", "name=hetero_tail"]))
-    assert [len(json.loads((d / "eval.json").read_text())["exits"]) for d in result.peer_dirs] == [2, 3]
+    assert [len(json.loads((d / "eval.json").read_text())["exits"]) for d in result.network_dirs] == [2, 3]
 
 
 def test_dml_config_errors(tiny_config):

@@ -9,9 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dynsila import models
 from dynsila.budget import flops
 from dynsila.budget.flops import exit_costs
-from dynsila.config import SiLaConfig
 from dynsila.flops import main
-from dynsila.methods.sila import SiLa
+from dynsila.methods.sila import SiLa, SiLaConfig
 from dynsila.models import MultiExitNetwork
 from tests.test_msdnet import CIFAR100_B7, IMAGENET_STEP4
 

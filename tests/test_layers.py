@@ -22,7 +22,7 @@ LAYERS: list[list[str]] = [
     ["dynsila.models"],  # architectures (the models/ folder)
     ["dynsila.config"],
     ["dynsila.cli", "dynsila.val_indices"],  # one-line command-line errors; a validation split listed in a file
-    ["dynsila.data"],
+    ["dynsila.data", "dynsila.optim", "dynsila.runtime", "dynsila.distributed"],
     ["dynsila.methods"],  # training techniques
     ["dynsila.budget"],  # exit costs and thresholds
     ["dynsila.runs"],  # run directory, checkpoints, model builder

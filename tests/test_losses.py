@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynsila.config import Config, LossConfig, SiLaConfig, load_config
+from dynsila.config import Config, LossConfig, load_config
 from dynsila.errors import ConfigError
 from dynsila.methods.losses import ensemble_loss_terms, ensemble_monitor_terms, loss_terms
-from dynsila.methods.sila import SiLaOutput
+from dynsila.methods.sila import SiLaConfig, SiLaOutput
 
 
 def _logits(seed: int, exits: int = 3) -> list[torch.Tensor]:
@@ -73,4 +73,5 @@ def test_joint_only_in_an_ensemble_has_no_ce_term():
     outputs = [SiLaOutput(_logits(0, 2), _logits(1, 2)), SiLaOutput(_logits(2, 2), _logits(3, 2))]
     cfg = load_config(None, ["sila.softmax=joint_only", "dml.peers=2"])
     assert set(ensemble_loss_terms(outputs, y, cfg)) == {"joint_ce", "dml"}
-    assert set(ensemble_loss_terms(outputs, y, Config(sila=SiLaConfig(softmax="joint")))) == {"ce", "sila", "dml"}
+    joint = Config().with_section(SiLaConfig(softmax="joint"))
+    assert set(ensemble_loss_terms(outputs, y, joint)) == {"ce", "sila", "dml"}

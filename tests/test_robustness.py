@@ -16,8 +16,8 @@ from dynsila import models
 from dynsila.config import load_config
 from dynsila.errors import CheckpointError, ConfigError
 from dynsila.runs import checkpoint as ckpt
+from dynsila.runs import rundir as rundir_module
 from dynsila.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from dynsila.training import train as train_module
 from dynsila.training.train import main, train
 
 
@@ -195,8 +195,8 @@ def watch_first_conv(model: nn.Module, seen: list[dict]) -> nn.Module:
 
 def test_precision_and_layout_options(tiny_config, tiny_model_kwargs, monkeypatch):
     seen: list[dict] = []
-    build_model = train_module.build_model
-    monkeypatch.setattr(train_module, "build_model", lambda *a, **k: watch_first_conv(build_model(*a, **k), seen))
+    build_model = rundir_module.build_model
+    monkeypatch.setattr(rundir_module, "build_model", lambda *a, **k: watch_first_conv(build_model(*a, **k), seen))
     result = train(load_config(tiny_config("bf16"), ["train.amp=bf16", "train.channels_last=true"]))
     assert all(np.isfinite(result.val_top1))
     expected = {"input_channels_last": True, "weight_channels_last": True, "output_dtype": torch.bfloat16}

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from dynsila import models
-from dynsila.config import Config, LossConfig, SiLaConfig
+from dynsila.config import Config, LossConfig
 from dynsila.methods.losses import ensemble_loss_terms, loss_terms
-from dynsila.methods.self_distill import self_distillation_loss
-from dynsila.methods.sila import SiLa
+from dynsila.methods.self_distill import SelfDistillConfig, self_distillation_loss
+from dynsila.methods.sila import SiLa, SiLaConfig
 
 
 def _softmax(row: list[float], t: float) -> list[float]:
@@ -35,7 +35,7 @@ def test_value_matches_a_hand_computation():
     expected = t * t * (0.5 * _hand_kl(z2, z0, t) + 2.0 * _hand_kl(z2, z1, t))
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # and through loss_terms, scaled by loss.self_distill
-    cfg = Config(loss=LossConfig(exit_weights=weights, self_distill=0.25, distill_temperature=t))
+    cfg = Config(loss=LossConfig(exit_weights=weights)).with_section(SelfDistillConfig(0.25, t))
     terms = loss_terms([torch.tensor(z) for z in (z0, z1, z2)], torch.tensor([0, 2]), cfg)
     assert terms["self_distill"].item() == pytest.approx(0.25 * expected, rel=1e-5)
 
@@ -51,7 +51,7 @@ def test_gradient_reaches_the_students_and_not_the_teacher_logits():
 def test_gradient_does_not_reach_the_teacher_exit_of_a_network(tiny_model_kwargs):
     torch.manual_seed(0)
     model = models.build("msdnet", num_classes=10, **tiny_model_kwargs)
-    cfg = Config(loss=LossConfig(self_distill=1.0))
+    cfg = Config().with_section(SelfDistillConfig(self_distill=1.0))
     terms = loss_terms(model(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 3]), cfg)
     terms["self_distill"].backward()
     teacher_grads = [p.grad for p in model.exits[-1].parameters()]
@@ -66,7 +66,7 @@ def test_off_by_default_and_absent_for_one_exit():
     logits = [torch.randn(4, 5) for _ in range(3)]
     y = torch.tensor([0, 1, 2, 3])
     assert "self_distill" not in loss_terms(logits, y, Config())
-    assert "self_distill" not in loss_terms(logits[:1], y, Config(loss=LossConfig(self_distill=1.0)))
+    assert "self_distill" not in loss_terms(logits[:1], y, Config().with_section(SelfDistillConfig(self_distill=1.0)))
 
 
 def test_composes_with_sila_and_with_dml_peers(tiny_model_kwargs):
@@ -74,7 +74,7 @@ def test_composes_with_sila_and_with_dml_peers(tiny_model_kwargs):
     peers = [SiLa(models.build("msdnet", num_classes=10, **tiny_model_kwargs), SiLaConfig()) for _ in range(2)]
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     outputs = [peer(x) for peer in peers]
-    cfg = Config(loss=LossConfig(self_distill=0.5, distill_temperature=2.0))
+    cfg = Config().with_section(SelfDistillConfig(self_distill=0.5, distill_temperature=2.0))
     terms = ensemble_loss_terms(outputs, y, cfg)
     assert {"ce", "sila", "dml", "self_distill"} <= set(terms)
     # each peer distils its own main exits (not the twins, not the other peer's last exit)

@@ -6,10 +6,10 @@ import torch.nn.functional as F
 
 from dynsila import models
 from dynsila.budget.flops import exit_costs
-from dynsila.config import Config, LossConfig, SiLaConfig
+from dynsila.config import Config, LossConfig
 from dynsila.errors import ConfigError
 from dynsila.methods.losses import loss_terms
-from dynsila.methods.sila import SiLa, SiLaOutput, joint_siamese_cross_entropy, prune, sila_loss_terms
+from dynsila.methods.sila import SiLa, SiLaConfig, SiLaOutput, joint_siamese_cross_entropy, prune, sila_loss_terms
 
 VARIANTS = [
     SiLaConfig(),
@@ -104,7 +104,7 @@ def test_joint_only_loss_is_the_weighted_joint_cross_entropy_alone():
     z = [[[1.0, -0.5, 0.25], [0.0, 2.0, -1.0]], [[0.5, 0.5, -2.0], [3.0, -1.0, 0.0]]]  # exit x sample x class
     z_twin = [[[-0.3, 0.8, 0.1], [1.5, 0.2, 0.4]], [[0.0, -1.0, 1.0], [2.0, 2.0, -0.5]]]
     labels = [2, 1]
-    cfg = Config(sila=SiLaConfig(softmax="joint_only"), loss=LossConfig(exit_weights=[0.5, 2.0], ce_weight=1.5))
+    cfg = Config(loss=LossConfig(exit_weights=[0.5, 2.0], ce_weight=1.5)).with_section(SiLaConfig(softmax="joint_only"))
     output = SiLaOutput([torch.tensor(e) for e in z], [torch.tensor(e) for e in z_twin])
     terms = loss_terms(output, torch.tensor(labels), cfg)
     assert set(terms) == {"joint_ce"}  # no separate main cross-entropy and no twin term beside it

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from dynsila import models
 from dynsila.budget.flops import count_params, exit_costs
-from dynsila.config import SiLaConfig
 from dynsila.errors import ConfigError
-from dynsila.methods.sila import SiLa, prune
+from dynsila.methods.sila import SiLa, SiLaConfig, prune
 from tests.conftest import TINY_MSDNET
 
 CLASSIFIER = SiLaConfig(head="classifier")

@@ -7,9 +7,9 @@ from torch import nn
 
 from dynsila import models
 from dynsila.budget.flops import count_params, gated_costs
-from dynsila.config import SiLaConfig, load_config
+from dynsila.config import load_config
 from dynsila.deploy.infer import main as infer_main
-from dynsila.methods.sila import SiLa, prune
+from dynsila.methods.sila import SiLa, SiLaConfig, prune
 from dynsila.models import DynamicOutput, GatedBody, MultiExitNetwork
 from dynsila.models.layers import PoolClassifier
 from dynsila.models.skipnet import SkipNet, skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,17 @@ import torch
 from dynsila import models
 from dynsila.config import load_config
 from dynsila.errors import ConfigError
-from dynsila.methods.hrl import Baseline, action_log_probs, hrl_policy_loss, reward_to_go, skip_rewards
+from dynsila.methods.hrl import (
+    Baseline,
+    GateLossConfig,
+    GateStageConfig,
+    action_log_probs,
+    hrl_policy_loss,
+    reward_to_go,
+    skip_rewards,
+)
 from dynsila.models.skipnet import BasicBlock, SkipNet, skipnet_computation_percent
-from dynsila.training.train import learning_rate
+from dynsila.optim import learning_rate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -112,10 +121,14 @@ def test_presets_are_the_reference_schedules(twin):
     hrl = load_config(CONFIGS / "cifar10" / f"skipnet110_{twin}_hrl.yaml")
     steps = (50_000 - 5_000) // 128  # CIFAR-10 train minus the held-out validation, drop_last batches of 128
     assert sp.data.batch_size == hrl.data.batch_size == 128 and sp.data.val_size == hrl.data.val_size == 5000
-    assert abs(sp.train.epochs * steps - 64_000) < steps and sp.train.stage == "sp" and sp.loss.gate_cost == 0
-    assert abs(hrl.train.epochs * steps - 10_000) < steps and hrl.train.stage == "hrl"
+    assert (
+        abs(sp.train.epochs * steps - 64_000) < steps
+        and sp.section(GateStageConfig).stage == "sp"
+        and sp.section(GateLossConfig).gate_cost == 0
+    )
+    assert abs(hrl.train.epochs * steps - 10_000) < steps and hrl.section(GateStageConfig).stage == "hrl"
     assert (hrl.train.lr, hrl.train.schedule, hrl.train.init_from) == (1e-4, "constant", f"runs/{sp.name}")
-    assert (hrl.loss.hrl_alpha, hrl.loss.rl_weight, hrl.loss.rl_baseline) == (0.1, 0.01, "none")
+    assert astuple(hrl.section(GateLossConfig))[1:] == (0.1, 0.01, "none")
     assert sp.model == hrl.model and sp.model["depth"] == 110 and sp.sila.enabled == hrl.sila.enabled
 
 

@@ -10,9 +10,10 @@ import yaml
 from dynsila.config import load_config
 from dynsila.data import build_splits, make_loader
 from dynsila.evaluation.evaluate import collect_logits, topk_accuracy
+from dynsila.optim import learning_rate
 from dynsila.runs.checkpoint import load_checkpoint
 from dynsila.runs.rundir import build_model, load_deploy_model
-from dynsila.training.train import learning_rate, main, train
+from dynsila.training.train import main, train
 
 
 def test_one_epoch_run_writes_every_file(tiny_config, capsys):

@@ -9,12 +9,13 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import dynsila.training.train as training
+from dynsila import distributed
 from dynsila.config import DataConfig, load_config
 from dynsila.data import ArrayDataset, DeviceBatches, build_splits, normalize, random_crop_flip
 from dynsila.errors import ConfigError, TrainingError
+from dynsila.evaluation.epoch_sums import first_nonfinite
 from dynsila.runs.checkpoint import load_checkpoint
-from dynsila.training import distributed
-from dynsila.training.train import build_run, epoch_batches, first_nonfinite, new_epoch_sums, train, train_step
+from dynsila.training.train import build_run, epoch_batches, new_epoch_sums, train, train_step
 from tests.test_distributed import torchrun
 
 RUN_SLOW = os.environ.get("DYNSILA_SLOW") == "1"

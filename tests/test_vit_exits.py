@@ -14,17 +14,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from dynsila import models
 from dynsila.budget.flops import count_params, exit_costs, module_macs
 from dynsila.budget.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
-from dynsila.config import Config, SiLaConfig, load_config
+from dynsila.config import Config, load_config
 from dynsila.deploy.export import ThresholdFit, export_onnx
 from dynsila.deploy.runner import EarlyExitRunner
 from dynsila.errors import ConfigError
 from dynsila.infer import main as infer_main
 from dynsila.methods.losses import ensemble_loss_terms, loss_terms
-from dynsila.methods.sila import SiLa, prune
+from dynsila.methods.self_distill import SelfDistillConfig
+from dynsila.methods.sila import SiLa, SiLaConfig, prune
 from dynsila.models.vit_exits import VitExits
+from dynsila.optim import build_optimizer, parameter_groups
 from dynsila.runs.rundir import build_model
 from dynsila.train import main as train_main
-from dynsila.training.train import build_optimizer, parameter_groups
 from tests.conftest import load_benchmark
 from tests.test_export import assert_graphs_are_deployable, compare_runners, needs_deploy
 
@@ -145,8 +146,8 @@ def test_sila_trains_a_step_and_prunes_to_the_plain_deploy_model(exit_head, sila
     plain = tiny_vit(exit_head)
     torch.manual_seed(0)
     net = SiLa(tiny_vit(exit_head), SiLaConfig(head=sila_head)).train()
-    cfg = Config(sila=SiLaConfig(head=sila_head))
-    cfg.loss.self_distill = 0.5
+    cfg = Config().with_section(SiLaConfig(head=sila_head))
+    cfg = cfg.with_section(SelfDistillConfig(self_distill=0.5))
     before = [p.detach().clone() for p in net.heads.parameters()]
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     terms = loss_terms(net(torch.randn(4, *SHAPE)), torch.tensor([0, 1, 2, 3]), cfg)

@@ -44,6 +44,7 @@ from dynsila.console import log_lines_to
 from dynsila.data import build_splits, dataset_size, make_loader, normalize
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import MACS_UNITS
+from dynsila.methods.hrl import GateLossConfig
 from dynsila.models import DynamicOutput
 from dynsila.models.skipnet import skipnet_computation_percent
 from dynsila.runs.rundir import DEPLOY, input_shape, load_deploy_model
@@ -284,10 +285,11 @@ def describe(sp: Config, hrl: Config, macs_all: int, macs_plain: int, gates: int
         "description": (
             f"SkipNet-{m['depth']} ({m['gate']} gates, {gates} gated blocks) on {data} at {size} x {size}, seed "
             f"{sp.seed}, batch {sp.data.batch_size}. SP: {sp.train.epochs} epoch(s), SGD lr {sp.train.lr:g} "
-            f"{schedule_text(sp.train)}, plain cross-entropy (loss.gate_cost {sp.loss.gate_cost:g}). "
+            f"{schedule_text(sp.train)}, plain cross-entropy (loss.gate_cost "
+            f"{sp.section(GateLossConfig).gate_cost:g}). "
             f"HRL from the SP weights: {hrl.train.epochs} epoch(s), SGD lr {hrl.train.lr:g} {hrl.train.schedule}, "
-            f"rl_weight {hrl.loss.rl_weight:g} (per sample, summed over the batch), baseline "
-            f"{hrl.loss.rl_baseline}; only alpha differs between the HRL runs."
+            f"rl_weight {hrl.section(GateLossConfig).rl_weight:g} (per sample, summed over the batch), baseline "
+            f"{hrl.section(GateLossConfig).rl_baseline}; only alpha differs between the HRL runs."
         ),
         "sp_config": sp.name,
         "hrl_config": hrl.name,

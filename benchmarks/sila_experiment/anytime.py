@@ -246,7 +246,7 @@ def code_version() -> str:
 def record_run(preset_name: str, spec: RunSpec, run_dir: Path, device: str) -> dict[str, Any]:
     """The small per-run file: everything the aggregate needs, nothing large (no logits, no weights)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = {k: v for k, v in rows[-1].items() if k != "peers"}
+    last = {k: v for k, v in rows[-1].items() if k not in ("peers", "networks")}
     return {
         "method": spec.method,
         "seed": spec.seed,

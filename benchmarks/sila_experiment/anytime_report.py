@@ -7,6 +7,7 @@ of the list of run files, so the committed aggregate can be recomputed without t
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Collection, Mapping
@@ -39,6 +40,11 @@ INCONCLUSIVE_MDE = 2.0  # points: a null whose minimum detectable effect is larg
 # averaged over exits) and it agrees with the exit's argmax on at least this share of training samples
 COLLAPSE_REL_GAP, COLLAPSE_AGREEMENT = 0.10, 0.99
 BUDGET_POINTS = 8
+# the readings that can carry a signal, measured until their intervals reach +-PRECISION_TARGET points, against the
+# references re-run beside them; a seed is paired only when both files record the same machine fingerprint
+PRECISION_READINGS = ("sila_mlp", "sila_joint_only")
+PRECISION_REFERENCES = (RERUN[LOSS_SCALE_CONTROL], RERUN["baseline"])
+PRECISION_TARGET = 1.0
 
 
 class MethodInfo(Protocol):
@@ -243,6 +249,45 @@ def tier3_verdicts(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any
     return out
 
 
+def machine_of(run: dict[str, Any]) -> str | None:
+    """A run file's machine fingerprint as one comparable string; None when it has none (files written before
+    fingerprints were recorded, or a run resumed on another machine)."""
+    fingerprint = run.get("fingerprint")
+    return json.dumps(fingerprint, sort_keys=True) if fingerprint else None
+
+
+def same_machine_seeds(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[str, Any]]) -> list[int]:
+    """The seeds both methods ran with the same recorded machine fingerprint: the only pairs the precision family
+    compares (a re-run elsewhere moved a run by up to 2 points)."""
+    return sorted(
+        s for s in set(mine) & set(theirs) if machine_of(mine[s]) and machine_of(mine[s]) == machine_of(theirs[s])
+    )
+
+
+def precision_verdicts(
+    grouped: dict[str, dict[int, dict[str, Any]]], rows: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each signal-carrying reading against each re-run reference: the paired difference in anytime area over the
+    same-machine seeds, Holm over this family, the verdict, whether the interval reached the target, and, for
+    reference only, the difference over every seed both have (machines unchecked)."""
+    out: list[dict[str, Any]] = []
+    for reading in PRECISION_READINGS:
+        for ref in PRECISION_REFERENCES:
+            if reading not in rows or ref not in rows:
+                continue
+            mine, theirs = rows[reading]["_scores"], rows[ref]["_scores"]
+            seeds = same_machine_seeds(grouped[reading], grouped[ref])
+            strict = paired({s: mine[s]["area"] for s in seeds}, {s: theirs[s]["area"] for s in seeds})
+            out.append({"method": reading, "reference": ref, "seeds": seeds, "area": strict,
+                        "any_machine": paired_area(mine, theirs)})  # fmt: skip
+    for entry, p in zip(out, holm([e["area"]["p_value"] for e in out]), strict=True):
+        entry["p_holm"] = p
+        entry["verdict"] = reading_verdict(entry["area"], p)
+        entry["width_met"] = bool(math.isfinite(entry["area"]["ci95"]) and entry["area"]["ci95"] <= PRECISION_TARGET)
+        entry["pairs_for_target"] = pairs_for_width(entry["area"]["std"], PRECISION_TARGET)
+    return out
+
+
 def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]) -> dict[str, Any]:
     """Could this experiment see an effect? The regime (the baseline fits its training set, with a gap), the
     interval widths of the tier-1 comparisons, and whether the positive control shows up."""
@@ -279,6 +324,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
     half = half_width_claim(rows)
     half_params = size_claim(rows, HALF_PARAMS_SILA, HALF_PARAMS_BASELINE, RERUN["baseline"])
     tier3 = tier3_verdicts(rows, compared)
+    precision = precision_verdicts(grouped, rows)
     for row in rows.values():
         del row["_scores"]
     return {
@@ -289,6 +335,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
         "half_width": half,
         "half_params": half_params,
         "tier3": tier3,
+        "precision": precision,
     }
 
 
@@ -424,6 +471,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *tier3_lines(s.get("tier3", [])),
         "",
+        f"## SiLa at ±{PRECISION_TARGET:.0f} point: the two signal-carrying readings, same-machine pairs only",
+        "",
+        *precision_lines(s.get("precision", [])),
+        "",
         "## The 50 % claim as stated: half the deploy parameters, with SiLa, against full size",
         "",
         *half_width_lines(s.get("half_params"), "No half-parameter SiLa run yet."),
@@ -522,6 +573,28 @@ def tier3_lines(verdicts: list[dict[str, Any]]) -> list[str]:
         "",
         *table(["reading", "vs", "Δ anytime area", "p (Holm)", "verdict", "twin collapsed"], body),
     ]
+
+
+def precision_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    if not verdicts:
+        return ["No run of this family yet."]
+    body = [
+        [v["method"], v["reference"], f"{len(v['seeds'])}", diff_cell(v["area"]),
+         f"{v['p_holm']:.3f}" if math.isfinite(v["p_holm"]) else NO_VALUE, v["verdict"],
+         "yes" if v["width_met"] else f"no (about {v['pairs_for_target'] or '?'} pairs at this spread)",
+         diff_cell(v["any_machine"])]
+        for v in verdicts
+    ]  # fmt: skip
+    return [
+        "Anytime area, paired by seed over the seeds whose two run files record the same machine fingerprint "
+        "(CPU model, cores, torch and oneDNN versions; files written before fingerprints were recorded are never "
+        f"paired here); Holm over this family's {len(verdicts)} comparisons; verdict words as in tier 3. Target: a "
+        f"95 % interval no wider than ±{PRECISION_TARGET:.1f}. The last column pairs every seed both methods have, "
+        "machines unchecked, for reference only.",
+        "",
+        *table(["reading", "vs", "same-machine pairs", "Δ anytime area", "p (Holm)", "verdict",
+                f"interval ≤ ±{PRECISION_TARGET:.1f}?", "Δ over every seed (machines unchecked)"], body),
+    ]  # fmt: skip
 
 
 def twin_lines(rows: dict[str, dict[str, Any]]) -> list[str]:

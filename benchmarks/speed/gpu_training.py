@@ -127,8 +127,9 @@ def training_config(setup: Setup, batch: int, options: Sequence[str], sila: bool
 
 def dynsila_epochs(cfg: Config) -> Epochs:
     """A dynsila training run built as ``python -m dynsila.train`` builds it; each call trains the next epoch."""
-    from dynsila.training import distributed  # dynsila.train imports fvcore (through dynsila.evaluate): only here
-    from dynsila.training.train import Clock, build_run, train_one_epoch
+    from dynsila import distributed  # dynsila.train imports fvcore (through dynsila.evaluate): only here
+    from dynsila.console import Clock
+    from dynsila.training.train import build_run, train_one_epoch
 
     run = build_run(cfg, distributed.setup(cfg.train.device), resuming=False)
     epochs, clock = itertools.count(), Clock(10**9)

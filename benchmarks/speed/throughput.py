@@ -45,10 +45,10 @@ from benchmarks.toolkit import (
     write_results,
 )
 from dynsila import models
-from dynsila.config import SiLaConfig, load_config
+from dynsila.config import load_config
 from dynsila.deploy.fuse import fold_batchnorm
 from dynsila.methods.losses import exit_cross_entropy
-from dynsila.methods.sila import SiLa, sila_loss_terms
+from dynsila.methods.sila import SiLa, SiLaConfig, sila_loss_terms
 
 PRESET = REPO_ROOT / "configs" / "cifar100" / "msdnet_sila.yaml"
 BATCH = 64

@@ -1,8 +1,8 @@
 """Costs of the deploy model, per exit: multiply-accumulates (fvcore) and parameters.
 
-The model is pruned first (SiLa heads and wrappers removed), then fvcore's ``FlopCountAnalysis`` counts each
-truncated forward ``forward(x, upto=k)`` at batch 1. Units are multiply-accumulates (one multiply-add = 1), as
-in the MSDNet and SkipNet papers.
+The model is pruned first (every technique's training-only parts and the wrappers removed), then fvcore's
+``FlopCountAnalysis`` counts each truncated forward ``forward(x, upto=k)`` at batch 1. Units are
+multiply-accumulates (one multiply-add = 1), as in the MSDNet and SkipNet papers.
 
 Two columns per exit:
 - ``conv+linear``: the field's convention (convolutions and fully connected layers only);
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from dynsila.methods.sila import prune
+from dynsila.methods.technique import deploy_network
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
 
 with warnings.catch_warnings():
@@ -181,7 +181,7 @@ def exit_params_cumulative(model: MultiExitNetwork) -> list[int]:
 
 def exit_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[ExitCost]:
     """MACs and parameters of every exit of the pruned ``model`` for one ``C x H x W`` input (batch 1)."""
-    bare = prune(model).eval()  # the deploy model: never count SiLa heads
+    bare = deploy_network(model).eval()  # the deploy model: never count SiLa heads
     params, params_cum = exit_params(bare), exit_params_cumulative(bare)
     x = torch.zeros(1, *input_shape)
     costs = []
@@ -309,7 +309,7 @@ def gated_costs(model: nn.Module, input_shape: tuple[int, int, int]) -> GatedCos
     """Per-part MACs of a gated network (the deploy model), from one fvcore count of a forward with every block
     executed: each block, its skip path (``GatedBody.skip_path``: a projection shortcut, or nothing) on the same
     input, the stem and exit, and the gates as everything else (their convolutions, LSTM steps, linears)."""
-    bare = prune(model).eval()
+    bare = deploy_network(model).eval()
     body = bare.gated_body()
     if body is None:
         raise TypeError(f"{type(bare).__name__} has no gated body; use exit_costs")

@@ -88,6 +88,12 @@ def collect_logits(
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
+def exit_top1(model: nn.Module, loader: DataLoader, mean: tuple[float, ...], std: tuple[float, ...],
+              device: torch.device | str) -> list[float]:  # fmt: skip
+    """Top-1 in % of every exit on a loader's images (the per-epoch validation of training)."""
+    return topk_accuracy(*collect_logits(model, loader, mean, std, device)).tolist()
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torch.Tensor:
     """Top-k accuracy in percent of every exit: logits ``N x K x C``, labels ``N`` -> ``K``."""
     if logits.shape[0] == 0:

@@ -1,7 +1,11 @@
 """Training techniques: what a multi-exit network learns from besides each exit's cross-entropy.
 
-SiLa (Siamese Labels heads, ``sila``), self-distillation (``self_distill``), deep mutual learning (``dml``) and
-SkipNet's hybrid reinforcement learning (``hrl``), and ``losses``, which turns a batch's outputs into the named loss
-terms a training step sums. May import the foundation (``dynsila.errors``, ``dynsila.config``, ``dynsila.data``) and
+``technique`` is the interface and the one table; each technique is one module that registers itself: SiLa
+(Siamese Labels heads, ``sila``), self-distillation (``self_distill``), SkipNet's gate stages and terms (``hrl``),
+deep mutual learning (``dml``). ``losses`` turns a batch's outputs into the named terms a training step sums.
+Importing the package registers the built-in techniques (so do their entry points, ``dynsila.techniques``, when a
+config is loaded). May import the foundation (``dynsila.errors``, ``dynsila.config``, ``dynsila.data``) and
 ``dynsila.models``; nothing that trains, evaluates, stores or deploys.
 """
+
+from dynsila.methods import dml, hrl, self_distill, sila  # noqa: F401  (each registers its technique)

@@ -12,14 +12,42 @@ match their last 4 exits), earlier unmatched exits get no DML term.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dynsila.config import DMLConfig
+from dynsila.config import Config, bounded, validate_model_section
 from dynsila.errors import ConfigError
-from dynsila.methods.technique import ModelBatch, Technique
+from dynsila.methods.technique import ModelBatch, Technique, register_technique, unwrap
+
+
+@dataclass
+class DMLConfig:
+    peers: int = bounded(1, 1)  # models trained jointly; 1 = no mutual learning
+    weight: float = bounded(1.0, 0.0)  # each peer adds weight / (N - 1) * sum_j KL(p_j || p_i) per exit
+    temperature: float = bounded(1.0, 0.0, low_open=True)
+    align: Literal["strict", "tail"] = "strict"  # peers' exits: equal counts, or matched from the last backwards
+    models: list[dict[str, Any]] | None = None  # one model section per peer (heterogeneous); None: copies of model
+
+    def check(self, cfg: Config) -> None:
+        """One model section per peer, each valid for its model (with the rest of the config)."""
+        if self.models is None:
+            return
+        if len(self.models) != self.peers:
+            raise ConfigError(
+                f"dml.models has {len(self.models)} model sections for dml.peers={self.peers}; "
+                "give one per peer or drop dml.models to copy model"
+            )
+        self.models = [validate_model_section(m, f"dml.models[{i}]") for i, m in enumerate(self.models)]
+
+    def model_sections(self, cfg: Config) -> list[tuple[str, dict[str, Any]]] | None:
+        """The networks the run trains, when the peers have model sections of their own."""
+        return None if self.models is None else [(f"dml.models[{i}]", m) for i, m in enumerate(self.models)]
 
 
 def exit_pairs(num_exits_i: int, num_exits_j: int, align: str) -> list[tuple[int, int]]:
@@ -52,16 +80,41 @@ def dml_loss(peer_logits: list[list[torch.Tensor]], cfg: DMLConfig, exit_weights
 
 
 class MutualLearning(Technique):
-    """``dml``: the mutual-learning term of the peers trained together, when there are several."""
+    """``dml``: the peers (``network_configs``: one network each, in ``peer<i>/``) and their mutual-learning term."""
 
     name = "dml"
-    config_section = "dml"
+    settings = DMLConfig
+    order = 40
+
+    def active(self, cfg: Config) -> bool:
+        return cfg.section(DMLConfig).peers > 1
+
+    def network_configs(self, cfg: Config) -> list[tuple[str, Config]] | None:
+        """One config per peer: its own model section, no DML, and its own directory inside the run's."""
+        settings = cfg.section(DMLConfig)
+        if settings.peers == 1:
+            return None
+        sections = settings.models or [cfg.model] * settings.peers
+        return [
+            (f"peer{i}", replace_model(cfg.with_section(DMLConfig()), f"peer{i}", section))
+            for i, section in enumerate(sections)
+        ]
+
+    def validate(self, nets: Sequence[nn.Module], cfg: Config) -> None:
+        exits = [unwrap(net).num_exits for net in nets]
+        for other in exits[1:]:
+            exit_pairs(exits[0], other, cfg.section(DMLConfig).align)  # fails early on mismatched peers
 
     def ensemble_terms(self, batches: Sequence[ModelBatch]) -> dict[str, torch.Tensor]:
         if len(batches) < 2:
             return {}
         logits, weights = [b.logits for b in batches], [b.exit_weights for b in batches]
-        return {"dml": dml_loss(logits, batches[0].cfg.dml, weights)}
+        return {"dml": dml_loss(logits, batches[0].cfg.section(DMLConfig), weights)}
 
 
-DML = MutualLearning()
+def replace_model(cfg: Config, name: str, model: dict[str, Any]) -> Config:
+    """``cfg`` as one peer's: its name, its folder inside the run's, its model section."""
+    return dataclasses.replace(cfg, name=name, out_dir=str(cfg.run_dir), model=dict(model))
+
+
+DML = register_technique(MutualLearning())

@@ -24,16 +24,42 @@ like any other (``dynsila.convert``); training them further with this objective 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dynsila.config import Config
-from dynsila.methods.technique import ModelBatch, Technique
-from dynsila.models import DynamicOutput
+from dynsila.config import Config, bounded
+from dynsila.errors import ConfigError
+from dynsila.methods.technique import ModelBatch, Technique, register_technique, unwrap
+from dynsila.models import DynamicOutput, gated_body
 
 Baseline = Literal["none", "batch_mean"]
+
+
+@dataclass
+class GateStageConfig:
+    stage: Literal["sp", "hrl"] = "sp"  # gated nets: supervised pre-training, or hybrid reinforcement learning
+
+
+@dataclass
+class GateLossConfig:
+    # gated nets, SP stage only: + gate_cost x the expected share of gated-block MACs executed. An addition of ours:
+    # the SkipNet reference's SP stage is plain cross-entropy (gate_cost 0); the HRL stage ignores it
+    gate_cost: float = bounded(0.0, 0.0)
+    # gated nets, HRL stage (SkipNet's hybrid RL, methods/hrl.py): a skip earns hrl_alpha / G (G gates), the task
+    # reward is -CE; the policy-gradient term is scaled by rl_weight per sample and summed over the batch, as the
+    # reference (alpha 0.1, rl_weight 0.01). hrl_alpha is SkipNet's accuracy/cost knob: sweep it, one run each
+    hrl_alpha: float = bounded(0.1, 0.0)
+    rl_weight: float = bounded(0.01, 0.0)
+    rl_baseline: Literal["none", "batch_mean"] = "none"  # none: the reference; batch_mean: ours, R_g - mean_batch(R_g)
+
+    @property
+    def needs_block_costs(self) -> bool:
+        """The gate-cost term weighs each gated block by its MACs, which the model builder then counts."""
+        return self.gate_cost != 0
 
 
 def skip_rewards(actions: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -83,23 +109,48 @@ def gate_terms(output: DynamicOutput, labels: torch.Tensor, cfg: Config) -> dict
     reward-to-go, ``loss.rl_weight``, no baseline unless ``loss.rl_baseline`` asks for the batch mean."""
     if not output.gate_probs:
         return {}
-    if cfg.train.stage == "sp":
-        if cfg.loss.gate_cost == 0:
+    settings = cfg.section(GateLossConfig)
+    if cfg.section(GateStageConfig).stage == "sp":
+        if settings.gate_cost == 0:
             return {}
         probs = torch.stack(output.gate_probs, dim=1)  # N x G
-        return {"gate_cost": cfg.loss.gate_cost * (probs * output.block_cost_share).sum(dim=1).mean()}
+        return {"gate_cost": settings.gate_cost * (probs * output.block_cost_share).sum(dim=1).mean()}
     if output.action_log_prob is None:
         raise ValueError("train.stage=hrl needs gate actions sampled in training (gate_mode='sample')")
     policy = hrl_policy_loss(
         probs=torch.stack(output.gate_probs, dim=1),
         actions=torch.stack(output.gate_actions, dim=1),
         task_loss=F.cross_entropy(output.logits[-1], labels, reduction="none"),
-        alpha=cfg.loss.hrl_alpha,
-        rl_weight=cfg.loss.rl_weight,
+        alpha=settings.hrl_alpha,
+        rl_weight=settings.rl_weight,
         batch_size=cfg.data.batch_size,  # the global batch: the reference sums the term over it
-        baseline=cfg.loss.rl_baseline,
+        baseline=settings.rl_baseline,
     )
     return {"reinforce": policy}
+
+
+class GateStage(Technique):
+    """SkipNet's two training stages: straight-through gates for supervised pre-training (SP), sampled gate
+    actions for hybrid reinforcement learning (HRL, a run started from the SP run's weights: ``train.init_from``)."""
+
+    name = "gate_stage"
+    settings = GateStageConfig
+    section = "train"
+    order = 29
+
+    def active(self, cfg: Config) -> bool:
+        return cfg.section(GateStageConfig).stage == "hrl"
+
+    def prepare(self, net: nn.Module, cfg: Config) -> nn.Module:
+        stage = cfg.section(GateStageConfig).stage
+        body = gated_body(unwrap(net))
+        if stage == "hrl" and body is None:
+            raise ConfigError(
+                f"train.stage=hrl needs a gated model (skipnet), not {type(unwrap(net)).__name__}; use sp"
+            )
+        if body is not None:
+            body.gate_mode = "sample" if stage == "hrl" else "straight_through"
+        return net
 
 
 class GateTerms(Technique):
@@ -107,10 +158,16 @@ class GateTerms(Technique):
     gradient. Networks without gates get nothing."""
 
     name = "gates"
-    config_section = "train.stage, loss.gate_cost, loss.hrl_alpha, loss.rl_weight, loss.rl_baseline"
+    settings = GateLossConfig
+    section = "loss"
+    order = 30
+
+    def active(self, cfg: Config) -> bool:
+        return cfg.section(GateLossConfig).gate_cost > 0
 
     def model_terms(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
         return {} if batch.gates is None else gate_terms(batch.gates, batch.labels, batch.cfg)
 
 
-GATES = GateTerms()
+GATE_STAGE = register_technique(GateStage())
+GATES = register_technique(GateTerms())

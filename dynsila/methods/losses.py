@@ -1,9 +1,8 @@
 """The training loss as a sum of named terms: exit cross-entropy, then what each training technique adds.
 
-``TECHNIQUES`` is the one table of techniques (``dynsila.methods.technique`` says what one is); its order is the
-order in which terms are added and summed, so it is part of the numerics: a new technique goes at the end
-(``register_technique``). Terms stay separate so progress lines and metrics.jsonl show each one, and a NaN names
-its term.
+``dynsila.methods.technique.TECHNIQUES`` is the one table of techniques; its order is the order in which terms are
+added and summed, so it is part of the numerics. Terms stay separate so progress lines and metrics.jsonl show each
+one, and a NaN names its term.
 """
 
 from __future__ import annotations
@@ -14,23 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from dynsila.config import Config
-from dynsila.methods.dml import DML
-from dynsila.methods.hrl import GATES
-from dynsila.methods.self_distill import SELF_DISTILLATION
-from dynsila.methods.sila import SILA, SiLaOutput
-from dynsila.methods.technique import ModelBatch, Technique
+from dynsila.methods.technique import TECHNIQUES, ModelBatch, register_technique
 from dynsila.models import DynamicOutput
 
-# the training techniques, in the order their terms are added to the loss
-TECHNIQUES: list[Technique] = [SILA, SELF_DISTILLATION, GATES, DML]
+__all__ = ["TECHNIQUES", "register_technique", "loss_terms", "ensemble_loss_terms", "ensemble_monitor_terms"]
 
-
-def register_technique(technique: Technique) -> Technique:
-    """Add a technique at the end of the table (its terms come after every built-in one)."""
-    if any(t.name == technique.name for t in TECHNIQUES):
-        raise ValueError(f"a training technique named {technique.name!r} is registered already")
-    TECHNIQUES.append(technique)
-    return technique
+Output = object  # what a training network returns: a list of logits, a DynamicOutput, or a wrapper's output
 
 
 def exit_weights(cfg: Config, num_exits: int) -> list[float]:
@@ -45,26 +33,24 @@ def exit_cross_entropy(logits: list[torch.Tensor], labels: torch.Tensor, weights
     return torch.stack([w * F.cross_entropy(z, labels) for w, z in zip(weights, logits, strict=True)]).sum()
 
 
-Output = list[torch.Tensor] | DynamicOutput | SiLaOutput
-
-
 def logits_of(output: Output) -> list[torch.Tensor]:
-    """The per-exit logits of any training output (plain, gated or SiLa-wrapped)."""
-    return output.logits if isinstance(output, SiLaOutput | DynamicOutput) else output
+    """The per-exit logits of any training output: a list of logits, or an output holding them as ``.logits``
+    (a gated network's ``DynamicOutput``, a technique wrapper's output)."""
+    logits = getattr(output, "logits", output)
+    assert isinstance(logits, list)
+    return logits
+
+
+def gates_of(output: Output) -> DynamicOutput | None:
+    """The gate decisions of a gated network's output, itself or inside a wrapper's (``.dynamic``)."""
+    gated = getattr(output, "dynamic", output)
+    return gated if isinstance(gated, DynamicOutput) else None
 
 
 def model_batch(output: Output, labels: torch.Tensor, cfg: Config) -> ModelBatch:
     """What the techniques see of one network's output on a batch."""
     logits = logits_of(output)
-    gated = output.dynamic if isinstance(output, SiLaOutput) else output
-    return ModelBatch(
-        output=output,
-        logits=logits,
-        gates=gated if isinstance(gated, DynamicOutput) else None,
-        labels=labels,
-        exit_weights=exit_weights(cfg, len(logits)),
-        cfg=cfg,
-    )
+    return ModelBatch(output, logits, gates_of(output), labels, exit_weights(cfg, len(logits)), cfg)
 
 
 def model_terms(batch: ModelBatch) -> dict[str, torch.Tensor]:
@@ -84,7 +70,7 @@ def loss_terms(output: Output, labels: torch.Tensor, cfg: Config) -> dict[str, t
 
 
 def ensemble_loss_terms(outputs: Sequence[Output], labels: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
-    """Terms of all DML peers summed by name, then the terms that couple the peers (DML's, when there are several)."""
+    """Terms of all networks summed by name, then the terms that couple them (DML's, when there are several)."""
     batches = [model_batch(output, labels, cfg) for output in outputs]
     terms: dict[str, torch.Tensor] = {}
     for batch in batches:

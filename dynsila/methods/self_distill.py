@@ -12,10 +12,19 @@ and the shared trunk through them, do. T^2 keeps the gradient scale independent 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from dynsila.methods.technique import ModelBatch, Technique
+from dynsila.config import Config, bounded
+from dynsila.methods.technique import ModelBatch, Technique, register_technique
+
+
+@dataclass
+class SelfDistillConfig:
+    self_distill: float = bounded(0.0, 0.0)  # weight of T^2 KL(p_last || p_k) for every earlier exit k; 0 = off
+    distill_temperature: float = bounded(3.0, 0.0, low_open=True)  # T of self_distill
 
 
 def self_distillation_loss(logits: list[torch.Tensor], exit_weights: list[float], temperature: float) -> torch.Tensor:
@@ -35,14 +44,19 @@ class SelfDistillation(Technique):
     """``self_distill`` = ``loss.self_distill`` x the loss above, for a network with several exits and a weight > 0."""
 
     name = "self_distill"
-    config_section = "loss.self_distill, loss.distill_temperature"
+    settings = SelfDistillConfig
+    section = "loss"
+    order = 20
+
+    def active(self, cfg: Config) -> bool:
+        return cfg.section(SelfDistillConfig).self_distill > 0
 
     def model_terms(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
-        loss = batch.cfg.loss
-        if not (loss.self_distill > 0 and len(batch.logits) > 1):
+        settings = batch.cfg.section(SelfDistillConfig)
+        if not (settings.self_distill > 0 and len(batch.logits) > 1):
             return {}
-        distill = self_distillation_loss(batch.logits, batch.exit_weights, loss.distill_temperature)
-        return {"self_distill": loss.self_distill * distill}
+        distill = self_distillation_loss(batch.logits, batch.exit_weights, settings.distill_temperature)
+        return {"self_distill": settings.self_distill * distill}
 
 
-SELF_DISTILLATION = SelfDistillation()
+SELF_DISTILLATION = register_technique(SelfDistillation())

@@ -33,17 +33,34 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from dynsila.config import SiLaConfig
+from dynsila.config import Config, bounded
 from dynsila.errors import ConfigError
-from dynsila.methods.technique import ModelBatch, Technique
+from dynsila.methods.technique import ModelBatch, Technique, register_technique, strip_wrappers, unwrap
 from dynsila.models import DynamicOutput, MultiExitNetwork, exit_logits
+
+
+@dataclass
+class SiLaConfig:
+    enabled: bool = True
+    attach: Literal["features", "logits"] = "features"
+    # separate: twin CE on its own softmax; joint: + a 2C softmax over [z, z'] (main CE kept); joint_only: that
+    # 2C softmax replaces the exit CE (SilaNet v1's duplicated label; see README, SiLa)
+    softmax: Literal["separate", "joint", "joint_only"] = "separate"
+    # linear / mlp: a twin of the exit's fc (reads its input, or its logits); classifier: a fresh copy of the exit's
+    # whole classifier module (for MSDNet its convolutions, pooling and fc) reading what that classifier reads
+    head: Literal["linear", "mlp", "classifier"] = "linear"
+    hidden: int = bounded(256, 1)  # width of the mlp head
+    weight: float = bounded(1.0, 0.0)  # lambda: the twin head's loss
+    consistency: float = bounded(0.0, 0.0)  # mu: KL(twin || main) at temperature T
+    temperature: float = bounded(1.0, 0.0, low_open=True)
 
 
 class SiameseHead(nn.Module):
@@ -139,25 +156,11 @@ class SiLa(nn.Module):
         return bare
 
 
-def _strip_wrappers(net: nn.Module) -> nn.Module:
-    net = getattr(net, "_orig_mod", net)  # torch.compile
-    return getattr(net, "module", net)  # DistributedDataParallel
-
-
-def unwrap(net: nn.Module) -> MultiExitNetwork:
-    """The bare network inside DDP / torch.compile / SiLa wrappers, sharing its weights (no copy)."""
-    net = _strip_wrappers(net)
-    bare = net.model if isinstance(net, SiLa) else net
-    if not isinstance(bare, MultiExitNetwork):
-        raise TypeError(f"{type(bare).__name__} does not follow the multi-exit protocol (models.MultiExitNetwork)")
-    return bare
-
-
 def prune(net: nn.Module) -> MultiExitNetwork:
     """The deployable network: a copy with SiLa heads dropped and DDP / compile wrappers removed.
 
     Returns a model of the same class, state-dict keys and parameter count as one built without SiLa."""
-    net = _strip_wrappers(net)
+    net = strip_wrappers(net)
     return net.bare_model() if isinstance(net, SiLa) else copy.deepcopy(unwrap(net))
 
 
@@ -228,23 +231,35 @@ def twin_agreement(outputs: Sequence[object]) -> dict[str, torch.Tensor]:
 
 
 class SiLaTechnique(Technique):
-    """SiLa's twin-label terms for a SiLa-wrapped network (``SiLa`` above adds the heads), and its twin/main
-    agreement as monitor terms. With ``softmax: joint_only`` its joint CE stands in for the exit CE."""
+    """SiLa's siamese heads around each network (``prepare``; ``deploy`` drops them), its twin-label terms, and its
+    twin/main agreement as monitor terms. With ``softmax: joint_only`` its joint CE stands in for the exit CE."""
 
     name = "sila"
-    config_section = "sila"
+    settings = SiLaConfig
+    order = 10
+
+    def active(self, cfg: Config) -> bool:
+        return bool(cfg.section(SiLaConfig).enabled)
+
+    def prepare(self, net: nn.Module, cfg: Config) -> nn.Module:
+        settings = cfg.section(SiLaConfig)
+        return SiLa(unwrap(net), settings) if settings.enabled else net
+
+    def deploy(self, net: nn.Module) -> nn.Module:
+        return net.bare_model() if isinstance(net, SiLa) else net
 
     def replaces_exit_ce(self, batch: ModelBatch) -> bool:
-        return isinstance(batch.output, SiLaOutput) and replaces_exit_ce(batch.cfg.sila)
+        return isinstance(batch.output, SiLaOutput) and replaces_exit_ce(batch.cfg.section(SiLaConfig))
 
     def model_terms(self, batch: ModelBatch) -> dict[str, torch.Tensor]:
         if not isinstance(batch.output, SiLaOutput):
             return {}
         cfg = batch.cfg
-        return sila_loss_terms(batch.output, batch.labels, cfg.sila, batch.exit_weights, cfg.loss.ce_weight)
+        return sila_loss_terms(batch.output, batch.labels, cfg.section(SiLaConfig), batch.exit_weights,
+                               cfg.loss.ce_weight)  # fmt: skip
 
     def monitor_terms(self, batches: Sequence[ModelBatch]) -> dict[str, torch.Tensor]:
         return twin_agreement([batch.output for batch in batches])
 
 
-SILA = SiLaTechnique()
+SILA = register_technique(SiLaTechnique())

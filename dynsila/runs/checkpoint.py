@@ -21,6 +21,7 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from dynsila.errors import CheckpointError
+from dynsila.runtime import set_rng_state
 
 CHECKPOINT_FORMAT = "dynsila-checkpoint-1"
 
@@ -142,3 +143,36 @@ def read_deploy(path: Path) -> tuple[dict[str, torch.Tensor], str]:
             "dynsila.train (deploy.safetensors in the run directory)"
         )
     return state, metadata["config"]
+
+
+def training_checkpoint(
+    module: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``last.pt`` and ``best.pt`` hold: weights, optimizer, scaler (when on), and ``progress`` (epoch, step,
+    best score and epoch, every rank's random-generator state, world size, config text)."""
+    scaler_state = scaler.state_dict() if scaler.is_enabled() else {}
+    return {"model": module.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler_state, **progress}
+
+
+def restore_training(
+    path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, rank: int,
+    world_size: int,
+) -> tuple[int, float, int]:
+    """Load ``last.pt`` into the training module, optimizer, scaler and this rank's random generators; returns
+    (finished epochs, best score, best epoch). A checkpoint missing any of it is refused in one line."""
+    checkpoint = load_checkpoint(path)
+    try:
+        load_weights(module, checkpoint["model"], path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        states = checkpoint["rng"]
+        set_rng_state(states[rank] if len(states) == world_size else states[0])
+        return int(checkpoint["epoch"]), float(checkpoint["best_score"]), int(checkpoint["best_epoch"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        detail = f"no entry {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0][:80]
+        raise CheckpointError(
+            f"{path} is not a whole training checkpoint ({detail}); resume from a last.pt written by dynsila.train "
+            "or start again without resume=true"
+        ) from None
+

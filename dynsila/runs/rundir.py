@@ -12,12 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from dynsila import models
 from dynsila.runs.checkpoint import atomic_write_text, load_weights, read_deploy
 from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
 from dynsila.budget.flops import gated_block_macs
+from dynsila.methods.technique import network_configs, prepare_network, validate_networks
 from dynsila.models import MultiExitNetwork, PretrainedWeightsUnavailable
 
 CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
@@ -37,9 +40,29 @@ def build_model(cfg: Config, num_classes: int | None = None) -> MultiExitNetwork
     if not isinstance(model, MultiExitNetwork):
         raise TypeError(f"model {cfg.model['name']!r} does not follow the multi-exit protocol (MultiExitNetwork)")
     body = model.gated_body()
-    if body is not None and cfg.loss.gate_cost != 0:  # that loss term weighs each gated block by its MACs
+    if body is not None and needs_block_costs(cfg):
         body.set_block_costs(gated_block_macs(model, input_shape(cfg)))
     return model
+
+
+def build_networks(cfg: Config, num_classes: int, resuming: bool) -> tuple[list[tuple[str | None, Config]], list[nn.Module]]:
+    """The networks of a run, as the techniques train them: (folder in the run or None, config) of each, and each
+    network built, initialised from ``train.init_from`` unless resuming, prepared by every technique, and checked
+    together (``dynsila.methods.technique``)."""
+    configs, nets = network_configs(cfg), []
+    for folder, net_cfg in configs:
+        model = build_model(net_cfg, num_classes)
+        if cfg.train.init_from and not resuming:
+            load_deploy_weights(model, Path(cfg.train.init_from), folder)
+        nets.append(prepare_network(model, cfg))
+    validate_networks(nets, cfg)
+    return configs, nets
+
+
+def needs_block_costs(cfg: Config) -> bool:
+    """Whether a technique's settings weigh each gated block by its MACs (``needs_block_costs``), which are then
+    counted here, where the cost code can be reached."""
+    return any(getattr(value, "needs_block_costs", False) for value in cfg.settings.values())
 
 
 def input_shape(cfg: Config) -> tuple[int, int, int]:
@@ -57,14 +80,30 @@ def read_run_config(run_dir: Path) -> Config:
 def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
     """The pruned model of a finished run, in eval mode, with the config that built it."""
     run_dir = Path(run_dir)
-    if not (run_dir / DEPLOY).exists() and (run_dir / "peer0" / DEPLOY).exists():
-        peers = ", ".join(str(p) for p in sorted(run_dir.glob("peer*")))
-        raise DynsilaError(f"{run_dir} is a DML run with one deploy model per peer; pass one of: {peers}")
+    inside = network_dirs(run_dir)
+    if not (run_dir / DEPLOY).exists() and inside:
+        names = ", ".join(str(p) for p in inside)
+        raise DynsilaError(f"{run_dir} trained several networks, each with its own deploy model; pass one of: {names}")
     state, config_yaml = read_deploy(run_dir / DEPLOY)
     cfg = config_from_yaml(config_yaml, f"the config in {run_dir / DEPLOY}'s metadata")
     model = build_model(cfg)  # the saved config has data.num_classes resolved
     load_weights(model, state, Path(run_dir) / DEPLOY)
     return model.eval(), cfg
+
+
+def network_dirs(run_dir: Path) -> list[Path]:
+    """The folders of a run that trained several networks side by side, one deploy model each (empty otherwise)."""
+    return sorted(p.parent for p in Path(run_dir).glob(f"*/{DEPLOY}"))
+
+
+def load_deploy_weights(model: nn.Module, source: Path, folder: str | None = None) -> None:
+    """Load the deploy weights of a finished run into ``model`` (its network ``folder`` when it trained several):
+    e.g. the SP run a SkipNet HRL stage starts from. Training-only parts keep their initialisation."""
+    if folder is not None and (source / folder).is_dir():
+        source = source / folder
+    path = source if source.suffix == ".safetensors" else source / DEPLOY
+    state, _ = read_deploy(path)
+    load_weights(model, state, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -67,3 +67,13 @@ def holds_run(run_dir: Path) -> bool:
 def _bookkeeping(name: str) -> bool:
     """The lock file, or an interrupted write's temporary file."""
     return name == LOCK_FILE or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def refuse_existing_run(run_dir: Path, resume: bool, force: bool) -> None:
+    """One line when a run already lives in ``run_dir`` and the command neither resumes nor overwrites it."""
+    if holds_run(run_dir) and not (resume or force):
+        raise DynsilaError(
+            f"run directory {run_dir} already exists; pass resume=true to continue it, --force to "
+            "overwrite it, or another name=..."
+        )
+
