@@ -137,9 +137,12 @@ def test_skip_speed_smoke(tmp_path, capsys):
     assert load_benchmark("speed.skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "skip_speed.json").read_text())
     assert result["command"] == f"python benchmarks/speed/skip_speed.py --smoke --results-dir {tmp_path}"
-    assert 0 < result["skipped_fraction"] < 1 and 0 < result["macs_ratio"] < 1
-    assert result["met"] == (result["wall_ratio"] <= result["target_wall_ratio"])
-    assert "Target wall-time ratio <= 0.65" in (tmp_path / "skip_speed.md").read_text()
+    rows = result["rows"]
+    assert [r["share_target"] for r in rows] == [0.25, 0.5, 0.75]
+    assert all(0 < r["skipped_fraction"] < 1 and 0 < r["macs_ratio"] < 1 for r in rows)
+    assert rows[0]["macs_ratio"] >= rows[2]["macs_ratio"]  # closing more gates never costs more MACs
+    assert result["met"] == (rows[1]["wall_ratio"] <= result["target_wall_ratio"])
+    assert "wall ratio <= 0.65" in (tmp_path / "skip_speed.md").read_text()
 
 
 def test_early_exit_speed_smoke(tmp_path, capsys):

@@ -414,28 +414,25 @@ def part_skipnet(check: Check) -> dict[str, Any]:
     not computed, against every block executed (threshold bisected as skip_speed bisects it)."""
     from benchmarks.speed.skip_speed import SKIP_SHARE, threshold_for_skipping  # imports fvcore
     from dynsila.budget.flops import gated_costs
+    from dynsila.deploy.gated_runner import GatedRunner
 
     plan, device = check.plan, check.device
     torch.manual_seed(0)
     model = cast(MultiExitNetwork, models.build("skipnet", num_classes=10, depth=plan.skip_depth, gate="rnn"))
     model.eval()
     costs = gated_costs(model, (3, 32, 32))  # on the CPU, before the model moves
-    model.to(device)
-    body = model.gated_body()
-    assert body is not None  # SkipNet is gated
+    runner = GatedRunner(model.to(device), 0.5, costs)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(plan.skip_batch, 3, 32, 32, generator=g).to(device) for _ in range(plan.skip_batches)]
-    threshold = threshold_for_skipping(model, batches, SKIP_SHARE, plan.bisection_steps)
+    threshold = threshold_for_skipping(runner, batches, SKIP_SHARE, plan.bisection_steps)
 
     def run(t: float) -> None:
-        body.threshold = t
-        with torch.no_grad():
-            for x in batches:
-                model(x)
+        runner.set_threshold(t)
+        for x in batches:
+            runner(x)
 
-    body.threshold = threshold
-    with torch.no_grad():
-        executed = torch.cat([torch.stack(model(x).gate_actions, 1) for x in batches]).float().cpu()
+    runner.set_threshold(threshold)
+    executed = torch.cat([runner(x).executed for x in batches]).float().cpu()
     run(-1.0)  # warm-up of the all-executed path (the skipping one ran just above)
     skip_times, all_times = paired_times(lambda: run(threshold), lambda: run(-1.0), device, plan.repeats)
     images = plan.skip_batch * plan.skip_batches

@@ -5,6 +5,9 @@ largest average cost within ``--budget`` MACs), then the chosen split goes throu
 samples stop being computed at the exit they take (and the parts of a stage only later exits read are computed
 only for the samples that go on). Prints accuracy, average MACs (in the paper's convention, where every stage
 runs whole, and as spent under lazy evaluation), images/s and the exit histogram.
+
+A gated network (SkipNet) has one exit: its gate threshold is set by ``--gate-threshold`` or fitted on validation
+for ``--budget``, and the split goes through ``GatedRunner`` (each sample runs only the blocks its gates open).
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from dynsila.budget.flops import exit_costs
+from dynsila.budget.flops import exit_costs, gated_costs
 from dynsila.budget.thresholds import CONFIDENCE, thresholds_for_target
 from dynsila.cli import USER_ERRORS, OneLineParser, at_least_one, device_name, fail, positive
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
+from dynsila.deploy.gated_runner import GatedRunner, threshold_for_budget
 from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits
@@ -47,6 +51,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k (MSDNet's budget parameter)")
     target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
+    target.add_argument("--gate-threshold", type=float, help="gated networks: a gate opens at this probability")
     parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
@@ -106,12 +111,45 @@ def _print_summary(
 
 def _load(run_dir: Path) -> tuple[MultiExitNetwork, Config, Splits]:
     model, cfg = load_deploy_model(run_dir)
-    if model.gated_body() is not None:
-        raise DynsilaError(
-            f"{run_dir} holds a gated network (one exit); early-exit thresholds do not apply: "
-            f"use python -m dynsila.evaluate {run_dir} (it sweeps the gate threshold)"
-        )
     return model, cfg, build_splits(cfg.data)
+
+
+def _run_gated(model: MultiExitNetwork, cfg: Config, splits: Splits, args: argparse.Namespace) -> None:
+    """A gated network: the gate threshold (given, or fitted on val for ``--budget``), then the split through
+    ``GatedRunner``."""
+    if args.q is not None:
+        raise DynsilaError(
+            f"{args.run_dir} holds a gated network (one exit, gates): --q sets exit thresholds; pass --budget MACS "
+            "or --gate-threshold T"
+        )
+    costs = gated_costs(model, input_shape(cfg))
+    runner = GatedRunner(model.to(args.device), 0.5, costs)
+    threshold = args.gate_threshold
+    if threshold is None:
+        val = [normalize(x.to(args.device), splits.mean, splits.std) for x, _ in make_loader(splits.val, 256, False)]
+        threshold = threshold_for_budget(runner, val, args.budget)
+        print(f"gate threshold {threshold:.4f} fitted on val for at most {args.budget / 1e6:.2f}M MACs on average")
+    runner.set_threshold(threshold)
+    dataset = splits.test if args.split == "test" else splits.val
+    hits = seen = 0
+    spent, seconds, executed = 0.0, 0.0, 0.0
+    for images, labels in make_loader(dataset, args.batch_size, shuffle=False):
+        x = normalize(images.to(args.device), splits.mean, splits.std)
+        start = time.perf_counter()
+        result = runner(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        hits, seen = hits + int((result.predictions.cpu() == labels).sum()), seen + len(labels)
+        spent, executed = spent + float(result.macs.sum()), executed + float(result.executed.sum())
+    blocks = len(costs.blocks)
+    print(f"{cfg.name} on {args.split} ({seen} images, batch {args.batch_size}, {args.device}, gate threshold "
+          f"{threshold:.4f})")  # fmt: skip
+    print(
+        f"top-1 {100 * hits / seen:.2f} %   average {spent / seen / 1e6:.3f}M MACs "
+        f"({100 * spent / seen / costs.full:.1f} % of every block)   "
+        f"{100 * executed / (seen * blocks):.1f} % of the gated blocks run   {seen / seconds:.0f} images/s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         model, cfg, splits = _load(args.run_dir)
+        if model.gated_body() is not None:
+            _run_gated(model, cfg, splits, args)
+            return 0
+        if args.gate_threshold is not None:
+            raise DynsilaError(f"{args.run_dir} holds a multi-exit network without gates: pass --q or --budget")
         counted = exit_costs(model, input_shape(cfg))
         costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
         model.to(args.device)

@@ -1,0 +1,75 @@
+"""SkipNet deployed: the gated runner skips per sample and decides as the evaluator does; infer accepts a run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynsila import models
+from dynsila.budget.flops import gated_costs
+from dynsila.config import load_config
+from dynsila.data import ArrayDataset, make_loader
+from dynsila.deploy.gated_runner import GatedRunner, threshold_for_budget
+from dynsila.evaluation.evaluate import gated_pass
+from dynsila.infer import main as infer_main
+from dynsila.training.train import train
+from tests.conftest import randomise_batchnorm
+
+
+def tiny_skipnet(gate: str = "ffgate2") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomise_batchnorm(models.build("skipnet", num_classes=10, depth=38, gate=gate)).eval()
+
+
+@pytest.mark.parametrize("gate", ["ffgate2", "rnn"])
+def test_the_runner_decides_as_the_evaluator_and_skips_per_sample(gate):
+    model = tiny_skipnet(gate)
+    costs = gated_costs(model, (3, 16, 16))
+    images = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8)
+    loader = make_loader(ArrayDataset(images, torch.randint(0, 10, (48,))), 16, False)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    batches = [(x.float() / 255 - 0.5) / 0.25 for x, _ in loader]
+    runner = GatedRunner(model, 0.5, costs)
+    threshold = threshold_for_budget(runner, batches, 0.6 * costs.full + 0.4 * costs.always)
+    body = model.gated_body()
+    body.threshold = threshold
+    reference = gated_pass(model, loader, mean, std, "cpu", costs)
+    runner.set_threshold(threshold)
+    results = [runner(x) for x in batches]
+    executed = torch.cat([r.executed for r in results])
+    assert 0.05 < float(executed.mean()) < 0.95  # some blocks run on part of a batch: the gathering is exercised
+    assert torch.equal(executed, reference.executed)
+    assert torch.equal(torch.cat([r.predictions for r in results]), reference.logits.argmax(1))
+    assert torch.allclose(torch.cat([r.macs for r in results]), reference.macs)
+
+
+def test_the_fitted_threshold_keeps_the_budget_and_runs_the_most_it_allows():
+    model = tiny_skipnet()
+    costs = gated_costs(model, (3, 16, 16))
+    batches = [torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    runner = GatedRunner(model, 0.5, costs)
+    budget = 0.7 * costs.full
+    threshold = threshold_for_budget(runner, batches, budget)
+    runner.set_threshold(threshold)
+    spent = float(torch.cat([runner(x).macs for x in batches]).mean())
+    assert spent <= budget
+    if threshold > 0:
+        runner.set_threshold(max(0.0, threshold - 1e-3))
+        assert float(torch.cat([runner(x).macs for x in batches]).mean()) > budget or threshold < 1e-3
+    with pytest.raises(ValueError, match="must lie in"):
+        runner.set_threshold(1.5)
+    with pytest.raises(ValueError, match="no gated body"):
+        GatedRunner(models.build("msdnet", num_classes=10, n_blocks=2, n_channels=4, growth_rate=4), 0.5, costs)
+
+
+def test_infer_accepts_a_skipnet_run(tiny_config, capsys):
+    section = {"name": "skipnet", "depth": 20, "gate": "ffgate2", "stem": "cifar"}
+    run = train(load_config(tiny_config("skip_infer", model=section, sila={"enabled": False}), ["data.image_size=16"]))
+    capsys.readouterr()
+    assert infer_main([str(run.run_dir), "--gate-threshold", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "% of the gated blocks run" in out
+    assert infer_main([str(run.run_dir), "--budget", "1e9"]) == 0
+    assert "fitted on val" in capsys.readouterr().out
+    assert infer_main([str(run.run_dir), "--q", "1.0"]) == 2
+    assert "--gate-threshold" in capsys.readouterr().err
