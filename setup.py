@@ -34,6 +34,8 @@ setup(
             "self_distill = dynsila.methods.self_distill",
             "gates = dynsila.methods.hrl",
             "dml = dynsila.methods.dml",
+            "imta = dynsila.methods.imta",
+            "ztw = dynsila.methods.ztw",
         ]
     },
     extras_require={

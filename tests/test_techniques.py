@@ -69,6 +69,8 @@ def test_the_builtin_techniques_are_one_module_each_in_one_table():
         ("gate_stage", "dynsila.methods.hrl"),
         ("gates", "dynsila.methods.hrl"),
         ("dml", "dynsila.methods.dml"),
+        ("imta", "dynsila.methods.imta"),
+        ("ztw", "dynsila.methods.ztw"),
     ]
 
 

@@ -75,6 +75,7 @@ KNOWN_FREE_OPS = frozenset(
         "aten::gelu",
         "aten::tanh",
         "aten::softmax",
+        "aten::log_softmax",
         "aten::max_pool2d",
         "aten::avg_pool2d",
         "aten::mean",

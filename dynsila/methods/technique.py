@@ -15,6 +15,8 @@ The lifecycle of a run, and where each hook comes in:
                ensemble_terms(batches)     terms that couple the networks
                monitor_terms(batches)      detached diagnostics, logged, never minimised
     deploy     deploy(net)                 the network without what only training needs (SiLa's heads)
+    any time   deploy_form(model, cfg)     the deploy network itself changed (IMTA's links, ZTW's ensembles): applied
+                                           by ``runs.rundir.build_model``, so a finished run is rebuilt with them
 
 ``ModelBatch`` is what a technique sees of a step: one network's raw output, its per-exit logits, the gate
 decisions of a gated network, the labels, the exit weights and the run's ``Config``, from which it reads its own
@@ -106,6 +108,11 @@ class Technique:
         """The network without this technique's training-only parts (a copy when anything is removed)."""
         return net
 
+    def deploy_form(self, model: MultiExitNetwork, cfg: Config) -> MultiExitNetwork:
+        """The network as this technique deploys it, built from the bare one: modules it adds to the deploy network
+        (kept by ``deploy``, counted by the cost code, rebuilt from the config when a run is loaded), or ``model``."""
+        return model
+
 
 _TABLE: list[Technique] = []
 TECHNIQUES: list[Technique] = []  # the table, in loss order (``order``, then registration)
@@ -178,9 +185,18 @@ def prepare_network(net: nn.Module, cfg: Config) -> nn.Module:
     return net
 
 
+def deploy_form(model: MultiExitNetwork, cfg: Config) -> MultiExitNetwork:
+    """The network the config deploys: every technique's ``deploy_form`` in table order (the bare one unless a
+    technique changes the deploy network)."""
+    for technique in TECHNIQUES:
+        model = technique.deploy_form(model, cfg)
+    return model
+
+
 def deploy_network(net: nn.Module) -> MultiExitNetwork:
     """The deployable network: a copy without DDP / compile wrappers and every technique's training-only parts;
-    the same class, state-dict keys and parameter count as one built without any technique."""
+    the same class, state-dict keys and parameter count as the config's ``deploy_form`` (the bare network unless
+    a technique changes the deploy network)."""
     net = strip_wrappers(net)
     for technique in reversed(TECHNIQUES):
         net = technique.deploy(net)

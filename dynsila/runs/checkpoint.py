@@ -11,7 +11,7 @@ import io
 import os
 import pickle
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,10 +100,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """``model.load_state_dict`` that names the mismatch (a checkpoint of another architecture) in one line."""
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str | Path, may_lack: Sequence[str] = ()
+) -> None:
+    """``model.load_state_dict`` that names the mismatch (a checkpoint of another architecture) in one line.
+    Keys under a module named in ``may_lack`` may be absent from ``state``; they keep their values."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    prefixes = tuple(f"{name}." for name in may_lack)
+    missing = [k for k in own if k not in state and not (prefixes and k.startswith(prefixes))]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or reshaped:
@@ -115,7 +119,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str |
             f"{source} holds weights of another architecture: {'; '.join(parts)}; rebuild the "
             "model from the config saved with it (config.yaml in its run directory)"
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not prefixes)
 
 
 def save_deploy(path: Path, model: nn.Module, config_yaml: str) -> None:

@@ -20,14 +20,15 @@ from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
 from dynsila.budget.flops import gated_block_macs
-from dynsila.methods.technique import network_configs, prepare_network, validate_networks
+from dynsila.methods.technique import deploy_form, network_configs, prepare_network, validate_networks
 from dynsila.models import MultiExitNetwork, PretrainedWeightsUnavailable
 
 CONFIG, METRICS, LAST, BEST, DEPLOY = "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "deploy.safetensors"
 
 
 def build_model(cfg: Config, num_classes: int | None = None) -> MultiExitNetwork:
-    """The bare network the config describes (no SiLa heads)."""
+    """The network the config deploys: the registry's, in every technique's ``deploy_form`` (no training-only parts
+    such as SiLa heads; the modules a technique adds to the deploy network, such as IMTA's links, included)."""
     num_classes = num_classes or num_classes_of(cfg.data)
     if num_classes is None:
         raise ConfigError(
@@ -42,7 +43,7 @@ def build_model(cfg: Config, num_classes: int | None = None) -> MultiExitNetwork
     body = model.gated_body()
     if body is not None and needs_block_costs(cfg):
         body.set_block_costs(gated_block_macs(model, input_shape(cfg)))
-    return model
+    return deploy_form(model, cfg)
 
 
 def build_networks(cfg: Config, num_classes: int, resuming: bool) -> tuple[list[tuple[str | None, Config]], list[nn.Module]]:
@@ -98,12 +99,15 @@ def network_dirs(run_dir: Path) -> list[Path]:
 
 def load_deploy_weights(model: nn.Module, source: Path, folder: str | None = None) -> None:
     """Load the deploy weights of a finished run into ``model`` (its network ``folder`` when it trained several):
-    e.g. the SP run a SkipNet HRL stage starts from. Training-only parts keep their initialisation."""
+    e.g. the SP run a SkipNet HRL stage starts from. Training-only parts keep their initialisation, and so do the
+    modules that declare ``starts_fresh`` (a later stage's addition, such as ZTW's ensembles), which the source may
+    lack."""
     if folder is not None and (source / folder).is_dir():
         source = source / folder
     path = source if source.suffix == ".safetensors" else source / DEPLOY
     state, _ = read_deploy(path)
-    load_weights(model, state, path)
+    fresh = [name for name, module in model.named_modules() if getattr(module, "starts_fresh", False)]
+    load_weights(model, state, path, may_lack=fresh)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
