@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import subprocess
@@ -151,7 +152,7 @@ def test_an_installed_package_registers_its_technique_through_its_entry_point():
         "import sys; names = sorted(e.name for e in entry_points(group='dynsila.techniques')); print(names)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert {"dml", "gates", "self_distill", "sila"} <= set(eval(out))  # and every other built-in technique
+    assert {"dml", "gates", "self_distill", "sila"} <= set(ast.literal_eval(out))  # and every other built-in technique
     # a fresh process that only loads a config finds every built-in technique's keys
     code = "from dynsila.config import load_config; c = load_config(None, ['dml.peers=2', 'loss.gate_cost=0.5']); "
     code += "print(c.dml.peers, c.loss.ce_weight)"
