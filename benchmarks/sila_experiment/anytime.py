@@ -112,6 +112,16 @@ METHODS: dict[str, Method] = {
         "half the parameters, SiLa joint_only",
         "half_params",
     ),
+    # tier 4: the field's multi-exit training techniques, on the seeds of the precision extension, so that each is
+    # paired on one machine with the baseline and the loss-scale control re-run there (baseline_rerun, _x2_rerun)
+    "ge": Method(4, ("sila.enabled=false", "ge.enabled=true"), "gradient equilibrium (IMTA, Li et al. 2019)"),
+    "imta": Method(
+        4, ("sila.enabled=false", "imta.enabled=true"), "IMTA: inline subnetwork collaboration + one-for-all KD"
+    ),
+    "l2w": Method(4, ("sila.enabled=false", "l2w.enabled=true"), "L2W-DEN: meta-learned per-sample exit weights"),
+    "ztw_cascade": Method(
+        4, ("sila.enabled=false", "ztw.enabled=true"), "Zero Time Waste, its first stage: cascading connections"
+    ),
 }
 
 
@@ -126,6 +136,8 @@ class SeedExtension:
 
 # the two SiLa readings that can carry a signal, and their references, until the paired intervals reach +-1 point
 PRECISION = SeedExtension(("sila_mlp", "sila_joint_only", "baseline_rerun", "baseline_x2_rerun"), range(5, 15))
+# the field's techniques, on the first five of those seeds (their references are the precision family's re-runs)
+FIELD = SeedExtension(("ge", "imta", "l2w", "ztw_cascade"), range(5, 10))
 
 
 @dataclass(frozen=True)
@@ -135,11 +147,11 @@ class Preset:
     needs: str  # the data file or folder, relative to the repository root
     overrides: tuple[str, ...]
     widths: dict[str, tuple[str, ...]]  # width name -> the model overrides that make it ("full": none)
-    seeds: dict[int, int] = field(default_factory=lambda: {1: 5, 2: 3, 3: 5})  # tier -> number of seeds
+    seeds: dict[int, int] = field(default_factory=lambda: {1: 5, 2: 3, 3: 5})  # tier -> number of seeds (0, 1, ...)
     jobs: int = 2  # concurrent training processes
     threads: int = 1  # CPU threads per process
     device: str = "cpu"
-    extension: SeedExtension | None = None
+    extensions: tuple[SeedExtension, ...] = ()
 
 
 QUIET = ("train.eval_test_every_epoch=false", "train.log_every=100000")
@@ -148,7 +160,7 @@ CPU_HALF_PARAMS = ("model.n_channels=6", "model.growth_rate=3", "model.head_chan
 CPU_WIDTHS = {"full": (), "half_width": CPU_HALF, "half_params": CPU_HALF_PARAMS}
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("cifar10_dev2", "configs/cifar10_dev2/msdnet_anytime.yaml", "../shared/data/cifar10_dev2.npz",
-                  QUIET, CPU_WIDTHS, extension=PRECISION),
+                  QUIET, CPU_WIDTHS, extensions=(PRECISION, FIELD)),
     "gpu": Preset("cifar10_dev2_gpu", "configs/cifar10_dev2/msdnet_anytime.yaml", ".gpu/cifar10_dev2.npz",
                   (*QUIET, "data.root=.gpu/cifar10_dev2.npz", "data.on_device=true", "train.device=cuda"),
                   CPU_WIDTHS, jobs=12, threads=1, device="cuda"),
@@ -175,9 +187,11 @@ def plan(preset: Preset, methods: list[str]) -> list[RunSpec]:
     for tier in sorted(preset.seeds):
         tier_methods = [m for m in methods if METHODS[m].tier == tier and METHODS[m].width in preset.widths]
         specs += [RunSpec(m, s) for s in range(preset.seeds[tier]) for m in tier_methods]
-    if preset.extension is not None:
-        wanted = [m for m in preset.extension.methods if m in methods]
-        specs += [RunSpec(m, s) for s in preset.extension.seeds for m in wanted if RunSpec(m, s) not in specs]
+    seeds = sorted({seed for extension in preset.extensions for seed in extension.seeds})
+    for seed in seeds:  # seed-major across the extensions: each seed's runs of every family side by side
+        for extension in preset.extensions:
+            wanted = [m for m in extension.methods if m in methods and seed in extension.seeds]
+            specs += [RunSpec(m, seed) for m in wanted if RunSpec(m, seed) not in specs]
     return specs
 
 

@@ -45,6 +45,7 @@ BUDGET_POINTS = 8
 PRECISION_READINGS = ("sila_mlp", "sila_joint_only")
 PRECISION_REFERENCES = (RERUN[LOSS_SCALE_CONTROL], RERUN["baseline"])
 PRECISION_TARGET = 1.0
+FIELD = ("ge", "imta", "l2w", "ztw_cascade")  # the field's techniques (tier 4), against the same references
 
 
 class MethodInfo(Protocol):
@@ -128,7 +129,7 @@ def references(name: str, present: Collection[str]) -> list[str]:
         wanted.append(LOSS_SCALE_CONTROL)
     if name in WITHOUT_SILA:  # does SiLa add anything to the method it is composed with?
         wanted.append(WITHOUT_SILA[name])
-    if name in TIER3:
+    if name in TIER3 or name in FIELD:
         wanted = [RERUN.get(ref, ref) for ref in wanted]
     elif name in RERUN.values():  # the re-run against the file it did not reproduce: a diagnostic
         wanted = [ref for ref, rerun in RERUN.items() if rerun == name]
@@ -265,13 +266,15 @@ def same_machine_seeds(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[s
 
 
 def precision_verdicts(
-    grouped: dict[str, dict[int, dict[str, Any]]], rows: dict[str, dict[str, Any]]
+    grouped: dict[str, dict[int, dict[str, Any]]],
+    rows: dict[str, dict[str, Any]],
+    readings: tuple[str, ...] = PRECISION_READINGS,
 ) -> list[dict[str, Any]]:
     """Each signal-carrying reading against each re-run reference: the paired difference in anytime area over the
     same-machine seeds, Holm over this family, the verdict, whether the interval reached the target, and, for
     reference only, the difference over every seed both have (machines unchecked)."""
     out: list[dict[str, Any]] = []
-    for reading in PRECISION_READINGS:
+    for reading in readings:
         for ref in PRECISION_REFERENCES:
             if reading not in rows or ref not in rows:
                 continue
@@ -325,6 +328,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
     half_params = size_claim(rows, HALF_PARAMS_SILA, HALF_PARAMS_BASELINE, RERUN["baseline"])
     tier3 = tier3_verdicts(rows, compared)
     precision = precision_verdicts(grouped, rows)
+    field = precision_verdicts(grouped, rows, FIELD)
     for row in rows.values():
         del row["_scores"]
     return {
@@ -336,6 +340,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
         "half_params": half_params,
         "tier3": tier3,
         "precision": precision,
+        "field": field,
     }
 
 
@@ -475,6 +480,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *precision_lines(s.get("precision", [])),
         "",
+        "## The field's techniques (tier 4), same-machine pairs only",
+        "",
+        *precision_lines(s.get("field", []), "No run of the field's techniques yet."),
+        "",
         "## The 50 % claim as stated: half the deploy parameters, with SiLa, against full size",
         "",
         *half_width_lines(s.get("half_params"), "No half-parameter SiLa run yet."),
@@ -575,9 +584,9 @@ def tier3_lines(verdicts: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def precision_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+def precision_lines(verdicts: list[dict[str, Any]], missing: str = "No run of this family yet.") -> list[str]:
     if not verdicts:
-        return ["No run of this family yet."]
+        return [missing]
     body = [
         [v["method"], v["reference"], f"{len(v['seeds'])}", diff_cell(v["area"]),
          f"{v['p_holm']:.3f}" if math.isfinite(v["p_holm"]) else NO_VALUE, v["verdict"],
