@@ -321,3 +321,11 @@ def test_a_run_resumed_on_another_machine_records_no_fingerprint(tmp_path, monke
     monkeypatch.setattr(anytime, "machine_fingerprint", lambda: {"cpu": "elsewhere"})
     anytime.note_machine(run_dir)  # the resumed part
     assert anytime.run_fingerprint(run_dir) is None
+
+
+def test_two_pairs_get_no_verdict_however_small_their_spread():
+    from benchmarks.sila_experiment.anytime_report import reading_verdict
+
+    two = {"mean": 0.1, "n": 2, "ci95": 0.5, "p_value": 0.6, "mde": 0.4}
+    assert reading_verdict(two, 1.0).startswith("too few pairs")
+    assert reading_verdict({**two, "n": 3}, 1.0) == "no effect seen"

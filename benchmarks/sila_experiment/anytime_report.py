@@ -35,6 +35,7 @@ WITHOUT_SILA = {
 # first 46 runs' files did not reproduce when re-run here (docs/sila_experiment.md), so they are not reused
 RERUN = {"baseline": "baseline_rerun", LOSS_SCALE_CONTROL: "baseline_x2_rerun"}
 TIER3 = {"sila_classifier", "sila_mlp", HALF_PARAMS_SILA, HALF_PARAMS_BASELINE}
+MIN_PAIRS = 3  # below this the spread (and so the MDE) is not estimated well enough for any verdict
 INCONCLUSIVE_MDE = 2.0  # points: a null whose minimum detectable effect is larger than this is inconclusive
 # a twin has collapsed onto its exit when, at the last epoch, its logits sit this close (mean |z' - z| / mean |z|,
 # averaged over exits) and it agrees with the exit's argmax on at least this share of training samples
@@ -224,6 +225,8 @@ def reading_verdict(difference: dict[str, float], p_holm: float) -> str:
     """A few words for a paired difference in anytime area: helps / hurts (Holm-corrected), a nominal gain or
     loss (beyond noise alone, not after Holm over the family), no effect seen (the design could have seen one of
     INCONCLUSIVE_MDE points), or inconclusive (it could not)."""
+    if difference.get("n", MIN_PAIRS) < MIN_PAIRS:
+        return f"too few pairs (n < {MIN_PAIRS})"
     if math.isfinite(p_holm) and p_holm < ALPHA:
         return "helps" if difference["mean"] > 0 else "hurts"
     if difference.get("p_value", math.nan) < ALPHA:
