@@ -34,6 +34,7 @@ setup(
             "self_distill = dynsila.methods.self_distill",
             "gates = dynsila.methods.hrl",
             "dml = dynsila.methods.dml",
+            "ge = dynsila.methods.gradient_equilibrium",
             "imta = dynsila.methods.imta",
             "ztw = dynsila.methods.ztw",
         ]

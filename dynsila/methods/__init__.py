@@ -10,4 +10,12 @@ config is loaded). May import the foundation (``dynsila.errors``, ``dynsila.conf
 ``dynsila.models``; nothing that trains, evaluates, stores or deploys.
 """
 
-from dynsila.methods import dml, hrl, imta, self_distill, sila, ztw  # noqa: F401  (each registers its technique)
+from dynsila.methods import (  # noqa: F401  (each registers its technique)
+    dml,
+    gradient_equilibrium,
+    hrl,
+    imta,
+    self_distill,
+    sila,
+    ztw,
+)
