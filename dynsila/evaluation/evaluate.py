@@ -10,6 +10,9 @@ One pass over a split stores every exit's logits (N x K x C); every criterion is
 - average MACs in the paper's convention by default (every stage whole, every exit up to the one taken) or, with
   ``macs="lazy"``, in what a sample pays under ``dynsila.runner``'s lazy evaluation (``dynsila.flops``); every
   table states which.
+- **calibrated** budgeted curves: one temperature per exit fitted on the validation logits
+  (``dynsila.budget.calibration``, Guo et al. 2017), then the same budgeted sweep on the scaled logits; the
+  temperatures and each exit's ECE before and after go with them (``EvalReport.calibration``).
 - **gated** networks (``model.gated_body()`` is not None): accuracy versus average per-sample MACs over a sweep
   of the gate threshold.
 
@@ -18,6 +21,7 @@ The report is ``dynsila.report.EvalReport``, written to ``RUN_DIR/eval.json``.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from dynsila.budget.calibration import apply_temperatures, calibrate_exits
 from dynsila.budget.flops import ExitCost, GatedCosts, exit_costs, gated_costs
 from dynsila.budget.thresholds import CONFIDENCE, budgeted_sweep
 from dynsila.cli import USER_ERRORS, OneLineParser, device_name, fail
@@ -38,6 +43,7 @@ from dynsila.evaluation.report import (
     MACS_UNITS,
     AnytimeExit,
     BudgetedCurve,
+    CalibratedCurves,
     Curve,
     EvalReport,
     ExitRow,
@@ -54,6 +60,7 @@ __all__ = [
     "EVAL_FILE",
     "MACS_UNITS",
     "EvalReport",
+    "calibrated_curves",
     "collect_logits",
     "evaluate_run",
     "format_report",
@@ -63,6 +70,8 @@ __all__ = [
 ]
 
 EVAL_FILE = "eval.json"
+
+log = logging.getLogger(__name__)
 
 
 # --- one pass over a split ----------------------------------------------------------------------------------
@@ -229,6 +238,27 @@ def _evaluate_gated(
     return sizes, [gated_exit(model, val, test, costs)], [gated_sweep(model, body, loaders, splits, device, costs)]
 
 
+Split = tuple[torch.Tensor, torch.Tensor]  # logits N x K x C, labels N
+
+
+def calibrated_curves(val: Split, test: Split, per_exit: Sequence[float], criteria: Sequence[str]) -> CalibratedCurves:
+    """Temperatures fitted on ``val`` alone, then one budgeted curve per criterion on both splits' scaled logits
+    (thresholds fitted on scaled validation confidences, applied to scaled test ones)."""
+    try:
+        fit = calibrate_exits(*val, *test)
+    except ValueError as e:  # the calibration module imports torch alone; here it becomes a one-line user error
+        raise DynsilaError(f"temperature scaling: {e}") from None
+    temperatures = torch.tensor(fit.temperatures, dtype=torch.float64)
+    scaled_val, scaled_test = ((apply_temperatures(x, temperatures), y) for x, y in (val, test))
+    return CalibratedCurves(
+        fit,
+        [
+            BudgetedCurve(criterion, budgeted_sweep(*scaled_val, *scaled_test, per_exit, criterion=criterion))
+            for criterion in criteria
+        ],
+    )
+
+
 def _evaluate_multi_exit(
     model: MultiExitNetwork,
     cfg: Config,
@@ -237,7 +267,7 @@ def _evaluate_multi_exit(
     device: str,
     criteria: Sequence[str],
     macs: str,
-) -> tuple[dict[str, int], list[AnytimeExit], list[Curve]]:
+) -> tuple[dict[str, int], list[AnytimeExit], list[Curve], CalibratedCurves | None]:
     costs = exit_costs(model, input_shape(cfg))
     model.to(device)
     val, test = (collect_logits(model, loader, splits.mean, splits.std, device) for loader in loaders)
@@ -246,7 +276,12 @@ def _evaluate_multi_exit(
     curves: list[Curve] = [
         BudgetedCurve(criterion, budgeted_sweep(*val, *test, per_exit, criterion=criterion)) for criterion in criteria
     ]
-    return sizes, anytime(val, test, costs), curves
+    try:
+        calibration: CalibratedCurves | None = calibrated_curves(val, test, per_exit, criteria)
+    except DynsilaError as e:  # an exit with non-finite logits: the plain curves are still worth reporting
+        log.warning("%s; the report has no calibrated curves", e)
+        calibration = None
+    return sizes, anytime(val, test, costs), curves, calibration
 
 
 def evaluate_run(
@@ -256,8 +291,10 @@ def evaluate_run(
     batch_size: int = 256,
     macs: str = "paper",
     val_indices: Path | None = None,
+    write: bool = True,
 ) -> EvalReport:
-    """Evaluate a finished run's deploy model: costs, anytime and budgeted results; writes ``eval.json``.
+    """Evaluate a finished run's deploy model: costs, anytime, budgeted and calibrated budgeted results; writes
+    ``eval.json`` unless ``write`` is false (a benchmark re-evaluating runs it must not touch).
     ``macs``: the convention of the budgeted curves' average MACs, a key of ``MACS_CONVENTIONS``.
     ``val_indices``: a file listing the validation split (``data.val_indices``), e.g. a checkpoint's authors'."""
     if macs not in MACS_CONVENTIONS:
@@ -270,10 +307,11 @@ def evaluate_run(
     loaders = (make_loader(splits.val, batch_size, False), make_loader(splits.test, batch_size, False))
     body = model.gated_body()
     exits: list[AnytimeExit] | list[GatedExit]
+    calibration = None
     if body is not None:  # gated network: one exit, cost per sample
         sizes, exits, curves = _evaluate_gated(model, body, cfg, splits, loaders, device)
     else:
-        sizes, exits, curves = _evaluate_multi_exit(model, cfg, splits, loaders, device, criteria, macs)
+        sizes, exits, curves, calibration = _evaluate_multi_exit(model, cfg, splits, loaders, device, criteria, macs)
     report = EvalReport(
         run=cfg.name,
         run_dir=str(run_dir),
@@ -286,8 +324,10 @@ def evaluate_run(
         exits=exits,
         curves=curves,
         macs_convention=macs,
+        calibration=calibration,
     )
-    atomic_write_text(run_dir / EVAL_FILE, report.to_json())
+    if write:
+        atomic_write_text(run_dir / EVAL_FILE, report.to_json())
     return report
 
 
@@ -335,10 +375,25 @@ def _gated_table(curve: GatedCurve) -> list[str]:
     return lines
 
 
-def _budgeted_table(curve: BudgetedCurve, macs_convention: str) -> list[str]:
-    """Every fourth q, to stay readable."""
+def _calibration_table(calibration: CalibratedCurves) -> list[str]:
+    """One row per exit: the temperature fitted on val and the ECE before -> after on both splits."""
+    fit = calibration.fit
     lines = [
-        f"{curve.name}: thresholds fitted on val, applied to test; avg MACs {MACS_CONVENTIONS[macs_convention]}",
+        f"temperature scaling: T per exit fitted on val (NLL); ECE % ({fit.bins} bins) before -> after",
+        f"{'exit':>4}  {'T':>7}  {'val ECE':>15}  {'test ECE':>15}",
+    ]
+    for k, t in enumerate(fit.temperatures):
+        val = f"{fit.val_ece_before[k]:.2f} -> {fit.val_ece_after[k]:.2f}"
+        test = f"{fit.test_ece_before[k]:.2f} -> {fit.test_ece_after[k]:.2f}"
+        lines.append(f"{k + 1:>4}  {t:>7.3f}  {val:>15}  {test:>15}")
+    return lines
+
+
+def _budgeted_table(curve: BudgetedCurve, macs_convention: str, scaled: bool = False) -> list[str]:
+    """Every fourth q, to stay readable; ``scaled``: a curve on temperature-scaled logits."""
+    name = f"{curve.name}, temperature-scaled" if scaled else curve.name
+    lines = [
+        f"{name}: thresholds fitted on val, applied to test; avg MACs {MACS_CONVENTIONS[macs_convention]}",
         f"{'q':>5}  {'avg MACs':>10}  {'test top-1':>10}  {'val top-1':>9}  exit fractions (test)",
     ]
     for p in curve.points[::4]:
@@ -348,7 +403,8 @@ def _budgeted_table(curve: BudgetedCurve, macs_convention: str) -> list[str]:
 
 
 def format_report(report: EvalReport, criteria: Sequence[str] | None = None) -> str:
-    """Anytime table, then the gated sweep or one budgeted table per criterion (all, or those in ``criteria``)."""
+    """Anytime table, then the gated sweep or one budgeted table per criterion (all, or those in ``criteria``),
+    then the temperatures with the ECE per exit and the temperature-scaled budgeted tables."""
     lines = [
         f"{report.run}: {report.model} on {report.dataset} (val {report.splits['val']}, "
         f"test {report.splits['test']}); {report.units}",
@@ -360,6 +416,11 @@ def format_report(report: EvalReport, criteria: Sequence[str] | None = None) -> 
             lines += ["", *_gated_table(curve)]
         elif criteria is None or curve.criterion in criteria:
             lines += ["", *_budgeted_table(curve, report.macs_convention)]
+    if report.calibration is not None:
+        lines += ["", *_calibration_table(report.calibration)]
+        for scaled in report.calibration.curves:
+            if criteria is None or scaled.criterion in criteria:
+                lines += ["", *_budgeted_table(scaled, report.macs_convention, scaled=True)]
     return "\n".join(lines)
 
 

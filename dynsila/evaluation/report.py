@@ -4,7 +4,9 @@ A report holds one row per exit and one curve per evaluation mode: for multi-exi
 (``AnytimeExit``) and one budgeted curve per confidence criterion; for gated networks one ``GatedExit`` (at the
 model's own gate threshold) and the gate-threshold sweep. ``EvalReport.to_dict`` gives the JSON form (the keys
 of every record's fields, infinities as the strings "inf" / "-inf", which strict JSON lacks and ``float()`` reads
-back); ``EvalReport.from_dict`` reads it, including files written before these records existed.
+back); ``EvalReport.from_dict`` reads it, including files written before these records existed. A multi-exit report also
+holds ``calibration``: per-exit temperatures fitted on validation, the ECE per exit before and after, and the
+budgeted curves again on the temperature-scaled logits (absent, ``None``, in older files and for gated networks).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
+from dynsila.budget.calibration import ExitCalibration
 from dynsila.budget.thresholds import BudgetedRow
 
 # What "MACs" means in every report: the cost unit and the model it is counted on.
@@ -111,6 +114,24 @@ Curve = BudgetedCurve | GatedCurve
 
 
 @dataclass
+class CalibratedCurves:
+    """Per-exit temperature scaling (``dynsila.budget.calibration``: temperatures fitted on validation, ECE per exit
+    before and after) and one budgeted curve per criterion on the scaled logits, thresholds fitted on scaled
+    validation confidences as for the plain curves. JSON: the fit's fields and ``curves``, side by side."""
+
+    fit: ExitCalibration
+    curves: list[BudgetedCurve]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.fit), "curves": [_curve_to_dict(c) for c in self.curves]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibratedCurves:
+        curves = [_curve_from_dict(c) for c in data["curves"]]
+        return cls(_record(ExitCalibration, data), [c for c in curves if isinstance(c, BudgetedCurve)])
+
+
+@dataclass
 class EvalReport:
     run: str
     run_dir: str
@@ -123,19 +144,25 @@ class EvalReport:
     exits: list[AnytimeExit] | list[GatedExit]
     curves: list[Curve]
     macs_convention: str = "paper"  # how the budgeted curves' average MACs are counted: a key of MACS_CONVENTIONS
+    calibration: CalibratedCurves | None = None  # temperature-scaled exits; None for gated networks and older files
 
     @property
     def gated(self) -> bool:
         return any(isinstance(e, GatedExit) for e in self.exits)
 
-    def budgeted(self, criterion: str) -> BudgetedCurve | None:
-        """The budgeted curve of ``criterion``, if the report has one."""
-        return next((c for c in self.curves if isinstance(c, BudgetedCurve) and c.criterion == criterion), None)
+    def budgeted(self, criterion: str, calibrated: bool = False) -> BudgetedCurve | None:
+        """The budgeted curve of ``criterion`` (``calibrated``: on temperature-scaled logits), if the report has one."""
+        if calibrated:
+            curves: list[Curve] = list(self.calibration.curves) if self.calibration is not None else []
+        else:
+            curves = self.curves
+        return next((c for c in curves if isinstance(c, BudgetedCurve) and c.criterion == criterion), None)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["exits"] = [dataclasses.asdict(e) for e in self.exits]
         data["curves"] = [_curve_to_dict(c) for c in self.curves]
+        data["calibration"] = self.calibration.to_dict() if self.calibration is not None else None
         safe: dict[str, Any] = json_safe(data)
         return safe
 
@@ -152,7 +179,9 @@ class EvalReport:
         )
         header = {k: data[k] for k in ("run", "run_dir", "model", "dataset", "sila", "seed", "units", "splits")}
         curves = [_curve_from_dict(c) for c in data["curves"]]
-        return cls(**header, exits=exits, curves=curves, macs_convention=data.get("macs_convention", "paper"))
+        calibration = CalibratedCurves.from_dict(data["calibration"]) if data.get("calibration") else None
+        convention = data.get("macs_convention", "paper")
+        return cls(**header, exits=exits, curves=curves, macs_convention=convention, calibration=calibration)
 
     @classmethod
     def from_json(cls, text: str) -> EvalReport:
