@@ -523,7 +523,11 @@ CASES = [
         lambda w: cli(infer_main, w.run, "--q", "1", "--batch-size", "0"),
         r"argument --batch-size: 0 is outside \[1, inf\]",
     ),
-    Case("infer-no-target", lambda w: cli(infer_main, w.run), r"one of the arguments --q --budget --gate-threshold is required"),
+    Case(
+        "infer-no-target",
+        lambda w: cli(infer_main, w.run),
+        r"one of the arguments --q --budget --gate-threshold is required",
+    ),
     Case("infer-not-a-run", lambda w: cli(infer_main, w.root / "nope", "--q", "1"), r"deploy weights .* not found"),
     # export folders and manifests (python -m dynsila.export, OnnxEarlyExitRunner)
     Case("export-q-negative", lambda w: cli(export_main, w.run, "--q", "-1"), r"argument --q: -1 is outside"),

@@ -286,9 +286,9 @@ class GatedCosts:
 
     def per_sample(self, executed: torch.Tensor) -> torch.Tensor:
         """MACs of each sample from its gate decisions ``executed`` (N x G, 1 = block ran) -> N."""
-        run = executed.double()
-        blocks = torch.tensor(self.blocks, dtype=torch.float64)
-        shortcuts = torch.tensor(self.shortcuts, dtype=torch.float64)
+        run = executed.double()  # on its device: a runner on the GPU need not wait for the decisions
+        blocks = torch.tensor(self.blocks, dtype=torch.float64, device=run.device)
+        shortcuts = torch.tensor(self.shortcuts, dtype=torch.float64, device=run.device)
         return self.always + self.gates + run @ blocks + (1 - run) @ shortcuts
 
 

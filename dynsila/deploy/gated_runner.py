@@ -46,7 +46,6 @@ class GatedRunner:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = self.model.to(memory_format=self.memory_format)
         self.costs = costs
-        self._per_block: tuple[torch.Tensor, ...] | None = None
         self.set_threshold(threshold)
 
     @property
@@ -66,16 +65,7 @@ class GatedRunner:
         out = self.model(x.contiguous(memory_format=self.memory_format))
         executed = torch.stack(out.gate_actions, dim=1)
         logits = out.logits[-1]
-        return GatedResult(logits.argmax(1), executed, self.macs(executed), logits)
-
-    def macs(self, executed: torch.Tensor) -> torch.Tensor:
-        """Per-sample MACs from the decisions (N x G), on their device: no wait for it."""
-        if self._per_block is None or self._per_block[0].device != executed.device:
-            self._per_block = tuple(torch.tensor(v, dtype=torch.float64, device=executed.device)
-                                    for v in (self.costs.blocks, self.costs.shortcuts))  # fmt: skip
-        blocks, shortcuts = self._per_block
-        run = executed.double()
-        return self.costs.always + self.costs.gates + run @ blocks + (1 - run) @ shortcuts
+        return GatedResult(logits.argmax(1), executed, self.costs.per_sample(executed), logits)
 
 
 @torch.no_grad()

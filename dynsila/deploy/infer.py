@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from dynsila.budget.flops import exit_costs, gated_costs
 from dynsila.budget.thresholds import CONFIDENCE, thresholds_for_target
@@ -73,17 +76,26 @@ def _fit(args: argparse.Namespace, val_logits: torch.Tensor, costs: list[int]) -
     return thresholds
 
 
-def _run(runner: EarlyExitRunner, splits: Splits, args: argparse.Namespace, lazy_costs: list[int]) -> Tally:
-    dataset = splits.test if args.split == "test" else splits.val
-    num_exits = len(lazy_costs)
-    tally = Tally(0, 0, 0.0, 0.0, 0.0, torch.zeros(num_exits, dtype=torch.long))
+def _timed_batches(
+    runner: Callable[[torch.Tensor], Any], dataset: Dataset, splits: Splits, args: argparse.Namespace
+) -> Iterator[tuple[Any, torch.Tensor, float]]:
+    """(the runner's result, the labels, seconds in the runner) per batch of ``dataset``, normalised on the device;
+    on CUDA the queue is drained inside the timed span, so its kernels are counted."""
     for images, labels in make_loader(dataset, args.batch_size, shuffle=False):
         x = normalize(images.to(args.device), splits.mean, splits.std)
         start = time.perf_counter()
         result = runner(x)
         if x.is_cuda:
             torch.cuda.synchronize()
-        tally.seconds += time.perf_counter() - start
+        yield result, labels, time.perf_counter() - start
+
+
+def _run(runner: EarlyExitRunner, splits: Splits, args: argparse.Namespace, lazy_costs: list[int]) -> Tally:
+    dataset = splits.test if args.split == "test" else splits.val
+    num_exits = len(lazy_costs)
+    tally = Tally(0, 0, 0.0, 0.0, 0.0, torch.zeros(num_exits, dtype=torch.long))
+    for result, labels, seconds in _timed_batches(runner, dataset, splits, args):
+        tally.seconds += seconds
         tally.hits += int((result.predictions.cpu() == labels).sum())
         tally.seen += len(labels)
         tally.spent += float(result.macs.sum())
@@ -133,13 +145,8 @@ def _run_gated(model: MultiExitNetwork, cfg: Config, splits: Splits, args: argpa
     dataset = splits.test if args.split == "test" else splits.val
     hits = seen = 0
     spent, seconds, executed = 0.0, 0.0, 0.0
-    for images, labels in make_loader(dataset, args.batch_size, shuffle=False):
-        x = normalize(images.to(args.device), splits.mean, splits.std)
-        start = time.perf_counter()
-        result = runner(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
+    for result, labels, batch_seconds in _timed_batches(runner, dataset, splits, args):
+        seconds += batch_seconds
         hits, seen = hits + int((result.predictions.cpu() == labels).sum()), seen + len(labels)
         spent, executed = spent + float(result.macs.sum()), executed + float(result.executed.sum())
     blocks = len(costs.blocks)

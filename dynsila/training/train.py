@@ -273,8 +273,9 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, sums: Epoc
     """One optimizer step on a normalised batch, as ``micro_batches`` strided micro-batches (see batch_split),
     after each technique's ``before_step``. Nothing here waits for the device (fp16's GradScaler does, once)."""
     ddp = run.forward if isinstance(run.forward, nn.parallel.DistributedDataParallel) else None
+    step_view = Step(run.forward, x, y, run.cfg, sums.lr)
     for technique in TECHNIQUES:
-        technique.before_step(Step(run.forward, x, y, run.cfg, sums.lr))
+        technique.before_step(step_view)
     micro = run.micro_batches
     run.optimizer.zero_grad(set_to_none=True)
     for m in range(micro):  # strided micro-batches: the shards DDP ranks would see
