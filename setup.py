@@ -35,6 +35,7 @@ setup(
             "gates = dynsila.methods.hrl",
             "dml = dynsila.methods.dml",
             "ge = dynsila.methods.gradient_equilibrium",
+            "l2w = dynsila.methods.l2w",
         ]
     },
     extras_require={

@@ -8,4 +8,4 @@ config is loaded). May import the foundation (``dynsila.errors``, ``dynsila.conf
 ``dynsila.models``; nothing that trains, evaluates, stores or deploys.
 """
 
-from dynsila.methods import dml, gradient_equilibrium, hrl, self_distill, sila  # noqa: F401  (each registers its technique)
+from dynsila.methods import dml, gradient_equilibrium, hrl, l2w, self_distill, sila  # noqa: F401  (each registers)
