@@ -37,6 +37,7 @@ setup(
             "ge = dynsila.methods.gradient_equilibrium",
             "imta = dynsila.methods.imta",
             "ztw = dynsila.methods.ztw",
+            "l2w = dynsila.methods.l2w",
         ]
     },
     extras_require={

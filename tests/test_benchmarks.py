@@ -24,6 +24,7 @@ TOOLKIT_SCRIPTS = (
     "accuracy/flops_vs_acc",
     "speed/skip_speed",
     "speed/throughput",
+    "speed/l2w_step",
 )
 
 
@@ -131,6 +132,13 @@ def test_scripts_share_the_toolkit_instead_of_their_own_copies(name):
     assert "from benchmarks.toolkit import" in source
     for own_copy in ("platform.machine", "datetime.date", "atomic_write_text(", "time.perf_counter", '/ "results"'):
         assert own_copy not in source, f"{name}.py has its own {own_copy}; use benchmarks/toolkit.py"
+
+
+def test_l2w_step_smoke(tmp_path):
+    assert load_benchmark("speed.l2w_step").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "l2w_step.json").read_text())
+    assert result["command"] == f"python benchmarks/speed/l2w_step.py --smoke --results-dir {tmp_path}"
+    assert result["step_time_ratio"] > 0 and "background" in (tmp_path / "l2w_step.md").read_text()
 
 
 def test_skip_speed_smoke(tmp_path, capsys):

@@ -72,6 +72,7 @@ def test_the_builtin_techniques_are_one_module_each_in_one_table():
         ("gates", "dynsila.methods.hrl"),
         ("dml", "dynsila.methods.dml"),
         ("ge", "dynsila.methods.gradient_equilibrium"),
+        ("l2w", "dynsila.methods.l2w"),
         ("imta", "dynsila.methods.imta"),
         ("ztw", "dynsila.methods.ztw"),
     ]
