@@ -25,6 +25,7 @@ TOOLKIT_SCRIPTS = (
     "speed/skip_speed",
     "speed/throughput",
     "speed/l2w_step",
+    "accuracy/calibrated_exits",
 )
 
 
@@ -138,7 +139,8 @@ def test_l2w_step_smoke(tmp_path):
     assert load_benchmark("speed.l2w_step").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "l2w_step.json").read_text())
     assert result["command"] == f"python benchmarks/speed/l2w_step.py --smoke --results-dir {tmp_path}"
-    assert result["step_time_ratio"] > 0 and "background" in (tmp_path / "l2w_step.md").read_text()
+    assert result["step_time_ratio"] > 0 and "load average" in (tmp_path / "l2w_step.md").read_text()
+    assert set(result["load_average_1min"]) == {"start", "end"}
 
 
 def test_skip_speed_smoke(tmp_path, capsys):
@@ -226,3 +228,27 @@ def test_torch_inference_forms_smoke(tmp_path):
     result = json.loads((tmp_path / "torch_inference_forms.json").read_text())
     assert [r["form"].split(",")[0] for r in result["rows"]] == ["eager", "eager", "TorchScript"]
     assert all(r["max_abs_logit_difference"] < 1e-3 and r["seconds"] > 0 for r in result["rows"])
+
+
+def test_calibrated_exits_on_two_tiny_runs(tiny_config, tmp_path, capsys):
+    runs = [train(load_config(tiny_config(f"tiny_{i}"), [f"seed={i}"])).run_dir for i in (0, 1)]
+    evals = [(r / "eval.json").read_bytes() for r in runs]
+    script = load_benchmark("accuracy.calibrated_exits")
+    out_dir = tmp_path / "results"
+    assert script.main(["--runs", *map(str, runs), "--results-dir", str(out_dir)]) == 0
+    payload = json.loads((out_dir / "calibrated_exits.json").read_text())
+    assert [(r / "eval.json").read_bytes() for r in runs] == evals  # the runs' own evaluations are not rewritten
+    for run, row in zip(runs, payload["runs"], strict=True):  # the same fit as the run's own evaluation
+        written = EvalReport.from_json((run / "eval.json").read_text())
+        assert row["temperatures"] == pytest.approx(written.calibration.fit.temperatures)
+    gains = [r["area"][1] - r["area"][0] for r in payload["runs"]]
+    assert payload["differences"]["area"]["mean"] == pytest.approx(sum(gains) / 2)
+    assert payload["differences"]["area"]["n"] == 2
+    assert "| figure | difference |" in (out_dir / "calibrated_exits.md").read_text()
+
+
+def test_calibrated_exits_names_a_missing_run_in_one_line(tmp_path, capsys):
+    script = load_benchmark("accuracy.calibrated_exits")
+    assert script.main(["--runs", str(tmp_path / "nowhere"), "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nowhere" in err and "train it first" in err

@@ -13,6 +13,7 @@ benchmarks/results/l2w_step.{json,md} (``--smoke``: 2 exits, batch 8, 1 repeat, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,11 +31,6 @@ from dynsila.runs.rundir import build_model
 
 MODEL = ["model.name=msdnet", "model.stem=cifar", "model.step=2", "model.base=2", "model.n_channels=8",
          "model.growth_rate=4", "model.gr_factor=[1,2,4]", "model.bn_factor=[1,2,4]"]  # fmt: skip
-NOTE = (
-    "Other work shared the machine's two cores during this measurement (a niced background training job, and other "
-    "test runs at times): each ratio is of a pair timed back to back, so it stays meaningful; the absolute times "
-    "are not the machine's."
-)
 
 
 def training_step(cfg: Config, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -62,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     exits, batch, repeats = (2, 8, 1) if args.smoke else (4, 64, args.repeats)
     common = [*MODEL, f"model.n_blocks={exits}", "data.num_classes=100", "data.image_size=32", "sila.enabled=false"]
     g = torch.Generator().manual_seed(0)
@@ -72,10 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with_l2w, without = paired_times(weighted, plain, repeats=repeats, warmup=0)
     command = command_line(__file__, argv)
     env = environment(threads=args.threads)
+    load = {"start": load_start, "end": os.getloadavg()[0]}
+    note = (
+        f"1-minute load average {load['start']:.1f} at the start, {load['end']:.1f} at the end ({args.threads} "
+        "threads timed; a load above that means other work shared the cores). Pairs are timed back to back."
+    )
     payload = {"command": command, "environment": env, "exits": exits, "batch": batch, "repeats": repeats,
                "step_time_ratio": ratio, "seconds_with_l2w": with_l2w, "seconds_without": without,
-               "note": NOTE}  # fmt: skip
-    lines = [*header("L2W-DEN training-step cost", command, env), NOTE, "",
+               "load_average_1min": load}  # fmt: skip
+    lines = [*header("L2W-DEN training-step cost", command, env), note, "",
              f"MSDNet, {exits} exits, batch {batch} at 32x32, {args.threads} threads, {repeats} pairs.", "",
              "| step | median seconds |", "| --- | --- |",
              f"| without L2W | {sorted(without)[len(without) // 2]:.4f} |",
