@@ -10,6 +10,7 @@ import dynsila.methods  # noqa: F401  (registers imta and ztw)
 from dynsila.budget.flops import exit_costs
 from dynsila.budget.thresholds import CONFIDENCE, exit_indices, fit_thresholds, geometric_fractions
 from dynsila.config import Config, load_config
+from dynsila.deploy.export import ThresholdFit, export_onnx
 from dynsila.deploy.runner import EarlyExitRunner
 from dynsila.errors import ConfigError
 from dynsila.methods.exit_chain import ChainedExits
@@ -20,6 +21,7 @@ from dynsila.runs.checkpoint import load_checkpoint
 from dynsila.runs.rundir import build_model, build_networks, load_deploy_model
 from dynsila.training.train import train
 from tests.conftest import TINY_MSDNET, randomise_batchnorm
+from tests.test_export import compare_runners, needs_deploy
 
 C = 5  # classes of the hand-built configs
 TINY_TIMM = {"name": "timm_exits", "backbone": "resnet18", "exit_stages": [1, 2, 3]}
@@ -153,3 +155,19 @@ def test_ztw_trains_its_two_stages_and_the_second_fits_only_the_ensembles(tiny_c
     before, after = ics.state_dict(), ensembled.state_dict()
     changed = {k for k in after if k not in before or not torch.equal(before[k], after[k])}
     assert changed and all(".combine." in k for k in changed)  # batch-norm statistics included: all frozen
+
+
+@needs_deploy
+@pytest.mark.parametrize("technique", [["imta.enabled=true"], ["ztw.enabled=true", "ztw.stage=ensemble"]])
+def test_the_onnx_export_of_a_chained_network_decides_as_pytorch(technique, tmp_path):
+    torch.manual_seed(0)
+    model = randomise_batchnorm(build_model(tiny_cfg(*technique))).eval()
+    g = torch.Generator().manual_seed(1)
+    fit_x, x = torch.randn(120, 3, 8, 8, generator=g), torch.randn(60, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        confidence = CONFIDENCE["max_prob"](torch.stack(model(fit_x), 1))
+    thresholds = fit_thresholds(confidence, geometric_fractions([1.0], 3))[0].tolist()
+    costs = [{"macs": c.macs, "macs_cumulative": c.macs_cumulative} for c in exit_costs(model, (3, 8, 8))]
+    fit = ThresholdFit(thresholds, "max_prob", 1.0, None, 120, [], 0.0)
+    export_onnx(model, tmp_path / "onnx", fit_x[:4], costs, fit, exporter="torchscript")
+    compare_runners(model, tmp_path / "onnx", x, batch_size=16, singles=8)
