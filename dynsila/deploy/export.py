@@ -12,7 +12,9 @@ but not faster on ONNX Runtime in every exit mix on our CPU, so off by default).
 axis. ``manifest.json`` holds the exit order, the tensor names, the thresholds fitted on the run's validation split
 (as ``python -m dynsila.infer`` fits them), the criterion, the per-exit MACs and the preprocessing (per exit: MACs
 exit only, as evaluated and lazy); with ``--int8``, the quantisation (``dynsila.deploy.quantize``).
-``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone.
+``OnnxEarlyExitRunner(DIR)`` runs it on ONNX Runtime with numpy alone. A gated run (SkipNet: ``--gate-threshold T``
+or ``--budget MACS``) is exported per block and gate instead (``dynsila.deploy.gated_export``) and runs with
+``OnnxGatedRunner(DIR)``.
 
 Graphs come from ``torch.onnx.export``: the torch.export-based ("dynamo") exporter by default; a graph that it fails
 on is exported with the TorchScript exporter instead, and the manifest records which exporter wrote each graph and
@@ -52,6 +54,7 @@ from dynsila.cli import USER_ERRORS, OneLineParser, fail, positive
 from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.fuse import fold_batchnorm
+from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT, OnnxGatedResult, OnnxGatedRunner
 from dynsila.deploy.onnx_runner import (
     DEPLOY_EXTRA,
     MANIFEST,
@@ -70,7 +73,16 @@ from dynsila.models import MultiExitNetwork, gated_body
 from dynsila.runs.checkpoint import atomic_write_text
 from dynsila.runs.rundir import input_shape, load_deploy_model
 
-__all__ = ["OnnxEarlyExitResult", "OnnxEarlyExitRunner", "ThresholdFit", "export_onnx", "fit_run_thresholds", "main"]
+__all__ = [
+    "OnnxEarlyExitResult",
+    "OnnxEarlyExitRunner",
+    "OnnxGatedResult",
+    "OnnxGatedRunner",
+    "ThresholdFit",
+    "export_onnx",
+    "fit_run_thresholds",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -174,11 +186,11 @@ def _require(*packages: str) -> None:
 
 
 def refuse_gated(model: nn.Module) -> None:
-    """Gated networks (SkipNet) are not exported: say so in one line."""
+    """Gated networks (SkipNet) have their own export (``dynsila.deploy.gated_export``): say so in one line."""
     if gated_body(model) is not None:
         raise DynsilaError(
-            "ONNX export of gated networks (SkipNet) is not supported: their gates skip blocks per sample inside "
-            "one stage, which per-stage graphs cannot express; export an early-exit network (msdnet, timm_exits)"
+            "export_onnx writes early-exit networks; a gated network (SkipNet) is exported per block and gate by "
+            "dynsila.deploy.gated_export.export_gated (python -m dynsila.export does it for a SkipNet run)"
         )
 
 
@@ -490,28 +502,27 @@ def export_run(
     lazy: bool = False,
     onnxruntime: dict[str, str] | None = None,
     int8: bool = False,
+    gate_threshold: float | None = None,
 ) -> dict[str, Any]:
     """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
     export. ``onnxruntime``: session settings the runner uses by default (``SessionSettings`` fields). ``int8``:
     quantise the graphs, calibrated on the validation split, and refit the thresholds on the int8 graphs'
-    validation logits (``dynsila.deploy.quantize``). Returns the manifest."""
+    validation logits (``dynsila.deploy.quantize``). A gated run (SkipNet) is exported per block and gate
+    (``dynsila.deploy.gated_export``) at ``gate_threshold`` or the one fitted for ``budget``. Returns the manifest."""
     model, cfg = load_deploy_model(run_dir)
-    refuse_gated(model)
     splits = build_splits(cfg.data)
+    if gated_body(model) is not None:
+        return _export_gated_run(model, cfg, splits, run_dir, out_dir, q, budget, exporter, force, lazy, int8,
+                                 onnxruntime, gate_threshold)  # fmt: skip
+    if gate_threshold is not None:
+        raise DynsilaError(f"{run_dir} holds a multi-exit network without gates: pass --q or --budget")
+    q = 1.0 if q is None and budget is None else q  # equal exit shares by default
     measured = exit_costs(model, input_shape(cfg))
     costs = [{"macs": c.macs, "macs_cumulative": c.macs_cumulative, "macs_lazy": c.macs_lazy} for c in measured]
     fit = fit_run_thresholds(model, splits, [c.macs_cumulative for c in measured], criterion, q, budget)
     images, _ = next(iter(make_loader(splits.val, 8, shuffle=False)))
     example = normalize(images, splits.mean, splits.std)
-    preprocess = {
-        "input": {
-            "preprocess": "x = (pixels * scale - mean) / std per channel, pixels uint8",
-            "scale": 1 / 255,
-            "mean": list(splits.mean),
-            "std": list(splits.std),
-        }
-    }
-    extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, **preprocess}
+    extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, "input": _preprocess(splits)}
     if onnxruntime:
         extra["onnxruntime"] = onnxruntime
     finish = None
@@ -522,6 +533,48 @@ def export_run(
     return export_onnx(
         model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra, finish=finish
     )
+
+
+def _export_gated_run(
+    model: MultiExitNetwork,
+    cfg: Any,
+    splits: Splits,
+    run_dir: Path,
+    out_dir: Path,
+    q: float | None,
+    budget: float | None,
+    exporter: str,
+    force: bool,
+    lazy: bool,
+    int8: bool,
+    onnxruntime: dict[str, str] | None,
+    gate_threshold: float | None,
+) -> dict[str, Any]:
+    """``export_run`` for a gated network: what does not apply to it is refused in one line."""
+    from dynsila.deploy.gated_export import export_gated_run
+
+    if int8 or lazy:
+        flag = "--int8" if int8 else "--lazy"
+        raise DynsilaError(f"{flag} is not supported for gated networks (SkipNet); export without it")
+    if q is not None or (gate_threshold is None and budget is None):
+        raise DynsilaError(
+            f"{run_dir} holds a gated network (one exit, gates): pass --gate-threshold T or --budget MACS"
+        )
+    extra: dict[str, Any] = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes}
+    extra["input"] = _preprocess(splits)
+    if onnxruntime:
+        extra["onnxruntime"] = onnxruntime
+    return export_gated_run(model, splits, input_shape(cfg), out_dir, gate_threshold, budget, exporter, force, extra)
+
+
+def _preprocess(splits: Splits) -> dict[str, Any]:
+    """The manifest's word on turning pixels into the graphs' input."""
+    return {
+        "preprocess": "x = (pixels * scale - mean) / std per channel, pixels uint8",
+        "scale": 1 / 255,
+        "mean": list(splits.mean),
+        "std": list(splits.std),
+    }
 
 
 def _quantize(
@@ -557,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k (default 1.0: equal shares)")
     target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
+    target.add_argument(
+        "--gate-threshold", type=float, help="gated networks (SkipNet): a gate opens at this probability"
+    )
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -577,7 +633,6 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         message = f"--ort-cache: {problem}; name a folder relative to the export, e.g. --ort-cache ort_cache"
         return fail(DynsilaError(message))
-    q = 1.0 if args.q is None and args.budget is None else args.q
     out_dir = args.out or args.run_dir / "onnx"
     start = time.perf_counter()
     try:
@@ -586,17 +641,21 @@ def main(argv: list[str] | None = None) -> int:
                 args.run_dir,
                 out_dir,
                 args.criterion,
-                q,
+                args.q,
                 args.budget,
                 args.exporter,
                 args.force,
                 args.lazy,
                 {k: v for k, v in settings.items() if v is not None},
                 args.int8,
+                args.gate_threshold,
             )
     except USER_ERRORS as e:
         return fail(e)
-    print(format_summary(manifest, out_dir, time.perf_counter() - start))
+    from dynsila.deploy.gated_export import format_gated_summary  # here: gated_export builds on this module
+
+    summary = format_gated_summary if manifest["format"] == GATED_MANIFEST_FORMAT else format_summary
+    print(summary(manifest, out_dir, time.perf_counter() - start))
     return 0
 
 

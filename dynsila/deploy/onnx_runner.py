@@ -196,6 +196,8 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except ValueError as e:  # not JSON, or not UTF-8
         raise _DeployError(f"{path} is not JSON ({type(e).__name__}); re-export: python -m dynsila.export") from None
+    if isinstance(manifest, dict) and manifest.get("format") == "dynsila-onnx-gated-1":
+        raise _DeployError(f"{directory} holds a gated network's export; run it with OnnxGatedRunner")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise _DeployError(f"{path} is not a {MANIFEST_FORMAT} manifest; re-export with python -m dynsila.export")
     problem = _manifest_problem(manifest, Path(directory))
