@@ -23,9 +23,7 @@ why. After export every exit's logits are checked against PyTorch on validation 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import logging
 import os
@@ -33,8 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +51,17 @@ from dynsila.cli import USER_ERRORS, OneLineParser, fail, positive
 from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.fuse import fold_batchnorm
+from dynsila.deploy.graphs import (
+    EXPORTERS,
+    INPUT_NAME,
+    VERIFY_TOLERANCE,
+    export_graph,
+    graph_entry,
+    publish,
+    require_packages,
+)
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT, OnnxGatedResult, OnnxGatedRunner
 from dynsila.deploy.onnx_runner import (
-    DEPLOY_EXTRA,
     MANIFEST,
     MANIFEST_FORMAT,
     OPTIMIZATION_LEVELS,
@@ -85,9 +90,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-EXPORTERS = ("auto", "dynamo", "torchscript")
-INPUT_NAME = "image"
-VERIFY_TOLERANCE = 1e-3  # absolute and relative, on logits: rounding differs between runtimes, a wrong graph not
 
 
 # --- one graph per stage and per exit -------------------------------------------------------------------------
@@ -173,18 +175,6 @@ class ExitGraph(nn.Module):
         return logits
 
 
-def _require(*packages: str) -> None:
-    """One clear line when the optional ``deploy`` dependencies are missing."""
-    missing = []
-    for name in packages:
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise DynsilaError(f"ONNX export needs {', '.join(missing)} (the deploy extra): {DEPLOY_EXTRA}")
-
-
 def refuse_gated(model: nn.Module) -> None:
     """Gated networks (SkipNet) have their own export (``dynsila.deploy.gated_export``): say so in one line."""
     if gated_body(model) is not None:
@@ -192,67 +182,6 @@ def refuse_gated(model: nn.Module) -> None:
             "export_onnx writes early-exit networks; a gated network (SkipNet) is exported per block and gate by "
             "dynsila.deploy.gated_export.export_gated (python -m dynsila.export does it for a SkipNet run)"
         )
-
-
-def export_graph(
-    module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, names: tuple[list[str], list[str]], exporter: str
-) -> str:
-    """Write ``module`` (called on ``example``) to ``path`` with a dynamic batch axis on every input and output;
-    returns how: "dynamo", "torchscript", or "torchscript (dynamo failed: ...)" under ``exporter="auto"``."""
-    input_names, output_names = names
-    module.eval()
-    if exporter in ("auto", "dynamo"):
-        batch = torch.export.Dim("batch", min=1)
-        try:
-            with _quiet():
-                torch.onnx.export(
-                    module,
-                    example,
-                    str(path),
-                    dynamo=True,
-                    input_names=input_names,
-                    output_names=output_names,
-                    dynamic_shapes=(tuple({0: batch} for _ in example),),
-                    external_data=False,
-                    verbose=False,
-                )
-            return "dynamo"
-        except Exception as e:  # any exporter failure: fall back (auto) or report it (dynamo)
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            if exporter == "dynamo":
-                raise DynsilaError(f"the dynamo exporter failed on {path.name}: {reason}; try --exporter auto") from e
-            log.warning("the dynamo exporter failed on %s (%s); using the TorchScript exporter", path.name, reason)
-            exporter = f"torchscript (dynamo failed: {reason})"
-    axes = {name: {0: "batch"} for name in input_names + output_names}
-    with _quiet():
-        torch.onnx.export(
-            module,
-            example,
-            str(path),
-            dynamo=False,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=axes,
-        )
-    return exporter
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """The exporters print progress and warn about deprecations and axis names: none of it is the user's concern."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _graph_entry(path: Path, exporter: str) -> dict[str, Any]:
-    """A written graph's manifest entry: its file, the inputs it really reads (the TorchScript exporter drops
-    unused ones), its opset, and which exporter wrote it."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False)
-    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
-    return {"file": path.name, "inputs": [i.name for i in graph.graph.input], "opset": opset, "exporter": exporter}
 
 
 # --- the export -----------------------------------------------------------------------------------------------
@@ -296,7 +225,7 @@ def export_onnx(
     refuse_gated(bare)
     if exporter not in EXPORTERS:
         raise DynsilaError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    _require("onnx", "onnxruntime", *(["onnxscript"] if exporter != "torchscript" else []))
+    require_packages("onnx", "onnxruntime", *(["onnxscript"] if exporter != "torchscript" else []))
     if example.shape[0] < 2:
         raise DynsilaError("export needs at least 2 example images (batch 1 would fix the batch axis)")
     if not len(costs) == len(fit.thresholds) == bare.num_exits:
@@ -321,7 +250,7 @@ def export_onnx(
         if finish is not None:
             finish(staging, manifest)
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
-        _publish(staging, out_dir)
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -351,7 +280,7 @@ def _export_graphs(
             path = folder / f"exit{k}.onnx"
             graph = ExitGraph(model.exits[k], exit_layout)
             how = export_graph(graph, tuple(exit_leaves), path, (exit_names, [f"logits{k}"]), exporter)
-            exits[k] = _graph_entry(path, how) | {"after_stage": s, "output": f"logits{k}"}
+            exits[k] = graph_entry(path, how) | {"after_stage": s, "output": f"logits{k}"}
     return stages, exits
 
 
@@ -366,7 +295,7 @@ def _whole_stage(
     out_names = [f"state{s}_{j}" for j in range(len(out_leaves))]
     path = folder / f"stage{s}.onnx"
     how = export_graph(graph, tuple(leaves), path, (names, out_names), exporter)
-    entry = _graph_entry(path, how) | {"outputs": out_names}
+    entry = graph_entry(path, how) | {"outputs": out_names}
     return entry, (out_leaves, out_names, (spec, [True] * len(out_leaves))), (out_leaves, out_names, spec)
 
 
@@ -397,11 +326,11 @@ def _split_stage(
     out_names = [f"state{s}_{j}" for j in range(len(out_leaves))]
     rest_path = folder / f"stage{s}_rest.onnx"
     rest_how = export_graph(rest, tuple(pending_leaves), rest_path, (pending_names, out_names), exporter)
-    entry = _graph_entry(path, how) | {
+    entry = graph_entry(path, how) | {
         "outputs": out_names,
         "exit_outputs": exit_names,
         "pending_outputs": pending_names,
-        "rest": _graph_entry(rest_path, rest_how) | {"outputs": out_names},
+        "rest": graph_entry(rest_path, rest_how) | {"outputs": out_names},
     }
     return entry, (exit_leaves, exit_names, exit_layout), (out_leaves, out_names, out_spec)
 
@@ -445,17 +374,6 @@ def _verify(model: MultiExitNetwork, example: torch.Tensor, folder: Path) -> flo
             "try --exporter torchscript and report the model"
         )
     return difference
-
-
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place; an older export there is renamed away first, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- from a run directory -------------------------------------------------------------------------------------

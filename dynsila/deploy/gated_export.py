@@ -28,17 +28,17 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dynsila.budget.flops import GatedCosts, gated_costs
 from dynsila.data import Splits, make_loader, normalize
-from dynsila.deploy.export import (
+from dynsila.deploy.fuse import fold_batchnorm
+from dynsila.deploy.gated_runner import GatedRunner, threshold_for_budget
+from dynsila.deploy.graphs import (
     EXPORTERS,
     INPUT_NAME,
     VERIFY_TOLERANCE,
-    _graph_entry,
-    _publish,
-    _require,
     export_graph,
+    graph_entry,
+    publish,
+    require_packages,
 )
-from dynsila.deploy.fuse import fold_batchnorm
-from dynsila.deploy.gated_runner import GatedRunner, threshold_for_budget
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT, OnnxGatedRunner
 from dynsila.deploy.onnx_runner import MANIFEST
 from dynsila.errors import DynsilaError
@@ -120,7 +120,7 @@ def export_gated(
         raise DynsilaError(f"{type(bare).__name__} has no gated body; export it with export_onnx")
     if exporter not in EXPORTERS:
         raise DynsilaError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    _require("onnx", "onnxruntime", *(["onnxscript"] if exporter != "torchscript" else []))
+    require_packages("onnx", "onnxruntime", *(["onnxscript"] if exporter != "torchscript" else []))
     if example.shape[0] < 2:
         raise DynsilaError("export needs at least 2 example images (batch 1 would fix the batch axis)")
     if not 0.0 <= threshold <= 1.0 and threshold != -1.0:
@@ -144,7 +144,7 @@ def export_gated(
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
         manifest["verified_max_abs_difference"] = _verify(folded, example.float(), staging)
         atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
-        _publish(staging, out_dir)
+        publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -163,7 +163,7 @@ def _export_pieces(model: MultiExitNetwork, x: torch.Tensor, folder: Path, expor
         module: nn.Module, inputs: tuple[torch.Tensor, ...], name: str, names: tuple[list[str], list[str]]
     ) -> dict[str, Any]:
         path = folder / f"{name}.onnx"
-        return _graph_entry(path, export_graph(module, inputs, path, names, exporter)) | {"outputs": names[1]}
+        return graph_entry(path, export_graph(module, inputs, path, names, exporter)) | {"outputs": names[1]}
 
     stem = write(PieceGraph(model.stem), (x,), "stem", ([INPUT_NAME], ["x"]))
     x = model.stem(x)
