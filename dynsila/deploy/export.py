@@ -26,10 +26,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +57,7 @@ from dynsila.deploy.graphs import (
     graph_entry,
     publish,
     require_packages,
+    staging_folder,
 )
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT, OnnxGatedResult, OnnxGatedRunner
 from dynsila.deploy.onnx_runner import (
@@ -233,14 +232,8 @@ def export_onnx(
             f"{len(costs)} exit costs and {len(fit.thresholds)} thresholds for a model with {bare.num_exits} exits"
         )
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DynsilaError(f"{out_dir} exists; pass --force to replace it or choose another --out")
     folded = unwrap(fold_batchnorm(bare)).float().eval()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
+    staging = staging_folder(out_dir, force)
     try:
         with torch.no_grad():
             stages, exits = _export_graphs(folded, example.float(), staging, exporter, lazy)

@@ -15,9 +15,7 @@ After export the graphs are checked against PyTorch with every block executed: l
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from dynsila.deploy.graphs import (
     graph_entry,
     publish,
     require_packages,
+    staging_folder,
 )
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT, OnnxGatedRunner
 from dynsila.deploy.onnx_runner import MANIFEST
@@ -126,17 +125,11 @@ def export_gated(
     if not 0.0 <= threshold <= 1.0 and threshold != -1.0:
         raise DynsilaError(f"gate threshold {threshold} must lie in [0, 1] (or -1: every block runs)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise DynsilaError(f"{out_dir} exists; pass --force to replace it or choose another --out")
     folded = unwrap(fold_batchnorm(bare)).float().eval()
     # the recurrent gates' shared LSTM is no submodule of the gate graphs: the TorchScript exporter writes its
     # weights as constants, which it refuses for tensors that require grad
     folded.requires_grad_(False)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
+    staging = staging_folder(out_dir, force)
     try:
         with torch.no_grad():
             graphs = _export_pieces(folded, example.float(), staging, exporter)

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,16 @@ def publish(staging: Path, out_dir: Path) -> None:
     os.replace(staging, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_folder(out_dir: Path, force: bool) -> Path:
+    """A fresh folder beside ``out_dir`` to write an export into before ``publish`` renames it into place; refuses
+    an existing ``out_dir`` unless ``force``."""
+    if out_dir.exists() and not force:
+        raise DynsilaError(f"{out_dir} exists; pass --force to replace it or choose another --out")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes the folder private; give it the usual permissions
+    return staging

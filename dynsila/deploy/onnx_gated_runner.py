@@ -10,7 +10,6 @@ pass from gate to gate for every sample. Like ``onnx_runner``, this module impor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from dynsila.deploy.onnx_runner import (
-    MANIFEST,
     SessionSettings,
     _DeployError,
     _Graph,
     _graph_file_problem,
     _import_onnxruntime,
+    load_manifest_json,
 )
 
 GATED_MANIFEST_FORMAT = "dynsila-onnx-gated-1"
@@ -42,13 +41,7 @@ class OnnxGatedResult:
 def read_gated_manifest(directory: Path) -> dict[str, Any]:
     """A gated export's manifest, checked before anything in it is opened: every graph it names must be a plain
     ``.onnx`` file name inside the folder."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise _DeployError(f"{directory} holds no {MANIFEST}; export a run first: python -m dynsila.export RUN_DIR")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise _DeployError(f"{path} is not JSON ({type(e).__name__}); re-export: python -m dynsila.export") from None
+    path, manifest = load_manifest_json(directory)
     if not isinstance(manifest, dict) or manifest.get("format") != GATED_MANIFEST_FORMAT:
         raise _DeployError(f"{path} is not a gated ({GATED_MANIFEST_FORMAT}) export; use OnnxEarlyExitRunner")
     problem = _gated_manifest_problem(manifest, Path(directory))

@@ -186,16 +186,21 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    """The manifest of an export folder, checked before anything in it is used: it may come from anywhere, so
-    every graph it names must be a plain file name of a file inside the folder (no path, no ``..``)."""
+def load_manifest_json(directory: Path) -> tuple[Path, Any]:
+    """The path of an export folder's manifest and its parsed JSON, unchecked; one line if absent or not JSON."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise _DeployError(f"{directory} holds no {MANIFEST}; export a run first: python -m dynsila.export RUN_DIR")
     try:
-        manifest = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except ValueError as e:  # not JSON, or not UTF-8
         raise _DeployError(f"{path} is not JSON ({type(e).__name__}); re-export: python -m dynsila.export") from None
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of an export folder, checked before anything in it is used: it may come from anywhere, so
+    every graph it names must be a plain file name of a file inside the folder (no path, no ``..``)."""
+    path, manifest = load_manifest_json(directory)
     if isinstance(manifest, dict) and manifest.get("format") == "dynsila-onnx-gated-1":
         raise _DeployError(f"{directory} holds a gated network's export; run it with OnnxGatedRunner")
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
