@@ -14,7 +14,7 @@ import torch
 from dynsila.config import load_config
 from dynsila.evaluation.report import EvalReport
 from dynsila.training.train import train
-from tests.conftest import load_benchmark
+from tests.conftest import deploy_installed, load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 # the scripts that use benchmarks/toolkit.py
@@ -153,6 +153,17 @@ def test_skip_speed_smoke(tmp_path, capsys):
     assert rows[0]["macs_ratio"] >= rows[2]["macs_ratio"]  # closing more gates never costs more MACs
     assert result["met"] == (rows[1]["wall_ratio"] <= result["target_wall_ratio"])
     assert "wall ratio <= 0.65" in (tmp_path / "skip_speed.md").read_text()
+
+
+@pytest.mark.skipif(not deploy_installed(), reason='onnx or onnxruntime not installed: pip install -e ".[deploy]"')
+def test_skip_speed_times_the_onnx_runner_at_the_same_thresholds(tmp_path, capsys):
+    assert load_benchmark("speed.skip_speed").main(["--smoke", "--onnx", "--results-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "skip_speed.json").read_text())["rows"]
+    for r in rows:
+        assert r["onnx_wall_ratio"] > 0 and r["onnx_over_torch"] > 0
+        # a bisected threshold sits within float rounding of some gate probability, so one decision may differ
+        assert r["onnx_decisions_equal"] > 0.95
+    assert "| ONNX wall ratio |" in (tmp_path / "skip_speed.md").read_text()
 
 
 def test_early_exit_speed_smoke(tmp_path, capsys):

@@ -4,6 +4,10 @@ evaluator do, with feed-forward and recurrent gates; the export command accepts 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +31,7 @@ pytestmark = pytest.mark.skipif(
     not deploy_installed(), reason='onnx or onnxruntime not installed: pip install -e ".[deploy]"'
 )
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def mixed_threshold(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -95,7 +100,32 @@ def _early_exit_stub(tmp_path):
     return folder
 
 
-def test_the_export_command_writes_a_skipnet_runs_graphs_and_manifest(tiny_config, capsys):
+def _runs_without_torch(export_dir, tmp_path):
+    """The two runner files copied into a folder of their own run the export where torch cannot be imported, and
+    decide as they do here."""
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    for name in ("onnx_runner.py", "onnx_gated_runner.py"):
+        shutil.copy(REPO / "dynsila" / "deploy" / name, folder / name)
+    x = np.random.default_rng(0).normal(size=(12, 3, 16, 16)).astype(np.float32)
+    expected = OnnxGatedRunner(export_dir, threshold=0.5)(x)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys\nsys.modules['torch'] = None\n"  # any import of torch now fails
+        f"sys.path.insert(0, {str(folder)!r})\n"
+        "import numpy as np, onnx_gated_runner\n"
+        f"runner = onnx_gated_runner.OnnxGatedRunner({str(export_dir)!r}, threshold=0.5)\n"
+        f"r = runner(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        f"np.savez({str(tmp_path / 'got.npz')!r}, executed=r.executed, predictions=r.predictions)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    got = np.load(tmp_path / "got.npz")
+    assert np.array_equal(got["executed"], expected.executed)
+    assert np.array_equal(got["predictions"], expected.predictions)
+
+
+def test_the_export_command_writes_a_skipnet_runs_graphs_and_manifest(tiny_config, tmp_path, capsys):
     section = {"name": "skipnet", "depth": 20, "gate": "rnn", "stem": "cifar"}
     run = train(load_config(tiny_config("skip_onnx", model=section, sila={"enabled": False}), ["data.image_size=16"]))
     capsys.readouterr()
@@ -111,6 +141,7 @@ def test_the_export_command_writes_a_skipnet_runs_graphs_and_manifest(tiny_confi
     expected |= {f"block{k}.onnx" for k in range(9)} | {f"gate{j}.onnx" for j in range(8)}
     assert set(names) == expected
     assert OnnxGatedRunner(run_dir / "onnx")(np.zeros((2, 3, 16, 16), np.float32)).logits.shape == (2, 10)
+    _runs_without_torch(run_dir / "onnx", tmp_path)
 
     assert export_main([str(run_dir), "--budget", "1e9", "--exporter", "torchscript", "--force"]) == 0
     assert "fitted on" in capsys.readouterr().out

@@ -1,13 +1,15 @@
 """Does skipping save wall time? SkipNet through ``GatedRunner`` with a quarter, half and three quarters of the gated
 blocks' decisions closed, against the same runner with every block executed.
 
-    python benchmarks/speed/skip_speed.py [--gate rnn] [--threads 2] [--smoke]
+    python benchmarks/speed/skip_speed.py [--gate rnn] [--threads 2] [--onnx] [--smoke]
 
 SkipNet-110 (CIFAR, random weights: only timing matters), batch 64, CPU. For each share the gate threshold is
 bisected on calibration batches until that share of the (sample, block) decisions skip; then the runner (batch-norm
 folded, channels-last; skipped blocks are not computed: samples are gathered per block) runs for real, paired back
 to back in one process with a threshold that executes every block (the cost of the masked formulation of the public
-code, which computes every block). Target at half closed: wall-time ratio <= 0.65. Writes
+code, which computes every block). Target at half closed: wall-time ratio <= 0.65. ``--onnx`` (needs the deploy
+extra) also exports the network (``dynsila.deploy.gated_export``) and times ``OnnxGatedRunner`` the same way at the
+same thresholds, beside its time over PyTorch's and whether its gate decisions equal PyTorch's. Writes
 benchmarks/results/skip_speed.{json,md} (``--smoke``: SkipNet-38, 2 batches of 8, 1 repeat, written under
 ``--results-dir`` only, for tests).
 """
@@ -15,11 +17,14 @@ benchmarks/results/skip_speed.{json,md} (``--smoke``: SkipNet-38, 2 batches of 8
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run directly has only its folder there
@@ -27,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script run dir
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, paired_times, verdict, write_results
 from dynsila import models
 from dynsila.budget.flops import gated_costs
+from dynsila.deploy.gated_export import export_gated
 from dynsila.deploy.gated_runner import GatedRunner
+from dynsila.deploy.onnx_gated_runner import OnnxGatedRunner
 
 TARGET_WALL_RATIO = 0.65  # skipping half the decisions must cost at most this share of the all-blocks time
 SKIP_SHARE = 0.5  # share of (sample, block) decisions the bisected threshold skips
@@ -73,6 +80,62 @@ def measure(runner: GatedRunner, batches: list[torch.Tensor], share: float, args
     }  # fmt: skip
 
 
+def measure_onnx(
+    onnx: OnnxGatedRunner, runner: GatedRunner, batches: list[torch.Tensor], row: dict, repeats: int
+) -> dict:
+    """The ONNX runner at a row's threshold: its wall ratio against itself with every block run, its time over the
+    PyTorch runner's at that threshold, and whether its decisions equal PyTorch's."""
+    arrays = [x.numpy() for x in batches]
+
+    def run_onnx(t: float) -> list:
+        onnx.set_threshold(t)
+        return [onnx(x).executed for x in arrays]
+
+    def run_torch() -> None:
+        runner.set_threshold(row["threshold"])
+        for x in batches:
+            runner(x)
+
+    run_onnx(-1.0)  # warm-up
+    executed = torch.from_numpy(np.concatenate(run_onnx(row["threshold"])))
+    runner.set_threshold(row["threshold"])
+    reference = torch.cat([runner(x).executed for x in batches])
+    times_skip, times_all = paired_times(lambda: run_onnx(row["threshold"]), lambda: run_onnx(-1.0), repeats=repeats)
+    times_onnx, times_torch = paired_times(lambda: run_onnx(row["threshold"]), run_torch, repeats=repeats)
+    return {
+        "onnx_wall_ratio": statistics.median(a / b for a, b in zip(times_skip, times_all, strict=True)),
+        "onnx_over_torch": statistics.median(a / b for a, b in zip(times_onnx, times_torch, strict=True)),
+        "onnx_seconds_skipping": statistics.median(times_skip),
+        "onnx_seconds_all_executed": statistics.median(times_all),
+        "onnx_decisions_equal": float((executed == reference).double().mean()),
+    }  # fmt: skip
+
+
+def onnx_rows(model: torch.nn.Module, runner: GatedRunner, batches: list, rows: list[dict], args) -> list[dict]:
+    """Export once (the threshold is the runner's to set), then one ONNX measurement per row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export_gated(model, Path(tmp) / "onnx", batches[0][:8], 0.5, runner.costs, exporter="torchscript")
+        onnx = OnnxGatedRunner(Path(tmp) / "onnx", threads=args.threads)
+        return [measure_onnx(onnx, runner, batches, row, args.repeats) for row in rows]
+
+
+def onnx_table(rows: list[dict]) -> list[str]:
+    return [
+        "ONNX Runtime (`OnnxGatedRunner`, TorchScript exporter, the same thresholds and batches; wall ratio against "
+        "itself with every block run, and its time over the PyTorch runner's at that threshold):",
+        "",
+        "| closed (target) | ONNX wall ratio | ONNX / PyTorch | ONNX seconds | decisions equal to PyTorch's |",
+        "| --- | --- | --- | --- | --- |",
+        *[
+            f"| {r['share_target']:.0%} | {r['onnx_wall_ratio']:.3f} | {r['onnx_over_torch']:.3f} | "
+            f"{r['onnx_seconds_skipping']:.3f} vs {r['onnx_seconds_all_executed']:.3f} | "
+            f"{r['onnx_decisions_equal']:.2%} |"
+            for r in rows
+        ],
+        "",
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gate", choices=["rnn", "ffgate1", "ffgate2"], default="rnn")
@@ -81,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--onnx", action="store_true", help="also time OnnxGatedRunner (needs the deploy extra)")
     parser.add_argument(
         "--smoke", action="store_true", help="SkipNet-38, 2 batches of 8, 1 repeat, 3 bisection steps (tests)"
     )
@@ -96,7 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(args.batch_size, 3, 32, 32, generator=g) for _ in range(args.batches)]
     runner = GatedRunner(model, 0.5, costs)
+    load_start = os.getloadavg()[0]
     rows = [measure(runner, batches, share, args) for share in SHARES]
+    if args.onnx:
+        for row, extra in zip(rows, onnx_rows(model, runner, batches, rows, args), strict=True):
+            row.update(extra)
+    load = {"start": load_start, "end": os.getloadavg()[0]}
     half = next(r for r in rows if r["share_target"] == SKIP_SHARE)
     command, env = command_line(__file__, argv), environment(threads=args.threads)
     result = {
@@ -109,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "macs_ratio": half["macs_ratio"],
         "target_wall_ratio": TARGET_WALL_RATIO,
         "met": half["wall_ratio"] <= TARGET_WALL_RATIO,
+        "load_average_1min": load,
     }
     lines = [
         *header("SkipNet: wall time with skipped blocks not computed (GatedRunner)", command, env),
@@ -126,8 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],  # fmt: skip
         "",
         f"MACs ratio: per-sample MACs (gates and shortcuts included) over every block executed. Target at "
-        f"{SKIP_SHARE:.0%} closed, wall ratio <= {TARGET_WALL_RATIO}: {verdict(result['met'])}.",
+        f"{SKIP_SHARE:.0%} closed, wall ratio <= {TARGET_WALL_RATIO}: {verdict(result['met'])}. Load average "
+        f"(1 min) {load['start']:.2f} at the start, {load['end']:.2f} at the end.",
         "",
+        *(onnx_table(rows) if args.onnx else []),
     ]
     if not (args.smoke and args.results_dir == RESULTS_DIR):  # a smoke run never overwrites the committed result
         write_results("skip_speed", result, "\n".join(lines), args.results_dir)

@@ -5,7 +5,8 @@ runs a batch as ``GatedRunner`` runs it in PyTorch: every gate runs on every sam
 (probability >= the threshold, compared in float32 as PyTorch compares a float32 probability with a Python
 float) are gathered, the block runs on them alone, and the result is scattered back beside the skipped samples'
 shortcut (the projection graph, or the input itself). A recurrent gate's hidden and cell state start at zero and
-pass from gate to gate for every sample. Like ``onnx_runner``, this module imports numpy and onnxruntime only.
+pass from gate to gate for every sample. Like ``onnx_runner``, this module imports numpy and onnxruntime only: on
+a machine without torch, copy ``onnx_runner.py`` and this file into one folder and import them from there.
 """
 
 from __future__ import annotations
@@ -16,14 +17,24 @@ from typing import Any
 
 import numpy as np
 
-from dynsila.deploy.onnx_runner import (
-    SessionSettings,
-    _DeployError,
-    _Graph,
-    _graph_file_problem,
-    _import_onnxruntime,
-    load_manifest_json,
-)
+try:
+    from dynsila.deploy.onnx_runner import (
+        SessionSettings,
+        _DeployError,
+        _Graph,
+        _graph_file_problem,
+        _import_onnxruntime,
+        load_manifest_json,
+    )
+except ImportError:  # this file copied beside onnx_runner.py onto a machine without torch (so without dynsila)
+    from onnx_runner import (  # type: ignore[import-not-found,no-redef]
+        SessionSettings,
+        _DeployError,
+        _Graph,
+        _graph_file_problem,
+        _import_onnxruntime,
+        load_manifest_json,
+    )
 
 GATED_MANIFEST_FORMAT = "dynsila-onnx-gated-1"
 Array = np.ndarray
