@@ -18,23 +18,9 @@ from typing import Any
 import numpy as np
 
 try:
-    from dynsila.deploy.onnx_runner import (
-        SessionSettings,
-        _DeployError,
-        _Graph,
-        _graph_file_problem,
-        _import_onnxruntime,
-        load_manifest_json,
-    )
+    from dynsila.deploy import onnx_runner as base
 except ImportError:  # this file copied beside onnx_runner.py onto a machine without torch (so without dynsila)
-    from onnx_runner import (  # type: ignore[import-not-found,no-redef]
-        SessionSettings,
-        _DeployError,
-        _Graph,
-        _graph_file_problem,
-        _import_onnxruntime,
-        load_manifest_json,
-    )
+    import onnx_runner as base  # type: ignore[import-not-found,no-redef]
 
 GATED_MANIFEST_FORMAT = "dynsila-onnx-gated-1"
 Array = np.ndarray
@@ -52,12 +38,12 @@ class OnnxGatedResult:
 def read_gated_manifest(directory: Path) -> dict[str, Any]:
     """A gated export's manifest, checked before anything in it is opened: every graph it names must be a plain
     ``.onnx`` file name inside the folder."""
-    path, manifest = load_manifest_json(directory)
+    path, manifest = base.load_manifest_json(directory)
     if not isinstance(manifest, dict) or manifest.get("format") != GATED_MANIFEST_FORMAT:
-        raise _DeployError(f"{path} is not a gated ({GATED_MANIFEST_FORMAT}) export; use OnnxEarlyExitRunner")
+        raise base._DeployError(f"{path} is not a gated ({GATED_MANIFEST_FORMAT}) export; use OnnxEarlyExitRunner")
     problem = _gated_manifest_problem(manifest, Path(directory))
     if problem is not None:
-        raise _DeployError(f"{path}: {problem}; re-export with python -m dynsila.export")
+        raise base._DeployError(f"{path}: {problem}; re-export with python -m dynsila.export")
     return manifest
 
 
@@ -69,7 +55,7 @@ def _gated_manifest_problem(manifest: dict[str, Any], directory: Path) -> str | 
         return "a block, gate or recurrent_state entry is not a mapping"
     shortcuts = [b["shortcut"] for b in blocks if b.get("shortcut") is not None]
     for entry in [manifest.get("stem"), *blocks, *shortcuts, *gates, manifest.get("head")]:
-        problem = _graph_file_problem(entry, directory)
+        problem = base._graph_file_problem(entry, directory)
         if problem is not None:
             return problem
     if not isinstance(manifest.get("macs"), dict) or not isinstance(manifest.get("input"), dict):
@@ -94,25 +80,25 @@ class OnnxGatedRunner:
         optimization: str | None = None,
         cache_dir: Path | str | None = None,
     ) -> None:
-        ort = _import_onnxruntime()
+        ort = base._import_onnxruntime()
         self.directory = Path(directory)
         self.manifest = read_gated_manifest(self.directory)
         chosen = self.manifest.get("onnxruntime", {})
         cache = cache_dir if cache_dir is not None else chosen.get("cache_dir")
-        self.sessions = SessionSettings(
+        self.sessions = base.SessionSettings(
             threads,
-            thread_pool or chosen.get("thread_pool", SessionSettings.thread_pool),
-            optimization or chosen.get("optimization", SessionSettings.optimization),
+            thread_pool or chosen.get("thread_pool", base.SessionSettings.thread_pool),
+            optimization or chosen.get("optimization", base.SessionSettings.optimization),
             None if cache is None else self.directory / cache,
         )
         pool = self.sessions.pool(ort)
 
-        def open_graph(entry: dict[str, Any]) -> _Graph:
+        def open_graph(entry: dict[str, Any]) -> base._Graph:
             try:
-                return _Graph(self.sessions.open(ort, self.directory / entry["file"], pool))
+                return base._Graph(self.sessions.open(ort, self.directory / entry["file"], pool))
             except Exception as e:  # onnxruntime's own exception types: an unsupported opset, a damaged graph
                 detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:160]
-                raise _DeployError(
+                raise base._DeployError(
                     f"onnxruntime {ort.__version__} cannot load {entry['file']} ({detail}); re-export the run with "
                     "python -m dynsila.export, or install an onnxruntime that supports its opset"
                 ) from None
@@ -134,7 +120,7 @@ class OnnxGatedRunner:
     def set_threshold(self, threshold: float) -> None:
         """The gate threshold, checked as ``GatedRunner.set_threshold`` checks it."""
         if not isinstance(threshold, int | float) or (not 0.0 <= threshold <= 1.0 and threshold != -1.0):
-            raise _DeployError(f"gate threshold {threshold!r} must lie in [0, 1] (or -1: every block runs)")
+            raise base._DeployError(f"gate threshold {threshold!r} must lie in [0, 1] (or -1: every block runs)")
         self.threshold = np.float32(threshold)
 
     def __call__(self, x: Array) -> OnnxGatedResult:
