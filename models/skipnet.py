@@ -45,6 +45,7 @@ def projection(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 class BasicBlock(nn.Module):
     expansion = 1
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # each batch-norm reads its convolution alone (foldable)
 
     def __init__(self, c_in: int, planes: int, stride: int, shortcut: nn.Module | None) -> None:
         super().__init__()
@@ -60,6 +61,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     expansion = 4
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, c_in: int, planes: int, stride: int, shortcut: nn.Module | None) -> None:
         super().__init__()
@@ -81,22 +83,32 @@ def skip(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if shortcut is None else shortcut(x)
 
 
-def execute_block(block: nn.Module, x: torch.Tensor, execute: torch.Tensor) -> torch.Tensor:
+def execute_block(
+    block: nn.Module, x: torch.Tensor, execute: torch.Tensor, overwrite_input: bool = False
+) -> torch.Tensor:
     """Run ``block`` only on the samples with ``execute`` true; the others take the shortcut. N x ... -> N x ...
 
     Gathers the executing samples, runs the block on them, and scatters the result back: a skipped sample costs
-    nothing but its shortcut. Batch-norm in eval mode is per sample, so this equals the masked computation."""
-    run, rest = execute.nonzero().squeeze(1), (~execute).nonzero().squeeze(1)
-    if len(rest) == 0:
+    nothing but its shortcut. Batch-norm in eval mode is per sample, so this equals the masked computation.
+    ``overwrite_input``: where the shortcut is the identity, write the executed samples into ``x`` itself (its
+    skipped rows are already the output), saving a gather, a scatter and a new tensor; only where no one reads
+    ``x`` afterwards and nothing needs it for a gradient."""
+    run = execute.nonzero().squeeze(1)
+    if len(run) == x.shape[0]:
         return block(x)
-    skipped = skip(block, x[rest])
     if len(run) == 0:
-        return skipped
-    executed = block(x[run])
-    out = executed.new_empty((x.shape[0], *executed.shape[1:]))
-    out[run] = executed
-    out[rest] = skipped
-    return out
+        return skip(block, x)
+    executed = block(x[run])  # advanced indexing keeps a channels-last layout (index_select does not)
+    if overwrite_input and getattr(block, "shortcut", None) is None:
+        return x.index_copy_(0, run, executed)
+    rest = (~execute).nonzero().squeeze(1)
+    skipped = skip(block, x[rest])
+    layout = torch.channels_last if executed.is_contiguous(memory_format=torch.channels_last) else None
+    out = torch.empty(
+        (x.shape[0], *executed.shape[1:]), dtype=executed.dtype, device=executed.device,
+        memory_format=layout or torch.contiguous_format,
+    )  # fmt: skip
+    return out.index_copy_(0, run, executed).index_copy_(0, rest, skipped)
 
 
 # --- gates -----------------------------------------------------------------------------------------------------
@@ -240,7 +252,8 @@ class GatedResidualBody(GatedBody):
             if not self.training:
                 hard = p >= self.threshold
                 actions.append(hard.float())
-                x = execute_block(block, x, hard)
+                # x is this loop's own tensor: overwritten in place when no gradient needs it
+                x = execute_block(block, x, hard, overwrite_input=not torch.is_grad_enabled())
                 continue
             if self.gate_mode == "sample":
                 action = torch.bernoulli(p.detach())

@@ -73,3 +73,34 @@ def test_infer_accepts_a_skipnet_run(tiny_config, capsys):
     assert "fitted on val" in capsys.readouterr().out
     assert infer_main([str(run.run_dir), "--q", "1.0"]) == 2
     assert "--gate-threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth", [38, 50])  # basic blocks (CIFAR), bottlenecks (ImageNet)
+def test_batch_norm_folds_into_every_residual_block_with_the_same_outputs(depth):
+    from dynsila.deploy.fuse import fold_batchnorm
+
+    torch.manual_seed(0)
+    stem = "cifar" if depth == 38 else "imagenet"
+    model = randomise_batchnorm(models.build("skipnet", num_classes=10, depth=depth, gate="ffgate2", stem=stem))
+    model = model.eval()
+    folded = fold_batchnorm(model)
+    left = [n for n, m in folded.named_modules() if isinstance(m, torch.nn.BatchNorm2d) and ".blocks." in f".{n}"]
+    assert left == [] and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(folded(x).logits[-1], model(x).logits[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_block_written_over_its_input_equals_the_gathered_and_scattered_one():
+    from dynsila.models.skipnet import execute_block
+
+    torch.manual_seed(0)
+    block = tiny_skipnet().gated_body().blocks[2]
+    assert getattr(block, "shortcut", None) is None  # an identity-shortcut block: the in-place path applies
+    x = torch.randn(8, block.conv1.in_channels, 8, 8).contiguous(memory_format=torch.channels_last)
+    execute = torch.tensor([True, False, True, True, False, False, True, False])
+    with torch.no_grad():
+        expected = execute_block(block, x.clone(), execute)
+        got = execute_block(block, x.clone(), execute, overwrite_input=True)
+    assert torch.equal(got, expected) and torch.equal(expected[~execute], x[~execute])
+    assert got.is_contiguous(memory_format=torch.channels_last)
