@@ -24,7 +24,7 @@ TOOLKIT_SCRIPTS = (
     "accuracy/flops_vs_acc",
     "speed/skip_speed",
     "speed/throughput",
-    "speed/l2w_step",
+    "speed/technique_step",
     "accuracy/calibrated_exits",
 )
 
@@ -135,19 +135,34 @@ def test_scripts_share_the_toolkit_instead_of_their_own_copies(name):
         assert own_copy not in source, f"{name}.py has its own {own_copy}; use benchmarks/toolkit.py"
 
 
-def test_l2w_step_smoke(tmp_path):
-    assert load_benchmark("speed.l2w_step").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "l2w_step.json").read_text())
-    assert result["command"] == f"python benchmarks/speed/l2w_step.py --smoke --results-dir {tmp_path}"
-    assert result["step_time_ratio"] > 0 and "load average" in (tmp_path / "l2w_step.md").read_text()
-    assert set(result["load_average_1min"]) == {"start", "end"}
+def test_technique_step_smoke(tmp_path):
+    assert load_benchmark("speed.technique_step").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "technique_step.json").read_text())
+    assert result["command"] == f"python benchmarks/speed/technique_step.py --smoke --results-dir {tmp_path}"
+    rows = {r["technique"]: r for r in result["rows"]}
+    plain = result["plain"]
+    assert all(r["step_time_ratio"] > 0 for r in rows.values() if "step_time_ratio" in r)
+    assert "step_time_ratio" not in rows["ZTW, + ensembles (stage 2)"]  # a stage of its own: not timed as a step
+    # SiLa's twins and the training-only parts leave the deploy network as plain; IMTA and ZTW add to it
+    for name in ("SiLa (MLP twin)", "self-distillation", "DML (2 peers)", "gradient equilibrium", "L2W-DEN"):
+        assert (rows[name]["deploy_macs"], rows[name]["deploy_params"]) == (
+            plain["deploy_macs"],
+            plain["deploy_params"],
+        )
+    for name in ("IMTA", "ZTW, cascading (stage 1)", "ZTW, + ensembles (stage 2)"):
+        assert rows[name]["deploy_macs"] > plain["deploy_macs"] and rows[name]["deploy_params"] > plain["deploy_params"]
+    assert rows["ZTW, + ensembles (stage 2)"]["deploy_macs"] > rows["ZTW, cascading (stage 1)"]["deploy_macs"]
+    assert "load average" in (tmp_path / "technique_step.md").read_text()
 
 
 def test_skip_speed_smoke(tmp_path, capsys):
-    assert load_benchmark("speed.skip_speed").main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    argv = ["--smoke", "--processes", "2", "--results-dir", str(tmp_path)]
+    assert load_benchmark("speed.skip_speed").main(argv) == 0
     result = json.loads((tmp_path / "skip_speed.json").read_text())
-    assert result["command"] == f"python benchmarks/speed/skip_speed.py --smoke --results-dir {tmp_path}"
+    assert result["command"] == f"python benchmarks/speed/skip_speed.py {' '.join(argv)}"
     rows = result["rows"]
+    for r in rows:  # two fresh processes measured each share; the row's ratio is their median
+        assert len(r["wall_ratio_per_process"]) == 2 and r["wall_ratio"] == np.median(r["wall_ratio_per_process"])
     assert [r["share_target"] for r in rows] == [0.25, 0.5, 0.75]
     assert all(0 < r["skipped_fraction"] < 1 and 0 < r["macs_ratio"] < 1 for r in rows)
     assert rows[0]["macs_ratio"] >= rows[2]["macs_ratio"]  # closing more gates never costs more MACs
@@ -157,7 +172,8 @@ def test_skip_speed_smoke(tmp_path, capsys):
 
 @pytest.mark.skipif(not deploy_installed(), reason='onnx or onnxruntime not installed: pip install -e ".[deploy]"')
 def test_skip_speed_times_the_onnx_runner_at_the_same_thresholds(tmp_path, capsys):
-    assert load_benchmark("speed.skip_speed").main(["--smoke", "--onnx", "--results-dir", str(tmp_path)]) == 0
+    argv = ["--smoke", "--onnx", "--processes", "1", "--results-dir", str(tmp_path)]
+    assert load_benchmark("speed.skip_speed").main(argv) == 0
     rows = json.loads((tmp_path / "skip_speed.json").read_text())["rows"]
     for r in rows:
         assert r["onnx_wall_ratio"] > 0 and r["onnx_over_torch"] > 0
