@@ -329,3 +329,80 @@ def test_two_pairs_get_no_verdict_however_small_their_spread():
     two = {"mean": 0.1, "n": 2, "ci95": 0.5, "p_value": 0.6, "mde": 0.4}
     assert reading_verdict(two, 1.0).startswith("too few pairs")
     assert reading_verdict({**two, "n": 3}, 1.0) == "no effect seen"
+
+
+def field_runs(deltas: dict[str, float], seeds: range, machine: dict | None = None) -> list[dict]:
+    """The loss-scale control re-run and the field's techniques on ``seeds``, each shifted by its delta."""
+    runs = []
+    for seed in seeds:
+        for method, delta in {"baseline": 0.0, "baseline_x2_rerun": 0.0, **deltas}.items():
+            level = 60.0 + seed + delta + 0.05 * (seed % 3)
+            run = fake_run(method, seed, [level - 4, level - 2, level])
+            run["fingerprint"] = machine or {"cpu": "A"}
+            runs.append(run)
+    return runs
+
+
+def test_a_second_stage_starts_from_its_source_run_of_the_same_seed(tmp_path) -> None:
+    preset = anytime.PRESETS["cpu"]
+    specs = anytime.plan(preset, ["baseline", "ztw_cascade", "ztw_ensemble"])
+    field = [s for s in specs if s.method.startswith("ztw")]
+    assert [s.name for s in field[:4]] == ["ztw_cascade_seed5", "ztw_ensemble_seed5", "ztw_cascade_seed6",
+                                           "ztw_ensemble_seed6"]  # fmt: skip
+    second, first = anytime.RunSpec("ztw_ensemble", 5), anytime.RunSpec("ztw_cascade", 5)
+    overrides = anytime.run_overrides(preset, second, tmp_path)
+    assert f"train.init_from={tmp_path / 'ztw_cascade_seed5'}" in overrides and "ztw.stage=ensemble" in overrides
+    assert not any(o.startswith("train.init_from") for o in anytime.run_overrides(preset, first, tmp_path))
+    assert anytime.startable(second, [first], [], tmp_path) is None  # waits: its source is still to train
+    assert anytime.startable(second, [], [], tmp_path) is False  # its source finished elsewhere: never here
+    (tmp_path / first.name).mkdir()
+    (tmp_path / first.name / anytime.EVAL_FILE).write_text("{}")
+    assert anytime.startable(second, [], [], tmp_path) is True
+
+
+def test_sila_joins_the_best_field_technique_only_once_every_technique_has_five_pairs() -> None:
+    from benchmarks.sila_experiment.anytime_report import FIELD, best_field_technique
+
+    deltas = {t: 0.2 * i for i, t in enumerate(FIELD)} | {"imta": 1.5}
+    best, why = best_field_technique(field_runs(deltas, range(5, 9)))
+    assert best is None and "waits for 5 same-machine pairs" in why and "imta 4" in why
+    runs = field_runs(deltas, range(5, 10))
+    best, why = best_field_technique(runs)
+    assert best == "imta" and "imta +1.50" in why
+    preset = anytime.PRESETS["cpu"]
+    specs = anytime.plan(preset, list(anytime.METHODS), best)
+    assert [s.seed for s in specs if s.method == "sila_imta"] == [5, 6, 7, 8, 9]
+    assert not any(s.method in ("sila_ge", "sila_l2w") for s in specs)
+    assert anytime.plan(preset, list(anytime.METHODS)) == [s for s in specs if s.method != "sila_imta"]
+    ensemble = anytime.plan(preset, list(anytime.METHODS), "ztw_ensemble")
+    assert {s.method for s in ensemble} >= {"sila_ztw_cascade", "sila_ztw_ensemble"}
+    # a technique whose pairs ran on another machine does not count towards the five
+    moved = [dict(r, fingerprint={"cpu": "B"}) if r["method"] == "ge" and r["seed"] == 9 else r for r in runs]
+    assert best_field_technique(moved)[0] is None
+
+
+def test_sila_with_a_technique_is_paired_with_the_technique_alone_and_the_loss_scale_control() -> None:
+    runs = field_runs({"imta": 1.0, "sila_imta": 1.0}, range(5, 10))
+    field = summarise(runs, anytime.METHODS)["field"]
+    pairs = [(v["method"], v["reference"]) for v in field]
+    assert ("sila_imta", "imta") in pairs and ("sila_imta", "baseline_x2_rerun") in pairs
+    alone = next(v for v in field if (v["method"], v["reference"]) == ("sila_imta", "imta"))
+    assert alone["area"]["mean"] == pytest.approx(0.0, abs=1e-9) and alone["seeds"] == [5, 6, 7, 8, 9]
+
+
+def test_the_grid_trains_a_second_stage_after_its_source_with_both_jobs_free(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config("grid2", train={"epochs": 1, "log_every": 100})
+    stages = anytime.SeedExtension(("ztw_cascade", "ztw_ensemble"), range(1))
+    tiny = anytime.Preset("tiny", str(config), str(config), ("train.epochs=1",), {"full": ()}, seeds={1: 0},
+                          jobs=2, threads=1, extensions=(stages,))  # fmt: skip
+    monkeypatch.setitem(anytime.PRESETS, "tiny", tiny)
+    args = ["--preset", "tiny", "--methods", "ztw_cascade", "ztw_ensemble", "--results-dir", str(tmp_path / "res"),
+            "--runs-root", str(tmp_path / "runs")]  # fmt: skip
+    assert anytime.main(args) == 0
+    runs = tmp_path / "res" / "anytime_tiny" / "runs"
+    first, second = (json.loads((runs / f"{m}_seed0.json").read_text()) for m in ("ztw_cascade", "ztw_ensemble"))
+    assert f"train.init_from={tmp_path / 'runs' / 'ztw_cascade_seed0'}" in second["train"]
+    assert second["fingerprint"] == first["fingerprint"] is not None
+    # every internal classifier answers with its ensemble: more deploy MACs at every exit (cumulative)
+    before, after = first["peers"][0]["exit_macs"], second["peers"][0]["exit_macs"]
+    assert all(b > a for a, b in zip(before, after, strict=True))

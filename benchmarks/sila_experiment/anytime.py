@@ -35,7 +35,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.sila_experiment.anytime_report import markdown, plot, summarise
+from benchmarks.sila_experiment.anytime_report import WITH_SILA, best_field_technique, markdown, plot, summarise
 from benchmarks.toolkit import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -52,6 +52,17 @@ from dynsila.runs.checkpoint import atomic_write_text
 from dynsila.runs.rundir import DEPLOY, LAST, load_deploy_model
 
 SILA = ("sila.enabled=true", "sila.head=linear")
+SILA_MLP = ("sila.enabled=true", "sila.head=mlp", "sila.attach=features", "sila.softmax=separate")
+# the field's techniques trained in one run, by the overrides that switch each on
+TECHNIQUE = {
+    "ge": ("ge.enabled=true",),
+    "imta": ("imta.enabled=true",),
+    "l2w": ("l2w.enabled=true",),
+    "ztw_cascade": ("ztw.enabled=true",),
+}
+# ZTW's second stage: only the ensembles train, from the first stage's weights (a short schedule of ours; the
+# paper's is not verified here)
+ZTW_ENSEMBLE_STAGE = ("ztw.stage=ensemble", "train.epochs=5", "train.lr=0.01")
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class Method:
     overrides: tuple[str, ...]
     about: str
     width: str = "full"  # a key of Preset.widths: which model overrides shrink the network
+    # a second stage: the method whose run of the same seed initialises this one (train.init_from), on this machine
+    starts_from: str | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -96,11 +109,7 @@ METHODS: dict[str, Method] = {
         ("sila.enabled=true", "sila.head=classifier", "sila.attach=features", "sila.softmax=separate"),
         "SiLa, twin = a fresh copy of the exit's whole classifier (own initialisation)",
     ),
-    "sila_mlp": Method(
-        3,
-        ("sila.enabled=true", "sila.head=mlp", "sila.attach=features", "sila.softmax=separate"),
-        "SiLa, twin = a one-hidden-layer MLP on the exit's features",
-    ),
+    "sila_mlp": Method(3, SILA_MLP, "SiLa, twin = a one-hidden-layer MLP on the exit's features"),
     "baseline_rerun": Method(3, ("sila.enabled=false",), "the baseline re-run at tier 3's revision and machine"),
     "baseline_x2_rerun": Method(
         3, ("sila.enabled=false", "loss.ce_weight=2.0"), "the loss-scale control re-run at tier 3's revision"
@@ -114,13 +123,27 @@ METHODS: dict[str, Method] = {
     ),
     # tier 4: the field's multi-exit training techniques, on the seeds of the precision extension, so that each is
     # paired on one machine with the baseline and the loss-scale control re-run there (baseline_rerun, _x2_rerun)
-    "ge": Method(4, ("sila.enabled=false", "ge.enabled=true"), "gradient equilibrium (IMTA, Li et al. 2019)"),
+    "ge": Method(4, ("sila.enabled=false", *TECHNIQUE["ge"]), "gradient equilibrium (IMTA, Li et al. 2019)"),
     "imta": Method(
-        4, ("sila.enabled=false", "imta.enabled=true"), "IMTA: inline subnetwork collaboration + one-for-all KD"
+        4, ("sila.enabled=false", *TECHNIQUE["imta"]), "IMTA: inline subnetwork collaboration + one-for-all KD"
     ),
-    "l2w": Method(4, ("sila.enabled=false", "l2w.enabled=true"), "L2W-DEN: meta-learned per-sample exit weights"),
+    "l2w": Method(4, ("sila.enabled=false", *TECHNIQUE["l2w"]), "L2W-DEN: meta-learned per-sample exit weights"),
     "ztw_cascade": Method(
-        4, ("sila.enabled=false", "ztw.enabled=true"), "Zero Time Waste, its first stage: cascading connections"
+        4, ("sila.enabled=false", *TECHNIQUE["ztw_cascade"]), "Zero Time Waste, its first stage: cascading connections"
+    ),
+    "ztw_ensemble": Method(
+        4,
+        ("sila.enabled=false", "ztw.enabled=true", *ZTW_ENSEMBLE_STAGE),
+        "Zero Time Waste, both stages: the geometric ensembles fitted on a ztw_cascade run (frozen)",
+        starts_from="ztw_cascade",
+    ),
+    # tier 5: SiLa (the MLP twin, tier 3's reading with the largest estimate) with the best of the field's techniques
+    **{f"sila_{name}": Method(5, (*SILA_MLP, *TECHNIQUE[name]), f"SiLa (MLP twin) + {name}") for name in TECHNIQUE},
+    "sila_ztw_ensemble": Method(
+        5,
+        (*SILA_MLP, "ztw.enabled=true", *ZTW_ENSEMBLE_STAGE),
+        "SiLa (MLP twin) + both stages of Zero Time Waste",
+        starts_from="sila_ztw_cascade",
     ),
 }
 
@@ -137,7 +160,7 @@ class SeedExtension:
 # the two SiLa readings that can carry a signal, and their references, until the paired intervals reach +-1 point
 PRECISION = SeedExtension(("sila_mlp", "sila_joint_only", "baseline_rerun", "baseline_x2_rerun"), range(5, 15))
 # the field's techniques, on the first five of those seeds (their references are the precision family's re-runs)
-FIELD = SeedExtension(("ge", "imta", "l2w", "ztw_cascade"), range(5, 10))
+FIELD = SeedExtension(("ge", "imta", "l2w", "ztw_cascade", "ztw_ensemble"), range(5, 10))
 
 
 @dataclass(frozen=True)
@@ -181,8 +204,9 @@ class RunSpec:
         return f"{self.method}_seed{self.seed}"
 
 
-def plan(preset: Preset, methods: list[str]) -> list[RunSpec]:
-    """Every run of the grid, seed-major within a tier, so partial results stay paired and balanced."""
+def plan(preset: Preset, methods: list[str], best: str | None = None) -> list[RunSpec]:
+    """Every run of the grid, seed-major within a tier, so partial results stay paired and balanced; with
+    ``best`` (the field technique chosen by ``best_field_technique``) also SiLa + it on the field's seeds."""
     specs = []
     for tier in sorted(preset.seeds):
         tier_methods = [m for m in methods if METHODS[m].tier == tier and METHODS[m].width in preset.widths]
@@ -192,6 +216,9 @@ def plan(preset: Preset, methods: list[str]) -> list[RunSpec]:
         for extension in preset.extensions:
             wanted = [m for m in extension.methods if m in methods and seed in extension.seeds]
             specs += [RunSpec(m, seed) for m in wanted if RunSpec(m, seed) not in specs]
+    if best is not None and FIELD in preset.extensions:
+        combined = [m for m in (METHODS[WITH_SILA[best]].starts_from, WITH_SILA[best]) if m and m in methods]
+        specs += [RunSpec(m, seed) for seed in FIELD.seeds for m in combined]
     return specs
 
 
@@ -199,20 +226,39 @@ def run_file(results: Path, spec: RunSpec) -> Path:
     return results / "runs" / f"{spec.name}.json"
 
 
-def run_overrides(preset: Preset, spec: RunSpec) -> list[str]:
-    """The config overrides that make this run: the preset's, the method's, the seed."""
+def source_of(spec: RunSpec) -> RunSpec | None:
+    """The run a second stage starts from: its source method's run of the same seed."""
+    source = METHODS[spec.method].starts_from
+    return None if source is None else RunSpec(source, spec.seed)
+
+
+def shown_path(path: Path) -> str:
+    """A path as the recorded command shows it: relative to the repository where it lies inside it."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def run_overrides(preset: Preset, spec: RunSpec, runs_root: Path | None = None) -> list[str]:
+    """The config overrides that make this run: the preset's, the method's, the seed, and for a second stage the
+    run it starts from (under ``runs_root``, default the preset's)."""
     method = METHODS[spec.method]
+    source = source_of(spec)
+    runs_root = runs_root or default_runs_root(preset)
     return [
         *preset.overrides,
         *method.overrides,
         *preset.widths[method.width],
         f"seed={spec.seed}",
+        *([f"train.init_from={shown_path(runs_root / source.name)}"] if source else []),
     ]
+
+
+def default_runs_root(preset: Preset) -> Path:
+    return REPO_ROOT / "runs" / f"anytime_{preset.dataset}"
 
 
 def train_command(preset: Preset, spec: RunSpec, runs_root: Path) -> list[str]:
     run_dir = runs_root / spec.name
-    overrides = [*run_overrides(preset, spec), f"out_dir={runs_root}", f"name={spec.name}"]
+    overrides = [*run_overrides(preset, spec, runs_root), f"out_dir={runs_root}", f"name={spec.name}"]
     resume = (run_dir / LAST).exists() and not (run_dir / EVAL_FILE).exists()
     return [sys.executable, "-m", "dynsila.train", preset.config, *overrides, "resume=true" if resume else "--force"]
 
@@ -267,7 +313,7 @@ def record_run(preset_name: str, spec: RunSpec, run_dir: Path, device: str) -> d
         "tier": METHODS[spec.method].tier,
         "preset": preset_name,
         "train": f"python -m dynsila.train {PRESETS[preset_name].config} "
-        + " ".join(run_overrides(PRESETS[preset_name], spec)),
+        + " ".join(run_overrides(PRESETS[preset_name], spec, run_dir.parent)),
         "code": code_version(),
         "environment": environment(device),
         "fingerprint": run_fingerprint(run_dir),
@@ -309,6 +355,11 @@ class Job:
 def launch(preset: Preset, spec: RunSpec, runs_root: Path, threads: int) -> Job:
     runs_root.mkdir(parents=True, exist_ok=True)
     note_machine(runs_root / spec.name)
+    source = source_of(spec)
+    if source is not None:  # a second stage trained where its source trained, or it records no fingerprint
+        inherited = (runs_root / source.name / MACHINES).read_text()
+        with (runs_root / spec.name / MACHINES).open("a") as log:
+            log.write(inherited)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with (runs_root / f"{spec.name}.log").open("ab") as log:
         process = subprocess.Popen(
@@ -336,8 +387,13 @@ def run_grid(preset_name: str, pending: list[RunSpec], args: argparse.Namespace,
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
     queue, running = list(pending), list[Job]()
     while queue or running:
-        while queue and len(running) < args.jobs and time.monotonic() < deadline:
-            running.append(launch(preset, queue.pop(0), args.runs_root, args.threads))
+        queue = [s for s in queue if startable(s, queue, running, args.runs_root) is not False]
+        while len(running) < args.jobs and time.monotonic() < deadline:
+            ready = next((s for s in queue if startable(s, queue, running, args.runs_root)), None)
+            if ready is None:
+                break
+            queue.remove(ready)
+            running.append(launch(preset, ready, args.runs_root, args.threads))
         for job in [j for j in running if j.process.poll() is not None]:
             running.remove(job)
             finish(job, preset_name, args.runs_root, results, preset.device)
@@ -346,6 +402,19 @@ def run_grid(preset_name: str, pending: list[RunSpec], args: argparse.Namespace,
             print(f"--max-minutes {args.max_minutes} reached: {len(queue) + len(running)} run(s) left for next time")
             return
         time.sleep(2)
+
+
+def startable(spec: RunSpec, queue: list[RunSpec], running: list[Job], runs_root: Path) -> bool | None:
+    """True: ``spec`` can start now. None: it waits for its source, which is queued or training. False: it never
+    can here (its source finished elsewhere: the checkpoint it starts from is not on this machine)."""
+    source = source_of(spec)
+    if source is None or (runs_root / source.name / EVAL_FILE).exists():
+        return True
+    if source in queue or any(job.spec == source for job in running):
+        return None
+    print(f"{spec.name}: skipped; it starts from {runs_root / source.name}, which is not here (that run finished "
+          f"on another machine): delete its run file to train both here", flush=True)  # fmt: skip
+    return False
 
 
 def stop(running: list[Job]) -> None:
@@ -404,13 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     args.jobs, args.threads = args.jobs or preset.jobs, args.threads or preset.threads
-    args.runs_root = args.runs_root or REPO_ROOT / "runs" / f"anytime_{preset.dataset}"
+    args.runs_root = args.runs_root or default_runs_root(preset)
     results = args.results_dir / f"anytime_{preset.dataset}"
-    planned = plan(preset, ["baseline", *[m for m in args.methods if m != "baseline"]])
+    best, why = best_field_technique(load_runs(results)) if (results / "runs").is_dir() else (None, "no runs yet")
+    planned = plan(preset, ["baseline", *[m for m in args.methods if m != "baseline"]], best)
     pending = [s for s in planned if not run_file(results, s).exists()]
     print(f"preset {args.preset}: {len(planned) - len(pending)} of {len(planned)} runs have files in {results}/runs")
     if args.dry_run:
         print("missing: " + (" ".join(s.name for s in pending) or "none"))
+        print(f"SiLa + the best field technique: {why}")
         return 0
     if pending and not args.report_only:
         if not (REPO_ROOT / preset.needs).exists():

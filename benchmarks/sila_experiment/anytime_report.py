@@ -46,7 +46,12 @@ BUDGET_POINTS = 8
 PRECISION_READINGS = ("sila_mlp", "sila_joint_only")
 PRECISION_REFERENCES = (RERUN[LOSS_SCALE_CONTROL], RERUN["baseline"])
 PRECISION_TARGET = 1.0
-FIELD = ("ge", "imta", "l2w", "ztw_cascade")  # the field's techniques (tier 4), against the same references
+# the field's techniques (tier 4), against the same references; tier 5: SiLa with one of them, chosen by
+# best_field_technique before it is trained, against the technique alone and the loss-scale control
+FIELD = ("ge", "imta", "l2w", "ztw_cascade", "ztw_ensemble")
+WITH_SILA = {technique: f"sila_{technique}" for technique in FIELD}
+FIELD_SEEDS = 5  # same-machine pairs every technique needs before the best of them is chosen
+WITHOUT_SILA.update({combined: technique for technique, combined in WITH_SILA.items()})
 
 
 class MethodInfo(Protocol):
@@ -83,7 +88,7 @@ def run_scores(run: dict[str, Any], grid: np.ndarray) -> dict[str, Any]:
     test, clean = np.array(p["test_top1"]), np.array(p["train_top1_clean"])
     budget = accuracy_at(p["budgeted"], grid)
     return {
-        "area": anytime_area(np.array(p["exit_macs"], dtype=float), test),
+        "area": area_of(run),
         "budgeted": float(np.nanmean(budget)) if not np.all(np.isnan(budget)) else math.nan,
         "gap": float(np.mean(clean - test)),
         "clean_last": float(clean[-1]),
@@ -130,7 +135,7 @@ def references(name: str, present: Collection[str]) -> list[str]:
         wanted.append(LOSS_SCALE_CONTROL)
     if name in WITHOUT_SILA:  # does SiLa add anything to the method it is composed with?
         wanted.append(WITHOUT_SILA[name])
-    if name in TIER3 or name in FIELD:
+    if name in TIER3 or name in FIELD or name in WITH_SILA.values():
         wanted = [RERUN.get(ref, ref) for ref in wanted]
     elif name in RERUN.values():  # the re-run against the file it did not reproduce: a diagnostic
         wanted = [ref for ref, rerun in RERUN.items() if rerun == name]
@@ -271,27 +276,60 @@ def same_machine_seeds(mine: dict[int, dict[str, Any]], theirs: dict[int, dict[s
 def precision_verdicts(
     grouped: dict[str, dict[int, dict[str, Any]]],
     rows: dict[str, dict[str, Any]],
-    readings: tuple[str, ...] = PRECISION_READINGS,
+    pairs: list[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Each signal-carrying reading against each re-run reference: the paired difference in anytime area over the
-    same-machine seeds, Holm over this family, the verdict, whether the interval reached the target, and, for
-    reference only, the difference over every seed both have (machines unchecked)."""
+    """Each (method, reference) pair (default: each signal-carrying SiLa reading against each re-run reference):
+    the paired difference in anytime area over the same-machine seeds, Holm over this family, the verdict, whether
+    the interval reached the target, and, for reference only, the difference over every seed both have (machines
+    unchecked). Pairs with a side not run yet are left out."""
+    if pairs is None:
+        pairs = [(reading, ref) for reading in PRECISION_READINGS for ref in PRECISION_REFERENCES]
     out: list[dict[str, Any]] = []
-    for reading in readings:
-        for ref in PRECISION_REFERENCES:
-            if reading not in rows or ref not in rows:
-                continue
-            mine, theirs = rows[reading]["_scores"], rows[ref]["_scores"]
-            seeds = same_machine_seeds(grouped[reading], grouped[ref])
-            strict = paired({s: mine[s]["area"] for s in seeds}, {s: theirs[s]["area"] for s in seeds})
-            out.append({"method": reading, "reference": ref, "seeds": seeds, "area": strict,
-                        "any_machine": paired_area(mine, theirs)})  # fmt: skip
+    for method, ref in pairs:
+        if method not in rows or ref not in rows:
+            continue
+        mine, theirs = rows[method]["_scores"], rows[ref]["_scores"]
+        seeds = same_machine_seeds(grouped[method], grouped[ref])
+        strict = paired({s: mine[s]["area"] for s in seeds}, {s: theirs[s]["area"] for s in seeds})
+        out.append({"method": method, "reference": ref, "seeds": seeds, "area": strict,
+                    "any_machine": paired_area(mine, theirs)})  # fmt: skip
     for entry, p in zip(out, holm([e["area"]["p_value"] for e in out]), strict=True):
         entry["p_holm"] = p
         entry["verdict"] = reading_verdict(entry["area"], p)
         entry["width_met"] = bool(math.isfinite(entry["area"]["ci95"]) and entry["area"]["ci95"] <= PRECISION_TARGET)
         entry["pairs_for_target"] = pairs_for_width(entry["area"]["std"], PRECISION_TARGET)
     return out
+
+
+def field_pairs() -> list[tuple[str, str]]:
+    """The field family: every technique against both re-run references, and SiLa with a technique against the
+    technique alone (does SiLa add to it?) and against the loss-scale control."""
+    techniques = [(t, ref) for t in FIELD for ref in PRECISION_REFERENCES]
+    combined = [(WITH_SILA[t], ref) for t in FIELD for ref in (t, RERUN[LOSS_SCALE_CONTROL])]
+    return techniques + combined
+
+
+def best_field_technique(runs: list[dict[str, Any]]) -> tuple[str | None, str]:
+    """The rule that picks the technique SiLa is combined with, fixed before any tier-4 verdict: the largest mean
+    paired difference in anytime area against the loss-scale control re-run, once every technique has
+    ``FIELD_SEEDS`` same-machine pairs with it. Returns (the technique or None, why in words)."""
+    grouped = by_method(runs)
+    control = RERUN[LOSS_SCALE_CONTROL]
+    pairs = {t: same_machine_seeds(grouped.get(t, {}), grouped.get(control, {})) for t in FIELD}
+    short = {t: len(seeds) for t, seeds in pairs.items() if len(seeds) < FIELD_SEEDS}
+    if short:
+        have = ", ".join(f"{t} {n}" for t, n in short.items())
+        return None, f"waits for {FIELD_SEEDS} same-machine pairs of every technique with {control} (have: {have})"
+    area = {name: {s: area_of(r) for s, r in seeds.items()} for name, seeds in grouped.items()}
+    deltas = {t: paired({s: area[t][s] for s in pairs[t]}, area[control])["mean"] for t in FIELD}
+    best = max(deltas, key=lambda t: deltas[t])
+    listed = ", ".join(f"{t} {d:+.2f}" for t, d in deltas.items())
+    return best, f"{best}: the largest paired difference in anytime area against {control} ({listed})"
+
+
+def area_of(run: dict[str, Any]) -> float:
+    p = peer0(run)
+    return anytime_area(np.array(p["exit_macs"], dtype=float), np.array(p["test_top1"]))
 
 
 def design_check(rows: dict[str, dict[str, Any]], compared: list[dict[str, Any]]) -> dict[str, Any]:
@@ -331,7 +369,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
     half_params = size_claim(rows, HALF_PARAMS_SILA, HALF_PARAMS_BASELINE, RERUN["baseline"])
     tier3 = tier3_verdicts(rows, compared)
     precision = precision_verdicts(grouped, rows)
-    field = precision_verdicts(grouped, rows, FIELD)
+    field = precision_verdicts(grouped, rows, field_pairs())
     for row in rows.values():
         del row["_scores"]
     return {
@@ -344,6 +382,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
         "tier3": tier3,
         "precision": precision,
         "field": field,
+        "field_best": dict(zip(("technique", "why"), best_field_technique(runs), strict=True)),
     }
 
 
@@ -483,9 +522,12 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *precision_lines(s.get("precision", [])),
         "",
-        "## The field's techniques (tier 4), same-machine pairs only",
+        "## The field's techniques (tier 4) and SiLa with the best of them (tier 5), same-machine pairs only",
         "",
         *precision_lines(s.get("field", []), "No run of the field's techniques yet."),
+        "",
+        f"SiLa (MLP twin) is combined with one technique, chosen by a rule fixed before any verdict: "
+        f"{s['field_best']['why'] if 'field_best' in s else 'not applied yet'}.",
         "",
         "## The 50 % claim as stated: half the deploy parameters, with SiLa, against full size",
         "",
