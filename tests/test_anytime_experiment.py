@@ -406,3 +406,16 @@ def test_the_grid_trains_a_second_stage_after_its_source_with_both_jobs_free(tmp
     # every internal classifier answers with its ensemble: more deploy MACs at every exit (cumulative)
     before, after = first["peers"][0]["exit_macs"], second["peers"][0]["exit_macs"]
     assert all(b > a for a, b in zip(before, after, strict=True))
+
+
+def test_a_re_run_is_equal_only_when_every_number_but_the_timings_is():
+    from benchmarks.sila_experiment.anytime_report import reproduction_checks
+
+    first = fake_run("ge", 5, [50.0, 52.0, 54.0]) | {"code": "abc", "last_epoch": {"loss": 0.1, "seconds": 20.0}}
+    again = json.loads(json.dumps(first)) | {"train_seconds": 99.0, "last_epoch": {"loss": 0.1, "seconds": 31.0}}
+    moved = json.loads(json.dumps(again))
+    moved["peers"][0]["test_top1"][2] += 1e-6
+    checks = reproduction_checks([again, moved, fake_run("imta", 5, [1.0, 2.0, 3.0])], [first])
+    assert [(c["equal"], c["found"]) for c in checks] == [(True, True), (False, True), (False, False)]
+    text = anytime.markdown(report_payload([first]) | {"reproductions": checks})
+    assert "| ge_seed5 | abc | equal |" in text and "**differs**" in text and "no run file to compare" in text

@@ -35,7 +35,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.sila_experiment.anytime_report import WITH_SILA, best_field_technique, markdown, plot, summarise
+from benchmarks.sila_experiment.anytime_report import (
+    WITH_SILA,
+    best_field_technique,
+    markdown,
+    plot,
+    reproduction_checks,
+    summarise,
+)
 from benchmarks.toolkit import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -430,8 +437,8 @@ def stop(running: list[Job]) -> None:
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def load_runs(results: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
+def load_runs(results: Path, folder: str = "runs") -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((results / folder).glob("*.json"))]
 
 
 def report(preset_name: str, planned: list[RunSpec], results: Path, command: str) -> str:
@@ -451,6 +458,7 @@ def report(preset_name: str, planned: list[RunSpec], results: Path, command: str
         "methods": {name: {"tier": m.tier, "about": m.about, "overrides": list(m.overrides)} for name, m in
                     METHODS.items()},
         "summary": summary,
+        "reproductions": reproduction_checks(load_runs(results, "reproductions"), runs),
     }  # fmt: skip
     text = markdown(payload)
     stem = results.name

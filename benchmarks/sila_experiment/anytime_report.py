@@ -327,6 +327,28 @@ def best_field_technique(runs: list[dict[str, Any]]) -> tuple[str | None, str]:
     return best, f"{best}: the largest paired difference in anytime area against {control} ({listed})"
 
 
+TIMINGS = ("train_seconds", "seconds", "environment")  # what a faithful re-run may change
+
+
+def reproduction_checks(reproductions: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each re-run of a committed run (the same method, seed and code, trained again on a later machine with the
+    same fingerprint) against its run file: whether every recorded number but the timings is equal, bit for bit.
+    Equal re-runs are the evidence that files from such machines pair as if from one machine."""
+    committed = {(r["method"], r["seed"]): r for r in runs}
+
+    def numbers(run: dict[str, Any]) -> Any:
+        return {k: ({i: j for i, j in v.items() if i not in TIMINGS} if isinstance(v, dict) else v)
+                for k, v in run.items() if k not in TIMINGS}  # fmt: skip
+
+    out = []
+    for again in reproductions:
+        first = committed.get((again["method"], again["seed"]))
+        same = first is not None and numbers(first) == numbers(again)
+        out.append({"run": f"{again['method']}_seed{again['seed']}", "code": again.get("code"), "equal": same,
+                    "found": first is not None})  # fmt: skip
+    return out
+
+
 def area_of(run: dict[str, Any]) -> float:
     p = peer0(run)
     return anytime_area(np.array(p["exit_macs"], dtype=float), np.array(p["test_top1"]))
@@ -526,6 +548,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         *precision_lines(s.get("field", []), "No run of the field's techniques yet."),
         "",
+        *reproduction_lines(payload.get("reproductions", [])),
+        "",
         f"SiLa (MLP twin) is combined with one technique, chosen by a rule fixed before any verdict: "
         f"{s['field_best']['why'] if 'field_best' in s else 'not applied yet'}.",
         "",
@@ -649,6 +673,20 @@ def precision_lines(verdicts: list[dict[str, Any]], missing: str = "No run of th
         *table(["reading", "vs", "same-machine pairs", "Δ anytime area", "p (Holm)", "verdict",
                 f"interval ≤ ±{PRECISION_TARGET:.1f}?", "Δ over every seed (machines unchecked)"], body),
     ]  # fmt: skip
+
+
+def reproduction_lines(checks: list[dict[str, Any]]) -> list[str]:
+    if not checks:
+        return []
+    body = [[c["run"], c["code"] or NO_VALUE,
+             "equal" if c["equal"] else ("no run file to compare" if not c["found"] else "**differs**")]
+            for c in checks]  # fmt: skip
+    return [
+        "Re-runs (`reproductions/`): a committed run trained again from its revision on a later machine with the same "
+        "fingerprint, every recorded number but the timings compared with its run file:",
+        "",
+        *table(["run", "code", "every number but the timings"], body),
+    ]
 
 
 def twin_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
