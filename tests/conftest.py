@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,6 +17,10 @@ import pytest
 import torch
 import yaml
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite runs in one worker per core (pytest -n): one thread each,
+    torch.set_num_threads(1)  # in the worker and in the processes it starts (a run compared with a subprocess's
+    os.environ["OMP_NUM_THREADS"] = "1"  # must use as many threads, or the float sums differ)
 
 TINY_MSDNET = {
     "name": "msdnet",
