@@ -21,8 +21,8 @@ from dynsila.budget.thresholds import CONFIDENCE, fit_thresholds, geometric_frac
 from dynsila.config import load_config
 from dynsila.data import build_splits, make_loader, normalize
 from dynsila.deploy.export import ThresholdFit, export_onnx
-from dynsila.deploy.run_export import main as export_main
 from dynsila.deploy.onnx_runner import NUMPY_CONFIDENCE, OnnxEarlyExitRunner
+from dynsila.deploy.run_export import main as export_main
 from dynsila.deploy.runner import EarlyExitRunner
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits

@@ -17,11 +17,11 @@ from dynsila import models
 from dynsila.budget.flops import gated_costs
 from dynsila.config import load_config
 from dynsila.data import ArrayDataset, make_loader
-from dynsila.deploy.run_export import main as export_main
 from dynsila.deploy.gated_export import export_gated
 from dynsila.deploy.gated_runner import GatedRunner
 from dynsila.deploy.onnx_gated_runner import OnnxGatedRunner
 from dynsila.deploy.onnx_runner import OnnxEarlyExitRunner
+from dynsila.deploy.run_export import main as export_main
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import gated_pass
 from dynsila.training.train import train

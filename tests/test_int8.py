@@ -11,8 +11,8 @@ import torch
 import dynsila.deploy.quantize
 from dynsila.budget.thresholds import CONFIDENCE, fit_thresholds, geometric_fractions
 from dynsila.data import build_splits, make_loader, normalize
-from dynsila.deploy.run_export import main as export_main
 from dynsila.deploy.onnx_runner import OnnxEarlyExitRunner
+from dynsila.deploy.run_export import main as export_main
 from dynsila.runs.rundir import load_deploy_model
 from dynsila.train import main as train_main
 from tests.conftest import load_benchmark

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `python benchmar
 
 from benchmarks.toolkit import RESULTS_DIR, command_line, environment, header, paired_times, verdict, write_results
 from dynsila.data import build_splits, make_loader, normalize
-from dynsila.deploy.run_export import export_run
 from dynsila.deploy.onnx_runner import OnnxEarlyExitRunner
+from dynsila.deploy.run_export import export_run
 from dynsila.runs.rundir import read_run_config
 
 ACCURACY_LIMIT = 0.5  # points of top-1 per exit, int8 against fp32
