@@ -419,8 +419,9 @@ def startable(spec: RunSpec, queue: list[RunSpec], running: list[Job], runs_root
         return True
     if source in queue or any(job.spec == source for job in running):
         return None
-    print(f"{spec.name}: skipped; it starts from {runs_root / source.name}, which is not here (that run finished "
-          f"on another machine): delete its run file to train both here", flush=True)  # fmt: skip
+    print(f"{spec.name}: skipped; it starts from {runs_root / source.name}, which has no finished checkpoint here "
+          f"(train {source.name} here first, or, if its run file came from another machine, delete that file to "
+          "train both here)", flush=True)  # fmt: skip
     return False
 
 
