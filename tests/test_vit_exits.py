@@ -24,8 +24,9 @@ from dynsila.methods.self_distill import SelfDistillConfig
 from dynsila.methods.sila import SiLa, SiLaConfig, prune
 from dynsila.models.vit_exits import VitExits
 from dynsila.optim import build_optimizer, parameter_groups
-from dynsila.runs.rundir import build_model
+from dynsila.runs.rundir import build_model, load_deploy_model
 from dynsila.train import main as train_main
+from dynsila.training.train import train
 from tests.conftest import load_benchmark
 from tests.test_export import assert_graphs_are_deployable, compare_runners, needs_deploy
 
@@ -303,3 +304,27 @@ def test_the_named_backbones_build_for_32x32_inputs():
             model = models.build("vit_exits", num_classes=10, backbone=backbone, img_size=32, patch_size=4, exits=exits)
             assert isinstance(model.stem.patch_embed, torch.nn.Module) and len(model.exits) == len(exits)
             assert sum(len(s) for s in model.stages) == 12
+
+
+@pytest.mark.parametrize(
+    "technique, adds_to_deploy",
+    [
+        ({"ge": {"enabled": True}}, False),
+        ({"imta": {"enabled": True}}, True),
+        ({"l2w": {"enabled": True}}, False),
+        ({"ztw": {"enabled": True}}, True),
+    ],  # fmt: skip
+    ids=["ge", "imta", "l2w", "ztw"],
+)
+def test_the_field_techniques_train_with_sila_on_a_vit_and_their_deploy_cost_is_counted(
+    tiny_config, technique, adds_to_deploy
+):
+    name = next(iter(technique))
+    path = tiny_config(f"vit_{name}", model=CLI_VIT, sila={"enabled": True}, train={"eval_test_every_epoch": False},
+                       **technique)  # fmt: skip
+    result = train(load_config(path))
+    assert len(result.test_top1) == 3 and all(0 <= a <= 100 for a in result.test_top1)
+    deployed = exit_costs(load_deploy_model(result.run_dir)[0], (3, 8, 8))
+    plain = exit_costs(build_model(load_config(path, ["sila.enabled=false", f"{name}.enabled=false"])), (3, 8, 8))
+    grew = [d.macs_cumulative > p.macs_cumulative for d, p in zip(deployed, plain, strict=True)]
+    assert any(grew) == adds_to_deploy and (adds_to_deploy or deployed == plain)

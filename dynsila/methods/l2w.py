@@ -54,6 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dynsila.config import Config, bounded
 from dynsila.errors import ConfigError
@@ -234,7 +235,10 @@ def meta_update(net: L2WNetwork, step: Step, exit_weights: Sequence[float]) -> t
     weigher = net.weigher
     (x_train, y_train), (x_meta, y_meta) = meta_halves(step.images, step.labels, flip=bool(weigher.updates % 2))
     phi = {n: p.detach().requires_grad_() for n, p in weigher.net.named_parameters()}
-    loss = look_ahead_meta_loss(net, phi, (x_train, y_train, x_meta, y_meta), settings, exit_weights, step.lr)
+    # attention through its math path: the fused kernels' backward has no derivative, and the meta gradient
+    # differentiates the virtual step's backward (a ViT failed here with the default kernels)
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = look_ahead_meta_loss(net, phi, (x_train, y_train, x_meta, y_meta), settings, exit_weights, step.lr)
     grads = dict(zip(phi, torch.autograd.grad(loss, list(phi.values())), strict=True))
     if dist.is_available() and dist.is_initialized():  # every rank keeps the same weight net
         for g in grads.values():
