@@ -388,6 +388,9 @@ def test_sila_with_a_technique_is_paired_with_the_technique_alone_and_the_loss_s
     assert ("sila_imta", "imta") in pairs and ("sila_imta", "baseline_x2_rerun") in pairs
     alone = next(v for v in field if (v["method"], v["reference"]) == ("sila_imta", "imta"))
     assert alone["area"]["mean"] == pytest.approx(0.0, abs=1e-9) and alone["seeds"] == [5, 6, 7, 8, 9]
+    control = next(v for v in field if (v["method"], v["reference"]) == ("sila_imta", "baseline_x2_rerun"))
+    assert control["budgeted"]["mean"] == pytest.approx(1.0) and control["budgeted"]["n"] == 5  # the curve moved too
+    assert "| Δ budgeted mean |" in anytime.markdown(report_payload(runs))
 
 
 def test_the_grid_trains_a_second_stage_after_its_source_with_both_jobs_free(tmp_path, tiny_config, monkeypatch):
