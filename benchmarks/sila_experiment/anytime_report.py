@@ -51,6 +51,15 @@ PRECISION_TARGET = 1.0
 FIELD = ("ge", "imta", "l2w", "ztw_cascade", "ztw_ensemble")
 WITH_SILA = {technique: f"sila_{technique}" for technique in FIELD}
 FIELD_SEEDS = 5  # same-machine pairs every technique needs before the best of them is chosen
+# what each technique's paper reports, with its source (the modules' docstrings say more); none is at this scale
+PAPER_FIGURES = {
+    "ge": "not found in a source we could read (IMTA paper, ICCV 2019)",
+    "imta": "not found in a source we could read (ICCV 2019; the authors' README shows its curves as images)",
+    "l2w": "MSDNet + L2W over MSDNet, CIFAR-100 budgeted: +1.3 and +1.1 points at two budgets "
+    "(github.com/LeapLabTHU/L2W-DEN, figs/result_cifar.jpg)",
+    "ztw_cascade": "not found in a source we could read (NeurIPS 2021)",
+    "ztw_ensemble": "not found in a source we could read (NeurIPS 2021)",
+}
 WITHOUT_SILA.update({combined: technique for technique, combined in WITH_SILA.items()})
 
 
@@ -548,6 +557,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "## The field's techniques (tier 4) and SiLa with the best of them (tier 5), same-machine pairs only",
         "",
         *precision_lines(s.get("field", []), "No run of the field's techniques yet."),
+        "",
+        "What each paper reports, at its own scale (not reproduced here):",
+        "",
+        *table(["technique", "paper's figure"], [[t, figure] for t, figure in PAPER_FIGURES.items()]),
         "",
         *reproduction_lines(payload.get("reproductions", [])),
         "",
