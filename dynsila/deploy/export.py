@@ -23,7 +23,6 @@ why. After export every exit's logits are checked against PyTorch on validation 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -46,19 +45,17 @@ from dynsila.deploy.graphs import (
     publish,
     require_packages,
     staging_folder,
+    write_manifest,
 )
 from dynsila.deploy.onnx_gated_runner import OnnxGatedResult, OnnxGatedRunner
 from dynsila.deploy.onnx_runner import (
-    MANIFEST,
     MANIFEST_FORMAT,
     OnnxEarlyExitResult,
     OnnxEarlyExitRunner,
 )
 from dynsila.errors import DynsilaError
-from dynsila.evaluation.report import json_safe
 from dynsila.methods.sila import unwrap
 from dynsila.models import MultiExitNetwork, gated_body
-from dynsila.runs.checkpoint import atomic_write_text
 
 __all__ = [
     "OnnxEarlyExitResult",
@@ -219,11 +216,11 @@ def export_onnx(
         with torch.no_grad():
             stages, exits = _export_graphs(folded, example.float(), staging, exporter, lazy)
         manifest = _manifest(example, stages, exits, costs, fit, dict(extra or {}))
-        atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
+        write_manifest(staging, manifest)
         manifest["verified_max_abs_logit_difference"] = _verify(folded, example, staging)
         if finish is not None:
             finish(staging, manifest)
-        atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
+        write_manifest(staging, manifest)
         publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

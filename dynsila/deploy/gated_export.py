@@ -14,7 +14,6 @@ After export the graphs are checked against PyTorch with every block executed: l
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,14 +36,12 @@ from dynsila.deploy.graphs import (
     publish,
     require_packages,
     staging_folder,
+    write_manifest,
 )
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT, OnnxGatedRunner
-from dynsila.deploy.onnx_runner import MANIFEST
 from dynsila.errors import DynsilaError
-from dynsila.evaluation.report import json_safe
 from dynsila.methods.technique import unwrap
 from dynsila.models import GatedBody, MultiExitNetwork, gated_body
-from dynsila.runs.checkpoint import atomic_write_text
 
 # --- graphs of flat tensors ------------------------------------------------------------------------------------
 
@@ -134,9 +131,9 @@ def export_gated(
         with torch.no_grad():
             graphs = _export_pieces(folded, example.float(), staging, exporter)
         manifest = _gated_manifest(example, graphs, threshold, costs, dict(extra or {}))
-        atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
+        write_manifest(staging, manifest)
         manifest["verified_max_abs_difference"] = _verify(folded, example.float(), staging)
-        atomic_write_text(staging / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
+        write_manifest(staging, manifest)
         publish(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -17,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynsila.deploy.onnx_runner import DEPLOY_EXTRA
+from dynsila.deploy.onnx_runner import DEPLOY_EXTRA, MANIFEST
 from dynsila.errors import DynsilaError
+from dynsila.evaluation.report import json_safe
+from dynsila.runs.checkpoint import atomic_write_text
 
 log = logging.getLogger(__name__)
 EXPORTERS = ("auto", "dynamo", "torchscript")
@@ -97,6 +100,11 @@ def graph_entry(path: Path, exporter: str) -> dict[str, Any]:
     graph = onnx.load(str(path), load_external_data=False)
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     return {"file": path.name, "inputs": [i.name for i in graph.graph.input], "opset": opset, "exporter": exporter}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """An export's ``manifest.json``, strict JSON (no NaN), written atomically."""
+    atomic_write_text(folder / MANIFEST, json.dumps(json_safe(manifest), indent=1, allow_nan=False))
 
 
 def publish(staging: Path, out_dir: Path) -> None:
