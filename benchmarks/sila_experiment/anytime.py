@@ -146,6 +146,14 @@ METHODS: dict[str, Method] = {
     ),
     # tier 5: SiLa (the MLP twin, tier 3's reading with the largest estimate) with the best of the field's techniques
     **{f"sila_{name}": Method(5, (*SILA_MLP, *TECHNIQUE[name]), f"SiLa (MLP twin) + {name}") for name in TECHNIQUE},
+    # tier 6: the decision on SiLa + IMTA, fixed before its runs: against the loss-scale control, against IMTA
+    # with its cross-entropy doubled (the loss-matched reference: SiLa adds a second CE on the same labels) and
+    # against IMTA alone, 10 seeds each
+    "imta_x2": Method(
+        6,
+        ("sila.enabled=false", *TECHNIQUE["imta"], "loss.ce_weight=2.0"),
+        "IMTA with its cross-entropy x 2: the loss-scale control of SiLa + IMTA",
+    ),
     "sila_ztw_ensemble": Method(
         5,
         (*SILA_MLP, "ztw.enabled=true", *ZTW_ENSEMBLE_STAGE),
@@ -168,6 +176,9 @@ class SeedExtension:
 PRECISION = SeedExtension(("sila_mlp", "sila_joint_only", "baseline_rerun", "baseline_x2_rerun"), range(5, 15))
 # the field's techniques, on the first five of those seeds (their references are the precision family's re-runs)
 FIELD = SeedExtension(("ge", "imta", "l2w", "ztw_cascade", "ztw_ensemble"), range(5, 10))
+# the SiLa + IMTA decision: its loss-matched reference on all ten seeds of the precision family, and SiLa + IMTA
+# and IMTA on the five that tiers 4 and 5 did not run
+DECISION = SeedExtension(("sila_imta", "imta", "imta_x2"), range(5, 15))
 
 
 @dataclass(frozen=True)
@@ -190,7 +201,7 @@ CPU_HALF_PARAMS = ("model.n_channels=6", "model.growth_rate=3", "model.head_chan
 CPU_WIDTHS = {"full": (), "half_width": CPU_HALF, "half_params": CPU_HALF_PARAMS}
 PRESETS: dict[str, Preset] = {
     "cpu": Preset("cifar10_dev2", "configs/cifar10_dev2/msdnet_anytime.yaml", "../shared/data/cifar10_dev2.npz",
-                  QUIET, CPU_WIDTHS, extensions=(PRECISION, FIELD)),
+                  QUIET, CPU_WIDTHS, extensions=(PRECISION, FIELD, DECISION)),
     "gpu": Preset("cifar10_dev2_gpu", "configs/cifar10_dev2/msdnet_anytime.yaml", ".gpu/cifar10_dev2.npz",
                   (*QUIET, "data.root=.gpu/cifar10_dev2.npz", "data.on_device=true", "train.device=cuda"),
                   CPU_WIDTHS, jobs=12, threads=1, device="cuda"),
