@@ -237,7 +237,7 @@ def plan(preset: Preset, methods: list[str], best: str | None = None) -> list[Ru
     if best is not None and FIELD in preset.extensions:
         combined = [m for m in (METHODS[WITH_SILA[best]].starts_from, WITH_SILA[best]) if m and m in methods]
         specs += [RunSpec(m, seed) for seed in FIELD.seeds for m in combined]
-    return specs
+    return list(dict.fromkeys(specs))  # a run two extensions plan trains once
 
 
 def run_file(results: Path, spec: RunSpec) -> Path:
