@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -369,7 +370,7 @@ def test_sila_joins_the_best_field_technique_only_once_every_technique_has_five_
     runs = field_runs(deltas, range(5, 10))
     best, why = best_field_technique(runs)
     assert best == "imta" and "imta +1.50" in why
-    preset = anytime.PRESETS["cpu"]
+    preset = dataclasses.replace(anytime.PRESETS["cpu"], extensions=(anytime.PRECISION, anytime.FIELD))
     specs = anytime.plan(preset, list(anytime.METHODS), best)
     assert [s.seed for s in specs if s.method == "sila_imta"] == [5, 6, 7, 8, 9]
     assert not any(s.method in ("sila_ge", "sila_l2w") for s in specs)
@@ -379,6 +380,24 @@ def test_sila_joins_the_best_field_technique_only_once_every_technique_has_five_
     # a technique whose pairs ran on another machine does not count towards the five
     moved = [dict(r, fingerprint={"cpu": "B"}) if r["method"] == "ge" and r["seed"] == 9 else r for r in runs]
     assert best_field_technique(moved)[0] is None
+
+
+def test_the_sila_imta_decision_plans_ten_seeds_of_each_arm_once_and_is_a_family_of_three() -> None:
+    specs = anytime.plan(anytime.PRESETS["cpu"], list(anytime.METHODS), "imta")
+    assert len(specs) == len(set(specs))  # seeds 5-9 of SiLa + IMTA are named by two extensions, planned once
+    for method in ("imta_x2", "sila_imta", "imta"):
+        assert sorted(s.seed for s in specs if s.method == method) == list(range(5, 15))
+    runs = field_runs({"imta": 1.0, "imta_x2": 1.5}, range(5, 15))
+    for seed in range(5, 15):  # above every reference on every seed, by a margin that varies with the seed
+        level = 62.0 + seed + 0.05 * (seed % 3) + 0.1 * (seed % 4)
+        runs.append(fake_run("sila_imta", seed, [level - 4, level - 2, level]) | {"fingerprint": {"cpu": "A"}})
+    decision = summarise(runs, anytime.METHODS)["decision"]
+    assert [v["reference"] for v in decision] == ["baseline_x2_rerun", "imta_x2", "imta"]
+    for v in decision:
+        assert v["seeds"] == list(range(5, 15)) and math.isfinite(v["p_holm"])
+        # the same difference on every seed: all ten signs agree, the smallest exact two-sided p at n = 10
+        assert v["area"]["p_wilcoxon"] == pytest.approx(2 / 2**10)
+    assert "Every comparison has its 10 pairs" in anytime.markdown(report_payload(runs))
 
 
 def test_sila_with_a_technique_is_paired_with_the_technique_alone_and_the_loss_scale_control() -> None:

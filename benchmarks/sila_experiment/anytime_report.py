@@ -15,7 +15,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from benchmarks.sila_experiment.paired_stats import ALPHA, beyond_noise, holm, interval, paired, pairs_for_width
+from benchmarks.sila_experiment.paired_stats import (
+    ALPHA,
+    beyond_noise,
+    holm,
+    interval,
+    paired,
+    pairs_for_width,
+    wilcoxon_exact,
+)
 from benchmarks.toolkit import accuracy_at, anytime_area, save_figure
 
 WIDTH_TARGET = 1.0  # points: the 95 % interval of a tier-1 paired difference must be narrower than +-1.0
@@ -300,6 +308,9 @@ def precision_verdicts(
         mine, theirs = rows[method]["_scores"], rows[ref]["_scores"]
         seeds = same_machine_seeds(grouped[method], grouped[ref])
         strict = paired({s: mine[s]["area"] for s in seeds}, {s: theirs[s]["area"] for s in seeds})
+        strict["p_wilcoxon"] = wilcoxon_exact(
+            {s: mine[s]["area"] for s in seeds}, {s: theirs[s]["area"] for s in seeds}
+        )
         budgeted = paired({s: mine[s]["budgeted"] for s in seeds}, {s: theirs[s]["budgeted"] for s in seeds})
         out.append({"method": method, "reference": ref, "seeds": seeds, "area": strict, "budgeted": budgeted,
                     "any_machine": paired_area(mine, theirs)})  # fmt: skip
@@ -317,6 +328,17 @@ def field_pairs() -> list[tuple[str, str]]:
     techniques = [(t, ref) for t in FIELD for ref in PRECISION_REFERENCES]
     combined = [(WITH_SILA[t], ref) for t in FIELD for ref in (t, RERUN[LOSS_SCALE_CONTROL])]
     return techniques + combined
+
+
+# the SiLa + IMTA decision, a family of its own fixed before its runs: against the loss-scale control, against IMTA
+# with its cross-entropy doubled (the loss-matched reference) and against IMTA alone; Holm over exactly these three
+DECISION_METHOD = WITH_SILA["imta"]
+DECISION_REFERENCES = (RERUN[LOSS_SCALE_CONTROL], "imta_x2", "imta")
+DECISION_MIN_PAIRS = 10
+
+
+def decision_pairs() -> list[tuple[str, str]]:
+    return [(DECISION_METHOD, ref) for ref in DECISION_REFERENCES]
 
 
 def best_field_technique(runs: list[dict[str, Any]]) -> tuple[str | None, str]:
@@ -402,6 +424,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
     tier3 = tier3_verdicts(rows, compared)
     precision = precision_verdicts(grouped, rows)
     field = precision_verdicts(grouped, rows, field_pairs())
+    decision = precision_verdicts(grouped, rows, decision_pairs())
     for row in rows.values():
         del row["_scores"]
     return {
@@ -414,6 +437,7 @@ def summarise(runs: list[dict[str, Any]], methods: Mapping[str, MethodInfo]) -> 
         "tier3": tier3,
         "precision": precision,
         "field": field,
+        "decision": decision,
         "field_best": dict(zip(("technique", "why"), best_field_technique(runs), strict=True)),
     }
 
@@ -567,6 +591,10 @@ def markdown(payload: dict[str, Any]) -> str:
         f"SiLa (MLP twin) is combined with one technique, chosen by a rule fixed before any verdict: "
         f"{s['field_best']['why'] if 'field_best' in s else 'not applied yet'}.",
         "",
+        "## The SiLa + IMTA decision: a family of three, fixed before its runs",
+        "",
+        *decision_lines(s.get("decision", [])),
+        "",
         "## The 50 % claim as stated: half the deploy parameters, with SiLa, against full size",
         "",
         *half_width_lines(s.get("half_params"), "No half-parameter SiLa run yet."),
@@ -688,6 +716,37 @@ def precision_lines(verdicts: list[dict[str, Any]], missing: str = "No run of th
         *table(["reading", "vs", "same-machine pairs", "Δ anytime area", "p (Holm)", "verdict",
                 f"interval ≤ ±{PRECISION_TARGET:.1f}?", "Δ budgeted mean", "Δ over every seed (machines unchecked)"],
                body),
+    ]  # fmt: skip
+
+
+def decision_lines(verdicts: list[dict[str, Any]]) -> list[str]:
+    if not verdicts:
+        return ["No run of this family yet."]
+    short = [v for v in verdicts if len(v["seeds"]) < DECISION_MIN_PAIRS]
+    body = [
+        [v["method"], v["reference"], f"{len(v['seeds'])}", diff_cell(v["area"]),
+         f"{v['area']['p_value']:.4f}", f"{v['p_holm']:.4f}" if math.isfinite(v["p_holm"]) else NO_VALUE,
+         f"{v['area']['p_wilcoxon']:.4f}" if math.isfinite(v["area"]["p_wilcoxon"]) else NO_VALUE,
+         v["verdict"], diff_cell(v["budgeted"])]
+        for v in verdicts
+    ]  # fmt: skip
+    status = (
+        f"Runs still missing: {', '.join(v['reference'] for v in short)} below {DECISION_MIN_PAIRS} pairs; "
+        "the verdicts below are interim."
+        if short
+        else f"Every comparison has its {DECISION_MIN_PAIRS} pairs: the verdicts below are final."
+    )
+    return [
+        f"`{DECISION_METHOD}` against {', '.join(f'`{r}`' for r in DECISION_REFERENCES)}: anytime area paired by "
+        "seed over same-machine runs, paired t-test Holm-corrected over these three comparisons only, the exact "
+        "Wilcoxon signed-rank p (distribution-free, uncorrected) beside it, and the budgeted curve's mean "
+        "difference (the deployment measure, secondary). The loss-matched reference is `imta_x2`: SiLa adds a "
+        "second cross-entropy on the same labels, so IMTA with its cross-entropy doubled has the same loss scale.",
+        "",
+        status,
+        "",
+        *table(["method", "vs", "pairs", "Δ anytime area", "p (t)", "p (Holm)", "p (Wilcoxon, exact)", "verdict",
+                "Δ budgeted mean"], body),
     ]  # fmt: skip
 
 
