@@ -435,9 +435,10 @@ def test_a_re_run_is_equal_only_when_every_number_but_the_timings_is():
 
     first = fake_run("ge", 5, [50.0, 52.0, 54.0]) | {"code": "abc", "last_epoch": {"loss": 0.1, "seconds": 20.0}}
     again = json.loads(json.dumps(first)) | {"train_seconds": 99.0, "last_epoch": {"loss": 0.1, "seconds": 31.0}}
+    again["code"] = "def"  # a later revision that trains the same numbers bridges the two
     moved = json.loads(json.dumps(again))
     moved["peers"][0]["test_top1"][2] += 1e-6
     checks = reproduction_checks([again, moved, fake_run("imta", 5, [1.0, 2.0, 3.0])], [first])
     assert [(c["equal"], c["found"]) for c in checks] == [(True, True), (False, True), (False, False)]
     text = anytime.markdown(report_payload([first]) | {"reproductions": checks})
-    assert "| ge_seed5 | abc | equal |" in text and "**differs**" in text and "no run file to compare" in text
+    assert "| ge_seed5 | abc | def | equal |" in text and "**differs**" in text and "no run file to compare" in text

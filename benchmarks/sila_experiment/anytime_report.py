@@ -360,6 +360,8 @@ def best_field_technique(runs: list[dict[str, Any]]) -> tuple[str | None, str]:
 
 
 TIMINGS = ("train_seconds", "seconds", "environment")  # what a faithful re-run may change
+# a re-run may also come from a later revision: an equal re-run then bridges the two revisions' training paths
+REVISION = "code"
 
 
 def reproduction_checks(reproductions: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -370,14 +372,14 @@ def reproduction_checks(reproductions: list[dict[str, Any]], runs: list[dict[str
 
     def numbers(run: dict[str, Any]) -> Any:
         return {k: ({i: j for i, j in v.items() if i not in TIMINGS} if isinstance(v, dict) else v)
-                for k, v in run.items() if k not in TIMINGS}  # fmt: skip
+                for k, v in run.items() if k not in (*TIMINGS, REVISION)}  # fmt: skip
 
     out = []
     for again in reproductions:
         first = committed.get((again["method"], again["seed"]))
         same = first is not None and numbers(first) == numbers(again)
-        out.append({"run": f"{again['method']}_seed{again['seed']}", "code": again.get("code"), "equal": same,
-                    "found": first is not None})  # fmt: skip
+        out.append({"run": f"{again['method']}_seed{again['seed']}", "code": again.get(REVISION), "equal": same,
+                    "found": first is not None, "first_code": first.get(REVISION) if first else None})  # fmt: skip
     return out
 
 
@@ -753,14 +755,15 @@ def decision_lines(verdicts: list[dict[str, Any]]) -> list[str]:
 def reproduction_lines(checks: list[dict[str, Any]]) -> list[str]:
     if not checks:
         return []
-    body = [[c["run"], c["code"] or NO_VALUE,
+    body = [[c["run"], c.get("first_code") or NO_VALUE, c["code"] or NO_VALUE,
              "equal" if c["equal"] else ("no run file to compare" if not c["found"] else "**differs**")]
             for c in checks]  # fmt: skip
     return [
-        "Re-runs (`reproductions/`): a committed run trained again from its revision on a later machine with the same "
-        "fingerprint, every recorded number but the timings compared with its run file:",
+        "Re-runs (`reproductions/`): a committed run trained again on a later machine with the same fingerprint, "
+        "from its own revision or a later one, every recorded number but the timings and the revision compared with "
+        "its run file (an equal re-run from a later revision shows that revision trains the same numbers):",
         "",
-        *table(["run", "code", "every number but the timings"], body),
+        *table(["run", "run file's code", "re-run's code", "every number but the timings"], body),
     ]
 
 
