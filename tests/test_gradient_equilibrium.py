@@ -13,6 +13,7 @@ from torch import nn
 from dynsila import models
 from dynsila.config import load_config
 from dynsila.errors import ConfigError
+from dynsila.methods.exit_chain import ChainedExits, chain_exits
 from dynsila.methods.gradient_equilibrium import (
     GradientEquilibriumConfig,
     equilibrium_factors,
@@ -158,3 +159,35 @@ def test_vit_exits_take_ge():
     per_exit = [torch.autograd.grad(z.sum(), h_plain[0], retain_graph=True)[0] for z in plain(x)]
     sum(z.sum() for z in ge(x)).backward()
     assert torch.allclose(h_ge[0].grad, sum(per_exit) / 3, atol=1e-5)  # the first stage: the mean of three exits
+
+
+@pytest.mark.parametrize("layout", [(3, (0, 1, 2)), (4, (1, 3))])
+def test_on_a_chained_network_the_exit_states_get_the_mean_of_the_exit_gradients(layout):
+    n_stages, after = layout
+    torch.manual_seed(0)
+    plain = chain_exits(Chain(n_stages, after), "imta", lambda k, previous, fc: nn.Linear(4, 4, bias=False))
+    ge = copy.deepcopy(plain)
+    x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
+    h = stage_outputs(plain.inner)  # the states the classifiers read: the inner network's stage outputs
+    losses = [F.cross_entropy(z, y) for z in plain(x)]
+    per_exit = [torch.autograd.grad(loss, h, allow_unused=True, retain_graph=True) for loss in losses]
+    h_ge = stage_outputs(ge.inner)
+    install_gradient_equilibrium(ge)  # raised TypeError on the chained state (a tuple) before
+    logits = ge(x)
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain(x), strict=True))
+    sum(F.cross_entropy(z, y) for z in logits).backward()
+    for k, stage in enumerate(after):
+        expected = sum(per_exit[j][stage] for j in range(k, len(after))) / (len(after) - k)
+        assert torch.allclose(h_ge[stage].grad, expected, atol=1e-6), (k, stage)
+    assert not has_gradient_equilibrium(deploy_network(ge))
+
+
+@pytest.mark.parametrize("technique", [{"imta": {"enabled": True}}, {"ztw": {"enabled": True}}])
+def test_ge_trains_with_imta_and_with_ztw(tiny_config, technique):
+    name = next(iter(technique))
+    cfg = load_config(tiny_config(f"ge_{name}", ge={"enabled": True}, sila={"enabled": False}, **technique))
+    result = train(cfg)
+    row = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["ce"] > 0 and len(result.test_top1) == 3
+    deployed, _ = load_deploy_model(result.run_dir)
+    assert isinstance(deployed, ChainedExits) and not has_gradient_equilibrium(deployed)

@@ -139,6 +139,7 @@ class ChainedExits(MultiExitNetwork):
             raise ValueError(f"{model.num_exits} exits need as many links (the first None) and combiners")
         self.technique = technique
         self.trains_only_readouts = False
+        self.trains_only_classifiers = False  # IMTA's second stage: the last layers and the links on a frozen trunk
         self.__dict__["_inner"] = model  # for its split and exit initialisation; its modules are registered below
         self.stem = ChainedStem(model.stem)
         self.stages = nn.ModuleList()
@@ -153,11 +154,18 @@ class ChainedExits(MultiExitNetwork):
 
     def train(self, mode: bool = True) -> ChainedExits:
         """With ``trains_only_readouts`` (a later training stage that fits only the readouts), the stem and stages
-        stay in eval mode: their batch-norm statistics do not move."""
+        stay in eval mode: their batch-norm statistics do not move. With ``trains_only_classifiers`` so do the stem,
+        the inner stages and the exit heads; the links train."""
         super().train(mode)
         if self.trains_only_readouts:
             self.stem.eval()
             self.stages.eval()
+        if self.trains_only_classifiers:  # the links (their batch norms) train; the trunk and exit heads do not
+            self.stem.eval()
+            for stage in self.stages:
+                assert isinstance(stage, ChainedStage)
+                stage.stage.eval()
+                stage.heads.eval()
         return self
 
     @property

@@ -24,7 +24,15 @@ network is the plain one (same parameters and logits; GE costs nothing at infere
 changed, so evaluation during training sees the plain network's logits.
 
 The paper reports GE gains on MSDNet for CIFAR-100 and ImageNet (its budgeted and anytime curves); the exact
-figures were not verified here. ``order`` 50: after the built-ins (10-40); GE adds no loss term, so its place in
+figures were not verified here.
+
+A network whose exits read the earlier exits (``exit_chain.ChainedExits``: IMTA's links, ZTW's cascades) runs each
+exit's classifier inside the stage it follows, so the chained stage's output comes after the classifier has read
+the state. GE therefore hooks the stages of the network inside the chain, whose outputs are the states h_k that
+the classifiers and the next stage read: the same factors at the same places as on the plain network. The chained
+logits (a link's input) are not rescaled: the authors' GE has no such path (their ISC trains on a frozen backbone).
+
+``order`` 50: after the built-ins (10-40); GE adds no loss term, so its place in
 the sum does not matter, but its ``prepare`` runs after SiLa's (which wraps the network; GE hooks the network
 inside the wrapper, so SiLa's twin heads read the rescaled state like their exit).
 """
@@ -40,6 +48,7 @@ from torch import nn
 
 from dynsila.config import Config
 from dynsila.errors import ConfigError
+from dynsila.methods.exit_chain import ChainedExits
 from dynsila.methods.technique import Technique, register_technique, unwrap
 
 
@@ -100,6 +109,8 @@ def install_gradient_equilibrium(model: nn.Module) -> None:
     """Hook GE onto a multi-exit network (in place). Needs one exit per stage at most (strictly increasing
     ``exit_after``), which every built-in family has."""
     net = unwrap(model)
+    if isinstance(net, ChainedExits):  # the states the chained classifiers read: the inner network's stage outputs
+        net = net.inner
     after = list(net.exit_after)
     if any(b <= a for a, b in zip(after, after[1:], strict=False)):
         raise ConfigError(f"ge.enabled needs at most one exit per stage; {type(net).__name__} has exits after {after}")

@@ -20,17 +20,21 @@ OFA: every exit but the last learns from the last exit's softened prediction (te
 
 with the authors' ``gamma`` = 0.1 and T = 1 (``run_IMTA.sh``; the paper's own values not verified here); the KL is
 ``self_distill.self_distillation_loss`` (batch mean; the authors' ``nn.KLDivLoss()`` also averages over classes,
-which divides their term by C). The exit weights w_k apply to the CE of the last exit too, as in ``ce``.
+which divides their term by C; ``imta.kl_reduction: mean`` reduces as they do). The exit weights w_k apply to the
+CE of the last exit too, as in ``ce``.
 
-Deviations: one run trains backbone, classifiers and links together from scratch, with the network's own last exit
-as teacher; the authors first train an MSDNet with Gradient Equilibrium (not implemented here), then train new
-classifiers and the links on the frozen backbone with the pretrained last exit as teacher.
+By default (``imta.stage: joint``) one run trains backbone, classifiers and links together from scratch, with the
+network's own last exit as teacher. The authors first train an MSDNet with Gradient Equilibrium (``ge.enabled``),
+then train new classifiers and the links on the frozen backbone with the pretrained last exit as teacher:
+``imta.stage: heads`` (``imta_heads``; with ``imta.detach: false`` and ``imta.kl_reduction: mean`` it is their
+protocol, ``configs/cifar100/msdnet_imta_authors.yaml``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,7 @@ from torch import nn
 from dynsila.config import Config, bounded
 from dynsila.errors import ConfigError
 from dynsila.methods.exit_chain import chain_exits
+from dynsila.methods.imta_heads import TaughtLogits, TaughtNetwork
 from dynsila.methods.self_distill import SelfDistillConfig, self_distillation_loss
 from dynsila.methods.technique import ModelBatch, Technique, register_technique
 from dynsila.models import MultiExitNetwork
@@ -50,6 +55,13 @@ class IMTAConfig:
     gamma: float = bounded(0.1, 0.0, 1.0)  # OFA: (1 - gamma) CE + gamma T^2 KL(p_last || p_k) for every earlier exit
     temperature: float = bounded(1.0, 0.0, low_open=True)  # T of the OFA distillation
     detach: bool = True  # ISC reads the previous exit's logits without sending them a gradient
+    # OFA's KL: summed over classes, averaged over the batch (batchmean), or averaged over batch and classes (mean:
+    # batchmean / C), as the authors' nn.KLDivLoss() in KDLoss (utils.py of github.com/kalviny/IMTA) reduces it
+    kl_reduction: Literal["batchmean", "mean"] = "batchmean"
+    # joint: backbone, classifiers and links trained together from scratch, the network's own last exit as teacher;
+    # heads: the authors' second stage (main_IMTA.py): from a first-stage run (train.init_from, e.g. one with
+    # ge.enabled) new exit classifiers and the links train on the frozen network, whose last exit teaches
+    stage: Literal["joint", "heads"] = "joint"
 
 
 def isc_link(num_classes: int, width: int) -> nn.Sequential:
@@ -64,13 +76,15 @@ def isc_link(num_classes: int, width: int) -> nn.Sequential:
 
 
 def imta_loss_terms(
-    logits: list[torch.Tensor], labels: torch.Tensor, exit_weights: list[float], cfg: IMTAConfig, ce_weight: float
-) -> dict[str, torch.Tensor]:
+    logits: list[torch.Tensor], labels: torch.Tensor, exit_weights: list[float], cfg: IMTAConfig, ce_weight: float,
+    teacher: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """``ce`` = ce_weight x [sum_{k<K} w_k (1 - gamma) CE(z_k, y) + w_K CE(z_K, y)] and ``ofa`` = gamma x the
-    self-distillation loss at T (``logits[k]``: N x C of exit k; ``labels``: N)."""
+    self-distillation loss at T, reduced by ``cfg.kl_reduction``, taught by ``teacher`` (N x C) when given, else
+    by the last exit (``logits[k]``: N x C of exit k; ``labels``: N)."""
     scale = [1.0 - cfg.gamma] * (len(logits) - 1) + [1.0]
     ce = [s * w * F.cross_entropy(z, labels) for s, w, z in zip(scale, exit_weights, logits, strict=True)]
-    distill = self_distillation_loss(logits, exit_weights, cfg.temperature)
+    distill = self_distillation_loss(logits, exit_weights, cfg.temperature, teacher, cfg.kl_reduction)
     return {"ce": ce_weight * torch.stack(ce).sum(), "ofa": cfg.gamma * distill}
 
 
@@ -91,6 +105,18 @@ class IMTA(Technique):
         return chain_exits(model, "imta", lambda k, previous, fc: isc_link(fc.out_features, fc.in_features),
                            detach=settings.detach)  # fmt: skip
 
+    def prepare(self, net: nn.Module, cfg: Config) -> nn.Module:
+        settings = cfg.section(IMTAConfig)
+        if not (settings.enabled and settings.stage == "heads"):
+            return net
+        if not cfg.train.init_from:
+            raise ConfigError("imta.stage=heads trains new classifiers on a trained network; set train.init_from to "
+                              "the first-stage run (e.g. one trained with ge.enabled=true)")  # fmt: skip
+        return TaughtNetwork(net)
+
+    def deploy(self, net: nn.Module) -> nn.Module:
+        return net.without_teacher() if isinstance(net, TaughtNetwork) else net
+
     def validate(self, nets: Sequence[nn.Module], cfg: Config) -> None:
         if not cfg.section(IMTAConfig).enabled:
             return
@@ -107,7 +133,9 @@ class IMTA(Technique):
         settings = batch.cfg.section(IMTAConfig)
         if not settings.enabled:
             return {}
-        return imta_loss_terms(batch.logits, batch.labels, batch.exit_weights, settings, batch.cfg.loss.ce_weight)
+        teacher = batch.logits.teacher if isinstance(batch.logits, TaughtLogits) else None
+        return imta_loss_terms(batch.logits, batch.labels, batch.exit_weights, settings, batch.cfg.loss.ce_weight,
+                               teacher)  # fmt: skip
 
 
 IMTA_TECHNIQUE = register_technique(IMTA())

@@ -22,10 +22,14 @@ most confident on among those no earlier exit took; the last takes the rest), wi
 q_k proportional to p^k (``l2w.target_p``; the authors' ``target_p_index`` 15 is p = 0.75); the meta loss is the
 CE of each exit of theta' on its samples, summed over exits, and its gradient in phi takes one Adam step
 (``l2w.meta_lr``, following the run's lr schedule; ``l2w.meta_weight_decay``). The halves swap at every meta update.
-The authors do the same on both halves of each loader batch with two optimizer steps; here the real step stays
-one step on the whole batch. Their virtual step reuses the optimizer's momentum and weight decay; this one is
-plain SGD (the paper's equation). The classifier's parameters and batch-norm statistics are untouched by the meta
-update (the virtual pass runs on copies of the buffers).
+By default the real step stays one step on the whole batch and the virtual step is plain SGD (the paper's
+equation). As the authors run it (``tools/main_cifar_DDP.py``, ``tools/meta.py``): ``l2w.look_ahead: optimizer``
+takes the run's SGD step instead (weight decay, the momentum buffer, dampening and Nesterov as each parameter's
+group has them; the buffer is read, not updated), as their ``MetaSGD`` loaded with the optimizer's state does;
+``l2w.step_per_half: true`` splits each batch into halves (``torch.chunk``) and takes one meta update and one
+optimizer step per half: the virtual step on the half the optimizer step then trains on, the meta loss on the
+other (``step_rows``; the meta interval counts batches). The classifier's parameters and batch-norm statistics
+are untouched by the meta update (the virtual pass runs on copies of the buffers).
 
 **The meta set is the training batch itself**: the technique never sees a validation or test sample
 (``tests/test_l2w.py`` trains with the validation and test images overwritten by a marker and checks no meta
@@ -45,7 +49,7 @@ classification, "+1.3 Acc" and "+1.1 Acc" at two budgets and "x1.6 Speedup" on C
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,6 +65,7 @@ from dynsila.errors import ConfigError
 from dynsila.methods.technique import ModelBatch, Step, Technique, register_technique, strip_wrappers, unwrap
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+LabelledImages = tuple[torch.Tensor, torch.Tensor]  # N x 3 x H x W, N
 
 
 @dataclass
@@ -73,6 +78,14 @@ class L2WConfig:
     epsilon: float = bounded(0.8, 0.0, 1.0)  # W = 1 + epsilon (f - mean f); <= 0.5 keeps every weight positive
     normalise: Literal["per_sample", "whole_batch", "per_exit"] = "per_sample"  # what the mean is taken over
     target_p: float = bounded(0.75, 0.0, 2.0, low_open=True)  # target exit shares q_k proportional to p^k
+    # the virtual step: sgd, theta - lr grad (the paper's equation); optimizer, the run's SGD step with its weight
+    # decay and momentum buffer, as the authors' MetaSGD (tools/meta.py, loaded with the optimizer's state in
+    # tools/main_cifar_DDP.py)
+    look_ahead: Literal["sgd", "optimizer"] = "sgd"
+    # two meta updates and two optimizer steps per batch, one per half, halves swapped (the authors' train() in
+    # tools/main_cifar_DDP.py: virtual step on half 1, meta loss on half 2, real step on half 1; then the reverse);
+    # off: one meta update on alternating halves and one optimizer step on the whole batch
+    step_per_half: bool = False
 
 
 class SampleWeigher(nn.Module):
@@ -195,11 +208,12 @@ def meta_halves(
 
 def look_ahead_meta_loss(
     net: L2WNetwork, phi: dict[str, torch.Tensor], batch: tuple[torch.Tensor, ...], settings: L2WConfig,
-    exit_weights: Sequence[float], lr: float,
+    exit_weights: Sequence[float], lr: float, optimizer: torch.optim.Optimizer | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """The meta loss of the classifier after a virtual SGD step on the loss weighted by f_phi, differentiable in
-    ``phi``. ``batch`` = (virtual images, labels, meta images, labels). The network's own tensors are not changed:
-    the passes run on its parameters and on copies of its buffers."""
+    ``phi``: plain SGD, or ``optimizer``'s step when given (``optimizer_look_ahead``). ``batch`` = (virtual images,
+    labels, meta images, labels). The network's own tensors are not changed: the passes run on its parameters and
+    on copies of its buffers."""
     x_train, y_train, x_meta, y_meta = batch
     theta = {n: p for n, p in net.model.named_parameters() if p.requires_grad}
     buffers = {n: b.clone() for n, b in net.model.named_buffers()}
@@ -208,10 +222,37 @@ def look_ahead_meta_loss(
     weights = normalised_weights(net.weigher.functional(phi, losses.detach()), settings.normalise, settings.epsilon)
     grads = torch.autograd.grad(weighted_exit_loss(losses, weights, exit_weights), list(theta.values()),
                                 create_graph=True, allow_unused=True)  # fmt: skip
-    ahead = {n: p if g is None else p - lr * g for (n, p), g in zip(theta.items(), grads, strict=True)}
+    if optimizer is None:
+        ahead = {n: p if g is None else p - lr * g for (n, p), g in zip(theta.items(), grads, strict=True)}
+    else:
+        ahead = optimizer_look_ahead(theta, grads, lr, optimizer)
     meta_out = functional_call(net.model, {**ahead, **buffers}, (x_meta,))
     meta_logits = getattr(meta_out, "logits", meta_out)
     return meta_loss(meta_logits, y_meta, exit_shares(settings.target_p, len(meta_logits)))
+
+
+def optimizer_look_ahead(
+    theta: Mapping[str, torch.Tensor], grads: Sequence[torch.Tensor | None], lr: float, optimizer: torch.optim.Optimizer
+) -> dict[str, torch.Tensor]:
+    """theta after the step torch.optim.SGD would take on ``grads``, differentiable in them, its state untouched:
+    d = g + wd p; with momentum m and a buffer b, d = m b + (1 - dampening) d (no buffer yet: d); nesterov adds
+    m d to the first d; theta - lr d. Each parameter takes its own group's settings."""
+    groups = {p: group for group in optimizer.param_groups for p in group["params"]}
+    ahead = {}
+    for (name, p), g in zip(theta.items(), grads, strict=True):
+        if g is None:
+            ahead[name] = p
+            continue
+        group = groups[p]
+        momentum, decayed = group["momentum"], g + group["weight_decay"] * p.detach()
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        step = decayed
+        if momentum != 0 and buffer is not None:
+            step = momentum * buffer + (1 - group["dampening"]) * decayed
+        if group["nesterov"]:
+            step = decayed + momentum * step
+        ahead[name] = p - lr * step
+    return ahead
 
 
 def adam_step(weigher: SampleWeigher, grads: dict[str, torch.Tensor], lr: float, weight_decay: float) -> None:
@@ -229,16 +270,30 @@ def adam_step(weigher: SampleWeigher, grads: dict[str, torch.Tensor], lr: float,
             p.addcdiv_(m, (v / (1 - b2**t)).sqrt().add_(ADAM_EPS), value=-step)
 
 
+def halves_of_step(step: Step, flip: bool) -> tuple[LabelledImages, LabelledImages]:
+    """((virtual-step images, labels), (meta images, labels)): with ``step.rows`` (one optimizer step per half) the
+    half that step trains on and the other half; else ``meta_halves`` of the batch."""
+    if step.rows is None:
+        return meta_halves(step.images, step.labels, flip)
+    rows = step.rows
+    other = slice(rows.stop, None) if rows.start in (0, None) else slice(0, rows.start)
+    return (step.images[rows], step.labels[rows]), (step.images[other], step.labels[other])
+
+
 def meta_update(net: L2WNetwork, step: Step, exit_weights: Sequence[float]) -> torch.Tensor:
     """The weight net's meta step on this optimizer step's batch; returns the (detached) meta loss."""
     settings = step.cfg.section(L2WConfig)
     weigher = net.weigher
-    (x_train, y_train), (x_meta, y_meta) = meta_halves(step.images, step.labels, flip=bool(weigher.updates % 2))
+    (x_train, y_train), (x_meta, y_meta) = halves_of_step(step, flip=bool(weigher.updates % 2))
     phi = {n: p.detach().requires_grad_() for n, p in weigher.net.named_parameters()}
+    optimizer = step.optimizer if settings.look_ahead == "optimizer" else None
+    if settings.look_ahead == "optimizer" and optimizer is None:
+        raise ValueError("l2w.look_ahead=optimizer needs the run's optimizer in the Step")
     # attention through its math path: the fused kernels' backward has no derivative, and the meta gradient
     # differentiates the virtual step's backward (a ViT failed here with the default kernels)
     with sdpa_kernel(SDPBackend.MATH):
-        loss = look_ahead_meta_loss(net, phi, (x_train, y_train, x_meta, y_meta), settings, exit_weights, step.lr)
+        loss = look_ahead_meta_loss(net, phi, (x_train, y_train, x_meta, y_meta), settings, exit_weights, step.lr,
+                                    optimizer)  # fmt: skip
     grads = dict(zip(phi, torch.autograd.grad(loss, list(phi.values())), strict=True))
     if dist.is_available() and dist.is_initialized():  # every rank keeps the same weight net
         for g in grads.values():
@@ -267,6 +322,15 @@ class LearningToWeight(Technique):
         if self.active(cfg) and cfg.train.compile:
             raise ConfigError("l2w.enabled does not run under train.compile (its meta step is second-order "
                               "autograd outside the compiled step); set train.compile=false")  # fmt: skip
+        if self.active(cfg) and cfg.section(L2WConfig).look_ahead == "optimizer" and cfg.train.optimizer != "sgd":
+            raise ConfigError("l2w.look_ahead=optimizer takes the step of SGD (the authors' MetaSGD); set "
+                              "train.optimizer=sgd or l2w.look_ahead=sgd")  # fmt: skip
+
+    def step_rows(self, cfg: Config, n: int) -> list[slice] | None:
+        if not (self.active(cfg) and cfg.section(L2WConfig).step_per_half) or n < 2:
+            return None
+        half = (n + 1) // 2  # torch.chunk's halves, as the authors split the batch
+        return [slice(0, half), slice(half, n)]
 
     def before_step(self, step: Step) -> None:
         if not self.active(step.cfg):
@@ -275,7 +339,8 @@ class LearningToWeight(Technique):
         for net in peers:
             if not isinstance(net, L2WNetwork):
                 continue
-            net.weigher.steps += 1
+            if step.rows is None or step.rows.start in (0, None):  # the meta interval counts batches
+                net.weigher.steps += 1
             if (int(net.weigher.steps) - 1) % step.cfg.section(L2WConfig).meta_interval == 0:
                 exit_weights = step.cfg.loss.exit_weights or [1.0] * unwrap(net).num_exits
                 meta_update(net, step, exit_weights)

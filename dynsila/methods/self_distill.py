@@ -13,6 +13,7 @@ and the shared trunk through them, do. T^2 keeps the gradient scale independent 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +28,24 @@ class SelfDistillConfig:
     distill_temperature: float = bounded(3.0, 0.0, low_open=True)  # T of self_distill
 
 
-def self_distillation_loss(logits: list[torch.Tensor], exit_weights: list[float], temperature: float) -> torch.Tensor:
+def self_distillation_loss(
+    logits: list[torch.Tensor], exit_weights: list[float], temperature: float,
+    teacher: torch.Tensor | None = None, reduction: Literal["batchmean", "mean"] = "batchmean",
+) -> torch.Tensor:  # fmt: skip
     """sum_{k<K} w_k T^2 KL(softmax(z_K/T) || softmax(z_k/T)), teacher detached. ``logits[k]``: N x C of exit k.
 
-    A network with one exit has no student: the result is then 0 (a 0-d tensor on the logits' device)."""
-    *students, teacher = logits
+    ``teacher`` (N x C) stands in for z_K when given (IMTA's frozen first-stage network). ``reduction``: the KL
+    summed over classes and averaged over the batch (``batchmean``), or averaged over batch and classes (``mean``,
+    ``nn.KLDivLoss()``'s default: batchmean / C). A network with one exit has no student: the result is then 0
+    (a 0-d tensor on the logits' device)."""
+    *students, last = logits
+    teacher = last if teacher is None else teacher
     target = F.log_softmax(teacher.detach() / temperature, dim=1)
     total = teacher.new_zeros(())
     for w, z in zip(exit_weights, students, strict=False):  # exit_weights also holds w_K, which is not used
         kl = F.kl_div(F.log_softmax(z / temperature, dim=1), target, reduction="batchmean", log_target=True)
+        if reduction == "mean":  # written out: torch warns that kl_div's own "mean" will become "batchmean"
+            kl = kl / z.shape[1]
         total = total + w * kl * temperature * temperature
     return total
 

@@ -9,6 +9,8 @@ The lifecycle of a run, and where each hook comes in:
     build      network_configs(cfg)        the networks trained side by side (DML's peers); default: one
                prepare(net, cfg)           wrap or set up each network for training (SiLa's heads, SkipNet's gates)
                validate(nets, cfg)         refuse networks that cannot train together (DML's exit matching)
+    each batch step_rows(cfg, n)           the rows of each optimizer step, when a batch takes several (L2W's
+                                           authors: one per half); default: one step on the whole batch
     each step  before_step(step)           a step of its own before the optimizer's (a meta update)
                replaces_exit_ce(batch)     its terms stand in for the exit cross-entropy
                model_terms(batch)          terms of one network's loss
@@ -60,6 +62,8 @@ class Step:
     labels: torch.Tensor  # N
     cfg: Config
     lr: float
+    optimizer: torch.optim.Optimizer | None = None  # the run's optimizer (its state as before this step)
+    rows: slice | None = None  # the rows of ``images`` this optimizer step trains on (None: all; see step_rows)
 
 
 class Technique:
@@ -84,6 +88,10 @@ class Technique:
 
     def validate(self, nets: Sequence[nn.Module], cfg: Config) -> None:
         """Raise (one line) when the prepared networks cannot be trained together."""
+
+    def step_rows(self, cfg: Config, n: int) -> list[slice] | None:
+        """The rows of a batch of ``n`` that each of several optimizer steps trains on, or None for one step on all."""
+        return None
 
     def before_step(self, step: Step) -> None:
         """Anything it does before the step's forward pass (e.g. a meta-learning update of its own module)."""
@@ -171,6 +179,14 @@ def network_configs(cfg: Config) -> list[tuple[str | None, Config]]:
     if len(found) > 1:
         raise ConfigError(f"{found[0][0]} and {found[1][0]} each train several networks; switch one of them off")
     return list(found[0][1]) if found else [(None, cfg)]
+
+
+def step_rows(cfg: Config, n: int) -> list[slice | None]:
+    """The rows of each optimizer step a batch of ``n`` takes: a technique's (``step_rows``), or [None] (one step)."""
+    found = [(t.name, rows) for t in TECHNIQUES if (rows := t.step_rows(cfg, n))]
+    if len(found) > 1:
+        raise ConfigError(f"{found[0][0]} and {found[1][0]} each split the batch into steps; switch one of them off")
+    return list(found[0][1]) if found else [None]
 
 
 def validate_networks(nets: Sequence[nn.Module], cfg: Config) -> None:

@@ -6,8 +6,8 @@ tables of accuracy at a share of the backbone's cost (e.g. ResNet-56 on CIFAR-10
 here.
 
 Both parts change the deploy network (``exit_chain.ChainedExits``); the internal classifiers (ICs) are every exit
-but the last, which stays the backbone's own classifier (in the authors' code neither cascading nor an ensemble
-touches the backbone's head):
+but the last, which stays the backbone's own classifier (in the authors' ``ZTWCascading`` no cascading connection
+touches the backbone's head; by default no ensemble does either, ``ztw.ensemble_last`` below):
 
 - cascading: IC k (k >= 1) also reads IC k-1's logits z_{k-1} (N x C), detached (the authors' ``ZTWCascading``
   default ``detach=True``): its last linear layer reads [h_k, z_{k-1}], written here as the exit's own ``fc`` on h_k
@@ -24,8 +24,10 @@ Training, in two runs as the paper's stages (SkipNet's SP -> HRL pattern): ``sta
 the cascading connections on the exit cross-entropy; ``stage: ensemble`` starts from that run
 (``train.init_from``; the ensembles start fresh), freezes everything else (batch-norm statistics included) and
 fits the ensembles on the training data with the same exit cross-entropy, which is then their negative
-log-likelihood. Deviation: the paper attaches ICs to a pretrained, frozen backbone and trains only them in the
-first stage; here backbone and ICs train together in ``ics``, as MSDNet and our other exits do.
+log-likelihood. ``ztw.ensemble_last`` gives the last exit an ensemble too, over all K exits (the NeurIPS code
+ensembles the final head with the ICs); no cascading connection reaches it, as in that code. Deviation: the paper
+attaches ICs to a pretrained, frozen backbone and trains only them in the first stage; here backbone and ICs
+train together in ``ics``, as MSDNet and our other exits do.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class ZTWConfig:
     # the geometric ensembles of the internal classifiers, everything else frozen
     stage: Literal["ics", "ensemble"] = "ics"
     detach: bool = True  # a cascading connection sends the previous classifier no gradient
+    # the last exit also answers with the geometric ensemble of all exits, itself included (the NeurIPS code's
+    # running ensembles: ztw_cv_original/model_funcs.py, run_ensb_train, appends the final head's logits to the
+    # ICs' before a head's ensemble reads them, so the ensemble at the final head holds every head); off: the
+    # final head answers alone
+    ensemble_last: bool = False
 
 
 class GeometricEnsemble(nn.Module):
@@ -92,7 +99,8 @@ class ZeroTimeWaste(Technique):
             return nn.Linear(previous.out_features, fc.out_features, bias=False) if k < last else None
 
         def ensemble(k: int, n: int) -> nn.Module | None:
-            return GeometricEnsemble(k + 1, num_classes) if k < last and settings.stage == "ensemble" else None
+            ensembled = k < last or settings.ensemble_last
+            return GeometricEnsemble(k + 1, num_classes) if ensembled and settings.stage == "ensemble" else None
 
         return chain_exits(model, "ztw", cascade, ensemble, detach=settings.detach)
 

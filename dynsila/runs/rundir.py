@@ -20,6 +20,7 @@ from dynsila.config import Config, config_from_yaml
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
 from dynsila.budget.flops import gated_block_macs
+from dynsila.methods.exit_chain import ChainedExits
 from dynsila.methods.technique import deploy_form, network_configs, prepare_network, validate_networks
 from dynsila.models import MultiExitNetwork, PretrainedWeightsUnavailable
 
@@ -101,12 +102,14 @@ def load_deploy_weights(model: nn.Module, source: Path, folder: str | None = Non
     """Load the deploy weights of a finished run into ``model`` (its network ``folder`` when it trained several):
     e.g. the SP run a SkipNet HRL stage starts from. Training-only parts keep their initialisation, and so do the
     modules that declare ``starts_fresh`` (a later stage's addition, such as ZTW's ensembles), which the source may
-    lack."""
+    lack. A chained network (``exit_chain``) loads a run of the network it chains into that network."""
     if folder is not None and (source / folder).is_dir():
         source = source / folder
     path = source if source.suffix == ".safetensors" else source / DEPLOY
     state, _ = read_deploy(path)
     fresh = [name for name, module in model.named_modules() if getattr(module, "starts_fresh", False)]
+    if isinstance(model, ChainedExits) and set(state) == set(model.inner.state_dict()):
+        model = model.inner  # a run of the network inside the chain (IMTA's first stage): its links start fresh
     load_weights(model, state, path, may_lack=fresh)
 
 

@@ -37,7 +37,7 @@ from dynsila.errors import ConfigError, DynsilaError, TrainingError
 from dynsila.evaluation.epoch_sums import EpochSums, nonfinite_report
 from dynsila.evaluation.evaluate import EVAL_FILE, evaluate_run, exit_top1, format_report
 from dynsila.methods.losses import ensemble_loss_terms, ensemble_monitor_terms, logits_of
-from dynsila.methods.technique import TECHNIQUES, Networks, Step, deploy_network, unwrap
+from dynsila.methods.technique import TECHNIQUES, Networks, Step, deploy_network, step_rows, unwrap
 from dynsila.optim import build_optimizer, learning_rate
 from dynsila.runs import checkpoint as ckpt
 from dynsila.runs import rundir
@@ -270,12 +270,20 @@ def loader_for_epoch(splits: Splits, cfg: Config, ctx: distributed.Context, batc
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, sums: EpochSums) -> None:
-    """One optimizer step on a normalised batch, as ``micro_batches`` strided micro-batches (see batch_split),
-    after each technique's ``before_step``. Nothing here waits for the device (fp16's GradScaler does, once)."""
+    """The optimizer steps of a normalised batch: one on all of it, unless a technique splits it (``step_rows``),
+    each after every technique's ``before_step``."""
+    for rows in step_rows(run.cfg, len(y)):
+        step_view = Step(run.forward, x, y, run.cfg, sums.lr, run.optimizer, rows)
+        for technique in TECHNIQUES:
+            technique.before_step(step_view)
+        part = (x, y) if rows is None else (x[rows], y[rows])
+        optimizer_step(run, *part, step, sums)
+
+
+def optimizer_step(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, sums: EpochSums) -> None:
+    """One optimizer step on ``x``, as ``micro_batches`` strided micro-batches (see batch_split). Nothing here waits
+    for the device (fp16's GradScaler does, once)."""
     ddp = run.forward if isinstance(run.forward, nn.parallel.DistributedDataParallel) else None
-    step_view = Step(run.forward, x, y, run.cfg, sums.lr)
-    for technique in TECHNIQUES:
-        technique.before_step(step_view)
     micro = run.micro_batches
     run.optimizer.zero_grad(set_to_none=True)
     for m in range(micro):  # strided micro-batches: the shards DDP ranks would see
