@@ -346,9 +346,10 @@ class OnnxEarlyExitRunner:
         ort = _import_onnxruntime()
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
-        self.rule = _policy_rule(policy if policy is not None else self.manifest.get("policy"))
-        if self.rule is not None and thresholds is None:
-            thresholds = list(self.rule.thresholds)
+        spec = policy if policy is not None else self.manifest.get("policy")
+        self.rule = _policy_rule(spec)
+        if thresholds is None and isinstance(spec, dict) and "thresholds" in spec:  # a spec's own thresholds
+            thresholds, criterion = list(spec["thresholds"]), criterion or spec.get("criterion", "max_prob")
         criterion = criterion or self.manifest["criterion"]
         if criterion not in NUMPY_CONFIDENCE:
             raise _DeployError(f"unknown criterion {criterion!r}; choose one of {sorted(NUMPY_CONFIDENCE)}")
