@@ -16,12 +16,13 @@ from dynsila.deploy.export import ThresholdFit, export_onnx
 from dynsila.deploy.infer import main as infer_main
 from dynsila.deploy.run_export import main as export_main
 from dynsila.deploy.runner import EarlyExitRunner
+from dynsila.evaluation.evaluate import main as evaluate_main
 from dynsila.evaluation.report import json_safe
 from dynsila.policies.base import apply_one
 from dynsila.policies.sweep import quota_budgets
 from dynsila.policies.table import POLICIES, make_policy
 from dynsila.training.train import main as train_main
-from tests.conftest import deploy_installed, randomise_batchnorm
+from tests.conftest import deploy_installed, load_benchmark, randomise_batchnorm
 
 needs_deploy = pytest.mark.skipif(not deploy_installed(), reason='needs pip install -e ".[deploy]"')
 TARGETS = {"risk": 0.3}
@@ -107,6 +108,16 @@ def test_infer_takes_every_policy_on_a_digits_run(tiny_config, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "takes no parameters, not --floor" in err[0] and "pass --epsilon" in err[1] and "not --epsilon" in err[2]
+    assert evaluate_main([run_dir, "--policy", "patience", "risk"]) == 0
+    out = capsys.readouterr().out
+    assert "policy patience: fitted on val" in out and "policy risk: fitted on val" in out
+    assert set(json.loads((path.parent / "runs" / "tiny" / "eval_policies.json").read_text())["curves"]) == {
+        "patience",
+        "risk",
+    }
+    bench = load_benchmark("accuracy.exit_policies")
+    assert bench.main(["--runs", run_dir, "--results-dir", str(path.parent / "results")]) == 0
+    assert "| tiny | learned |" in capsys.readouterr().out
     if deploy_installed():
         assert export_main([run_dir, "--policy", "patience", "--q", "1.0", "--exporter", "torchscript"]) == 0
         manifest = json.loads((path.parent / "runs" / "tiny" / "onnx" / "manifest.json").read_text())
