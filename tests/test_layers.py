@@ -25,7 +25,7 @@ LAYERS: list[list[str]] = [
     ["dynsila.data", "dynsila.optim", "dynsila.runtime", "dynsila.distributed"],
     ["dynsila.methods"],  # training techniques
     ["dynsila.budget"],  # exit costs and thresholds
-    ["dynsila.runs"],  # run directory, checkpoints, model builder
+    ["dynsila.runs", "dynsila.policies"],  # run directory, checkpoints, model builder; exit policies
     ["dynsila.evaluation"],
     ["dynsila.training", "dynsila.deploy"],
     # the command lines and the public API

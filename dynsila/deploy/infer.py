@@ -29,6 +29,7 @@ from dynsila.cli import USER_ERRORS, OneLineParser, at_least_one, device_name, f
 from dynsila.config import Config
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.gated_runner import GatedRunner, threshold_for_budget
+from dynsila.deploy.policy_args import add_epsilon_target, add_policy_arguments, describe, fit_policy
 from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits
@@ -55,6 +56,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k (MSDNet's budget parameter)")
     target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
     target.add_argument("--gate-threshold", type=float, help="gated networks: a gate opens at this probability")
+    add_epsilon_target(target)
+    add_policy_arguments(parser)
     parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
@@ -129,6 +132,11 @@ def _load(run_dir: Path) -> tuple[MultiExitNetwork, Config, Splits]:
 def _run_gated(model: MultiExitNetwork, cfg: Config, splits: Splits, args: argparse.Namespace) -> None:
     """A gated network: the gate threshold (given, or fitted on val for ``--budget``), then the split through
     ``GatedRunner``."""
+    if args.policy != "quotas" or args.epsilon is not None:
+        raise DynsilaError(
+            f"{args.run_dir} holds a gated network (one exit): --policy {args.policy} does not apply; pass --budget "
+            "MACS or --gate-threshold T"
+        )
     if args.q is not None:
         raise DynsilaError(
             f"{args.run_dir} holds a gated network (one exit, gates): --q sets exit thresholds; pass --budget MACS "
@@ -172,9 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         counted = exit_costs(model, input_shape(cfg))
         costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
         model.to(args.device)
-        val_logits, _ = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
-        thresholds = _fit(args, val_logits, costs)
-        runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
+        val = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
+        if args.policy == "quotas" and args.epsilon is None:
+            thresholds = _fit(args, val[0], costs)
+            runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
+        else:
+            spec = fit_policy(args, *val, costs)
+            print(describe(spec))
+            runner = EarlyExitRunner(model, None, costs=costs, policy=spec)
+            thresholds = runner.thresholds
         _print_summary(cfg.name, args, _run(runner, splits, args, lazy), thresholds, costs, lazy)
     except USER_ERRORS as e:
         return fail(e)

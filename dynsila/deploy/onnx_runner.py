@@ -28,6 +28,10 @@ try:  # inside the dynsila package (which imports torch); a copy of this file al
     from dynsila.errors import DynsilaError as _DeployError
 except ImportError:  # pragma: no cover - exercised by the torch-free test in a subprocess
     _DeployError = ValueError  # type: ignore[misc,assignment]
+try:  # the exit policies' rules (numpy alone); without the package only threshold policies run
+    from dynsila.policies import rules as _rules
+except ImportError:  # pragma: no cover - a copy of this file alone
+    _rules = None  # type: ignore[assignment]
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dynsila-onnx-1"
@@ -323,6 +327,9 @@ class OnnxEarlyExitRunner:
     thread_pool, optimization, cache_dir: how the sessions are made (``SessionSettings``); None: the manifest's
     ``onnxruntime`` entry (``python -m dynsila.export --ort-*``), else the defaults, measured fastest
     (benchmarks/results/onnx_speed.md); a relative cache_dir is inside ``directory``.
+    policy: a fitted exit policy's spec (default: the manifest's ``policy``); a quota spec runs as thresholds,
+    any other exit by exit by its rule (``dynsila.policies.rules``), its per-sample state compacted with the
+    batch, exactly as ``EarlyExitRunner`` does.
     """
 
     def __init__(
@@ -334,10 +341,15 @@ class OnnxEarlyExitRunner:
         thread_pool: str | None = None,
         optimization: str | None = None,
         cache_dir: Path | str | None = None,
+        policy: dict[str, Any] | None = None,
     ) -> None:
         ort = _import_onnxruntime()
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
+        spec = policy if policy is not None else self.manifest.get("policy")
+        self.rule = _policy_rule(spec)
+        if thresholds is None and isinstance(spec, dict) and "thresholds" in spec:  # a spec's own thresholds
+            thresholds, criterion = list(spec["thresholds"]), criterion or spec.get("criterion", "max_prob")
         criterion = criterion or self.manifest["criterion"]
         if criterion not in NUMPY_CONFIDENCE:
             raise _DeployError(f"unknown criterion {criterion!r}; choose one of {sorted(NUMPY_CONFIDENCE)}")
@@ -399,7 +411,7 @@ class OnnxEarlyExitRunner:
         that leave are dropped and the rest go on. Lowest latency; later stages run on ever smaller batches."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         finished = _Finished()
-        group: _Group | None = _Group({self.input_name: x}, np.arange(x.shape[0]))
+        group: _Group | None = _Group({self.input_name: x}, np.arange(x.shape[0]), self._start(x.shape[0]))
         for stage in self.stages:
             if group is None:
                 break
@@ -416,7 +428,7 @@ class OnnxEarlyExitRunner:
         for x in batches:
             group_size = group_size or x.shape[0]
             state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
-            pending[0].append(_Group(state, np.arange(seen, seen + x.shape[0])))
+            pending[0].append(_Group(state, np.arange(seen, seen + x.shape[0]), self._start(x.shape[0])))
             seen += x.shape[0]
             self._drain(pending, finished, group_size)
         self._drain(pending, finished, 1)
@@ -432,6 +444,19 @@ class OnnxEarlyExitRunner:
                 logits.append(self._exit_logits(k, exit_state))
             state = stage.complete(state)
         return np.stack(logits, axis=1)
+
+    def _start(self, n: int) -> dict[str, Array]:
+        return {} if self.rule is None else self.rule.start(n)
+
+    def _decide(self, k: int, logits: Array, memo: dict[str, Array]) -> tuple[Array, Array, Array, dict[str, Array]]:
+        """Confidence, prediction and who leaves at exit ``k``, and the policy's new state."""
+        if self.rule is None:
+            conf = self.confidence(logits)
+            last = k == self.num_exits - 1
+            leaving = np.ones(len(conf), dtype=bool) if last else conf >= self.thresholds[k]
+            return conf, logits.argmax(axis=1), leaving, memo
+        step = self.rule.score(k, logits, memo)
+        return step.score, step.prediction, self.rule.leave(k, step.score), step.state
 
     def _exit_logits(self, k: int, state: dict[str, Array]) -> Array:
         (logits,) = self.exits[k](state).values()
@@ -450,14 +475,12 @@ class OnnxEarlyExitRunner:
     def _advance(self, stage: _Stage, group: _Group, finished: _Finished) -> _Group | None:
         """Run one stage and the exits after it on ``group``; record who leaves; return the rest (or None)."""
         exit_state, state = stage.run(group.state)
-        positions = group.positions
+        positions, memo = group.positions, group.memo
         exits = stage.exits
         for n, k in enumerate(exits):
             logits = self._exit_logits(k, exit_state)
-            conf = self.confidence(logits)
-            last = k == self.num_exits - 1
-            leaving = np.ones(len(conf), dtype=bool) if last else conf >= self.thresholds[k]
-            finished.add(positions[leaving], logits[leaving], k, conf[leaving])
+            conf, prediction, leaving, memo = self._decide(k, logits, memo)
+            finished.add(positions[leaving], logits[leaving], k, conf[leaving], prediction[leaving])
             if leaving.all():
                 return None
             if leaving.any():
@@ -465,11 +488,26 @@ class OnnxEarlyExitRunner:
                 positions = positions[staying]
                 whole = exit_state is state
                 state = {name: t[staying] for name, t in state.items()}
+                memo = {name: t[staying] for name, t in memo.items()}
                 if whole:
                     exit_state = state
                 elif n < len(exits) - 1:  # another exit after this stage reads the exit path
                     exit_state = {name: t[staying] for name, t in exit_state.items()}
-        return _Group(stage.complete(state), positions)
+        return _Group(stage.complete(state), positions, memo)
+
+
+def _policy_rule(spec: Any) -> Any:
+    """The rule of a policy spec, or None for thresholds (no spec, or a quota spec); one line for one that cannot
+    run here."""
+    if spec is None or (isinstance(spec, dict) and spec.get("rule") == "quotas"):
+        return None
+    name = spec.get("policy") if isinstance(spec, dict) else spec
+    if _rules is None:
+        raise _DeployError(f"exit policy {name!r} needs dynsila.policies (pip install dynsila) or a quota export")
+    try:
+        return _rules.make_rule(spec)
+    except ValueError as e:
+        raise _DeployError(str(e)) from None
 
 
 @dataclass
@@ -478,6 +516,7 @@ class _Group:
 
     state: dict[str, Array]
     positions: Array
+    memo: dict[str, Array]  # the exit policy's per-sample state (empty for thresholds)
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -487,26 +526,29 @@ class _Group:
         if len(groups) == 1:
             return groups[0]
         state = {name: np.concatenate([g.state[name] for g in groups]) for name in groups[0].state}
-        return _Group(state, np.concatenate([g.positions for g in groups]))
+        memo = {name: np.concatenate([g.memo[name] for g in groups]) for name in groups[0].memo}
+        return _Group(state, np.concatenate([g.positions for g in groups]), memo)
 
 
 class _Finished:
     """Decisions collected as samples leave, assembled in input order at the end."""
 
     def __init__(self) -> None:
-        self.chunks: list[tuple[Array, Array, int, Array]] = []
+        self.chunks: list[tuple[Array, Array, int, Array, Array]] = []
 
-    def add(self, positions: Array, logits: Array, exit_k: int, confidence: Array) -> None:
+    def add(self, positions: Array, logits: Array, exit_k: int, confidence: Array, prediction: Array) -> None:
         if positions.size:
-            self.chunks.append((positions, logits, exit_k, confidence))
+            self.chunks.append((positions, logits, exit_k, confidence, prediction))
 
     def result(self, n: int, costs: Array) -> OnnxEarlyExitResult:
         num_classes = self.chunks[0][1].shape[1] if self.chunks else 0
         logits = np.empty((n, num_classes), dtype=np.float32)
         exit_index = np.empty(n, dtype=np.int64)
         confidence = np.empty(n, dtype=np.float64)
-        for positions, chunk_logits, k, conf in self.chunks:
+        predictions = np.empty(n, dtype=np.int64)
+        for positions, chunk_logits, k, conf, chunk_predictions in self.chunks:
             logits[positions] = chunk_logits
             exit_index[positions] = k
             confidence[positions] = conf
-        return OnnxEarlyExitResult(logits.argmax(axis=1), exit_index, costs[exit_index], confidence, logits)
+            predictions[positions] = chunk_predictions
+        return OnnxEarlyExitResult(predictions, exit_index, costs[exit_index], confidence, logits)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ from dynsila.deploy.gated_export import export_gated_run, format_gated_summary
 from dynsila.deploy.graphs import EXPORTERS
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT
 from dynsila.deploy.onnx_runner import OPTIMIZATION_LEVELS, THREAD_POOLS, OnnxEarlyExitRunner, cache_dir_problem
+from dynsila.deploy.policy_args import add_epsilon_target, add_policy_arguments, fit_policy
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits
 from dynsila.models import MultiExitNetwork, gated_body
+from dynsila.policies.base import apply_one
+from dynsila.policies.rules import Spec
 from dynsila.runs.rundir import input_shape, load_deploy_model
 
 
@@ -76,12 +80,15 @@ def export_run(
     onnxruntime: dict[str, str] | None = None,
     int8: bool = False,
     gate_threshold: float | None = None,
+    policy_fit: Callable[[torch.Tensor, torch.Tensor, list[float]], Spec] | None = None,
 ) -> dict[str, Any]:
     """``python -m dynsila.export``'s work: load the run's deploy model, fit thresholds on its validation split,
     export. ``onnxruntime``: session settings the runner uses by default (``SessionSettings`` fields). ``int8``:
     quantise the graphs, calibrated on the validation split, and refit the thresholds on the int8 graphs'
     validation logits (``dynsila.deploy.quantize``). A gated run (SkipNet) is exported per block and gate
-    (``dynsila.deploy.gated_export``) at ``gate_threshold`` or the one fitted for ``budget``. Returns the manifest."""
+    (``dynsila.deploy.gated_export``) at ``gate_threshold`` or the one fitted for ``budget``. ``policy_fit``: fits
+    another exit policy on the validation logits, labels and costs (``--policy``); the manifest's ``policy`` holds
+    the spec the ONNX runner executes (for the default, the quota policy and its criterion). Returns the manifest."""
     model, cfg = load_deploy_model(run_dir)
     splits = build_splits(cfg.data)
     if gated_body(model) is not None:
@@ -92,19 +99,46 @@ def export_run(
     q = 1.0 if q is None and budget is None else q  # equal exit shares by default
     measured = exit_costs(model, input_shape(cfg))
     costs = [{"macs": c.macs, "macs_cumulative": c.macs_cumulative, "macs_lazy": c.macs_lazy} for c in measured]
-    fit = fit_run_thresholds(model, splits, [c.macs_cumulative for c in measured], criterion, q, budget)
+    cumulative: list[float] = [c.macs_cumulative for c in measured]
+    policy: Spec = {"policy": "quotas", "rule": "quotas", "criterion": criterion}
+    if policy_fit is None:
+        fit = fit_run_thresholds(model, splits, cumulative, criterion, q, budget)
+    else:
+        if int8:
+            raise DynsilaError("--int8 refits quota thresholds on the int8 logits; export it with --policy quotas")
+        policy, fit = _fit_policy(model, splits, cumulative, policy_fit, q, budget)
     images, _ = next(iter(make_loader(splits.val, 8, shuffle=False)))
     example = normalize(images, splits.mean, splits.std)
     extra = {"run": str(run_dir), "name": cfg.name, "num_classes": splits.num_classes, "input": _preprocess(splits)}
+    extra["policy"] = policy
     if onnxruntime:
         extra["onnxruntime"] = onnxruntime
     finish = None
     if int8:
         val_images = torch.cat([normalize(x, splits.mean, splits.std) for x, _ in make_loader(splits.val, 256, False)])
-        cumulative: list[float] = [c.macs_cumulative for c in measured]
         finish = functools.partial(_quantize, val_images.numpy(), cumulative, criterion, q, budget)
     return export_onnx(
         model, out_dir, example, costs, fit, exporter=exporter, force=force, lazy=lazy, extra=extra, finish=finish
+    )
+
+
+def _fit_policy(
+    model: nn.Module,
+    splits: Splits,
+    costs: list[float],
+    policy_fit: Callable[[torch.Tensor, torch.Tensor, list[float]], Spec],
+    q: float | None,
+    budget: float | None,
+) -> tuple[Spec, ThresholdFit]:
+    """A policy's spec fitted on the validation split, and its thresholds with the validation exit shares."""
+    val_logits, val_labels = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std)
+    spec = policy_fit(val_logits, val_labels, costs)
+    exits, _ = apply_one(spec, val_logits)
+    fractions = np.bincount(exits, minlength=len(costs)) / len(exits)
+    thresholds = [float(t) for t in spec["thresholds"]]
+    criterion = spec.get("criterion", "max_prob")
+    return spec, ThresholdFit(
+        thresholds, criterion, q, budget, len(exits), fractions.tolist(), float(fractions @ costs)
     )
 
 
@@ -184,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument(
         "--gate-threshold", type=float, help="gated networks (SkipNet): a gate opens at this probability"
     )
+    add_epsilon_target(target)
+    add_policy_arguments(parser)
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
     parser.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: dynamo, else TorchScript")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -205,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         message = f"--ort-cache: {problem}; name a folder relative to the export, e.g. --ort-cache ort_cache"
         return fail(DynsilaError(message))
     out_dir = args.out or args.run_dir / "onnx"
+    policy_fit = None
+    if args.policy != "quotas" or args.epsilon is not None:
+        if args.q is None and args.budget is None and args.epsilon is None:
+            args.q = 1.0
+        policy_fit = functools.partial(fit_policy, args)
     start = time.perf_counter()
     try:
         with log_lines_to(sys.stdout):
@@ -220,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 {k: v for k, v in settings.items() if v is not None},
                 args.int8,
                 args.gate_threshold,
+                policy_fit,
             )
     except USER_ERRORS as e:
         return fail(e)
@@ -231,7 +273,14 @@ def main(argv: list[str] | None = None) -> int:
 def format_summary(manifest: dict[str, Any], out_dir: Path, seconds: float) -> str:
     """What the command prints: where the graphs went, how they were exported, the thresholds and costs."""
     fitted = manifest["thresholds_fitted_on_val"]
-    target = f"q {fitted['q']}" if fitted["q"] is not None else f"budget {fitted['budget'] / 1e6:.2f}M MACs"
+    if fitted["q"] is not None:
+        target = f"q {fitted['q']}"
+    elif fitted["budget"] is not None:
+        target = f"budget {fitted['budget'] / 1e6:.2f}M MACs"
+    else:
+        target = f"epsilon {manifest['policy']['fit']['epsilon']}"
+    if manifest.get("policy", {}).get("policy", "quotas") != "quotas":
+        target = f"policy {manifest['policy']['policy']}, {target}"
     rests = [s["rest"] for s in manifest["stages"] if "rest" in s]
     exporters = sorted({g["exporter"] for g in manifest["stages"] + rests + manifest["exits"]})
     split = f" ({len(rests)} of them split for lazy evaluation)" if rests else ""

@@ -17,7 +17,7 @@ count the exits' costs itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_map
 from dynsila.budget.thresholds import confidence_of
 from dynsila.deploy.fuse import fold_batchnorm as fold_batchnorm_into_convs
 from dynsila.methods.sila import unwrap
+from dynsila.policies import rules
 
 # Early exit shrinks batches to every size between 1 and the batch size, and oneDNN compiles a convolution
 # primitive per input shape; its default cache (1,024 primitives) then thrashes: MSDNet's ~180 convolutions x a
@@ -66,6 +67,10 @@ class EarlyExitRunner:
     fold_batchnorm: run a copy with batch-norm folded into the convolutions (faster; logits change by float
     rounding only, so a sample within rounding of a threshold could in principle decide differently).
     channels_last: run in NHWC memory layout, which oneDNN and cuDNN convolutions prefer.
+    policy: a fitted exit policy's spec (``dynsila.policies``) instead of ``thresholds`` and ``criterion``: a quota
+    spec runs as thresholds; any other is executed exit by exit by its rule (``dynsila.policies.rules``, numpy on
+    the exit's logits), carrying each sample's state (patience's streak, the product of experts) from exit to
+    exit and compacting it with the batch.
     compile: run every piece the runner calls (stem, stage or its two deferred halves, exit head) through
     ``torch.compile`` (inductor, batch size dynamic, weights frozen as constants). The first call of each piece
     compiles it (seconds to minutes; batch sizes 1 and 2 compile apart). Logits equal the eager ones up to float
@@ -75,7 +80,7 @@ class EarlyExitRunner:
     def __init__(
         self,
         model: nn.Module,
-        thresholds: Sequence[float] | torch.Tensor,
+        thresholds: Sequence[float] | torch.Tensor | None,
         criterion: str = "max_prob",
         costs: Sequence[float] | None = None,
         input_shape: tuple[int, int, int] | None = None,
@@ -84,8 +89,18 @@ class EarlyExitRunner:
         deferred: bool = True,
         lazy_costs: bool = False,
         compile: bool = False,
+        policy: Mapping[str, Any] | None = None,
     ) -> None:
         raise_primitive_cache()
+        self.rule: rules.Rule | None = None
+        if policy is not None:
+            if policy.get("rule") == "quotas":
+                criterion = policy["criterion"]
+            else:
+                self.rule = rules.make_rule(policy)
+            thresholds = [float(t) for t in policy["thresholds"]]
+        if thresholds is None:
+            raise ValueError("pass thresholds or a fitted policy")
         self.confidence = confidence_of(criterion)
         bare = unwrap(model).eval()
         self.model = unwrap(fold_batchnorm_into_convs(bare)) if fold_batchnorm else bare
@@ -121,7 +136,7 @@ class EarlyExitRunner:
         Lowest latency; later stages run on ever smaller batches."""
         finished = _Finished()
         x = x.contiguous(memory_format=self.memory_format)
-        group: _Group | None = _Group(self.pieces.stem(x), torch.arange(x.shape[0], device=x.device))
+        group: _Group | None = _Group(self.pieces.stem(x), torch.arange(x.shape[0], device=x.device), self._start(x))
         for stage_index in range(len(self.model.stages)):
             if group is None:
                 break
@@ -145,10 +160,33 @@ class EarlyExitRunner:
             group_size = group_size or x.shape[0]
             positions = torch.arange(seen, seen + x.shape[0], device=x.device)
             seen += x.shape[0]
-            pending[0].append(_Group(self.pieces.stem(x.contiguous(memory_format=self.memory_format)), positions))
+            stem = self.pieces.stem(x.contiguous(memory_format=self.memory_format))
+            pending[0].append(_Group(stem, positions, self._start(x)))
             self._drain(pending, finished, group_size)
         self._drain(pending, finished, 1)
         return finished.result(seen, self.costs)
+
+    def _start(self, x: torch.Tensor) -> rules.State:
+        return {} if self.rule is None else self.rule.start(x.shape[0])
+
+    def _decide(
+        self, k: int, logits: torch.Tensor, memo: rules.State
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, rules.State]:
+        """Confidence, prediction and who leaves at exit ``k`` (``N`` each), and the policy's new state."""
+        if self.rule is None:
+            conf = self.confidence(logits[:, None, :])[:, 0]
+            if k == self.model.num_exits - 1:
+                return conf, logits.argmax(dim=-1), torch.ones_like(conf, dtype=torch.bool), memo
+            return conf, logits.argmax(dim=-1), conf >= self.thresholds[k], memo
+        step = self.rule.score(k, logits.detach().cpu().numpy(), memo)
+        device = logits.device
+        leaving = torch.from_numpy(self.rule.leave(k, step.score)).to(device)
+        return (
+            torch.from_numpy(step.score).to(device),
+            torch.from_numpy(step.prediction).to(device),
+            leaving,
+            step.state,
+        )
 
     def _drain(self, pending: list[list[_Group]], finished: _Finished, group_size: int) -> None:
         for stage_index, waiting in enumerate(pending):
@@ -171,27 +209,27 @@ class EarlyExitRunner:
             exit_state = pending = pieces.stages[stage_index](group.state)
         else:
             exit_state, pending = pieces.for_exits[stage_index](group.state)
-        positions, exits = group.positions, self.exits_after[stage_index]
+        positions, exits, memo = group.positions, self.exits_after[stage_index], group.memo
         for n, k in enumerate(exits):
             logits = pieces.exits[k](exit_state)
-            conf = self.confidence(logits[:, None, :])[:, 0]
+            conf, predictions, leaving, memo = self._decide(k, logits, memo)
             if k == model.num_exits - 1:  # everyone left leaves here
-                finished.add(positions, logits.argmax(dim=-1), k, conf)
+                finished.add(positions, predictions, k, conf)
                 return None
-            leaving = conf >= self.thresholds[k]
             left = leaving.nonzero().squeeze(1)
             if left.numel():
-                finished.add(positions[left], logits[left].argmax(dim=-1), k, conf[left])
+                finished.add(positions[left], predictions[left], k, conf[left])
             if left.numel() == positions.shape[0]:
                 return None
             if left.numel():
                 keep = (~leaving).nonzero().squeeze(1)
                 positions, pending = positions[keep], _select(pending, keep)
+                memo = rules.select(memo, keep.cpu().numpy())
                 if split is None:
                     exit_state = pending
                 elif n < len(exits) - 1:  # another exit after this stage reads the exit path
                     exit_state = _select(exit_state, keep)
-        return _Group(pending if split is None else pieces.complete[stage_index](pending), positions)
+        return _Group(pending if split is None else pieces.complete[stage_index](pending), positions, memo)
 
 
 class _Pieces:
@@ -260,6 +298,7 @@ class _Group:
 
     state: Any
     positions: torch.Tensor
+    memo: rules.State  # the exit policy's per-sample state (empty for thresholds)
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
@@ -270,7 +309,7 @@ class _Group:
         if len(groups) == 1:
             return groups[0]
         state = tree_map(lambda *parts: torch.cat(parts), *[g.state for g in groups])
-        return _Group(state, torch.cat([g.positions for g in groups]))
+        return _Group(state, torch.cat([g.positions for g in groups]), rules.concatenate([g.memo for g in groups]))
 
 
 class _Finished:

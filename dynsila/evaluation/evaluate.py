@@ -13,6 +13,8 @@ One pass over a split stores every exit's logits (N x K x C); every criterion is
 - **calibrated** budgeted curves: one temperature per exit fitted on the validation logits
   (``dynsila.budget.calibration``, Guo et al. 2017), then the same budgeted sweep on the scaled logits; the
   temperatures and each exit's ECE before and after go with them (``EvalReport.calibration``).
+- **exit policies** (``--policy NAME ...``): every named policy of ``dynsila.policies`` fitted on val and applied to
+  test for the same budgets, written to ``eval_policies.json``.
 - **gated** networks (``model.gated_body()`` is not None): accuracy versus average per-sample MACs over a sweep
   of the gate threshold.
 
@@ -21,11 +23,13 @@ The report is ``dynsila.report.EvalReport``, written to ``RUN_DIR/eval.json``.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,6 +57,8 @@ from dynsila.evaluation.report import (
     json_safe,
 )
 from dynsila.models import GatedBody, MultiExitNetwork, exit_logits, gated_body
+from dynsila.policies.sweep import PolicyPoint, all_curves
+from dynsila.policies.table import POLICIES
 from dynsila.runs.checkpoint import atomic_write_text
 from dynsila.runs.rundir import input_shape, load_deploy_model
 
@@ -339,6 +345,49 @@ def read_report(run_dir: Path) -> EvalReport:
     return EvalReport.from_json(path.read_text())
 
 
+# --- every exit policy's curve (``--policy``) -----------------------------------------------------------------
+
+POLICY_FILE = "eval_policies.json"  # eval.json is left as it was
+
+
+def run_logits(run_dir: Path, device: str = "cpu") -> tuple[Any, Any, list[Any]]:
+    """A run's (val, test) logits and labels and its exit costs (``ExitCost`` per exit)."""
+    model, cfg = load_deploy_model(Path(run_dir))
+    if model.gated_body() is not None:
+        raise DynsilaError(f"{run_dir} holds a gated network (one exit): exit policies do not apply")
+    costs = exit_costs(model, input_shape(cfg))
+    splits = build_splits(cfg.data)
+    model.to(device)
+    val, test = (collect_logits(model, make_loader(s, 256, False), splits.mean, splits.std, device)
+                 for s in (splits.val, splits.test))  # fmt: skip
+    return val, test, costs
+
+
+def policy_curves(
+    run_dir: Path, names: Sequence[str], device: str = "cpu", macs: str = "paper", write: bool = True
+) -> dict[str, list[PolicyPoint]]:
+    val, test, costs = run_logits(run_dir, device)
+    per_exit = [c.macs_lazy if macs == "lazy" else c.macs_cumulative for c in costs]
+    curves = all_curves(val, test, per_exit, names)
+    if write:
+        payload = {"macs_convention": macs, "curves": {n: [asdict(p) for p in c] for n, c in curves.items()}}
+        atomic_write_text(Path(run_dir) / POLICY_FILE, json.dumps(json_safe(payload), indent=1, allow_nan=False))
+    return curves
+
+
+def format_curves(curves: dict[str, list[PolicyPoint]]) -> str:
+    """Every fourth point of each curve."""
+    lines = []
+    for name, points in curves.items():
+        header = f"{'target':>10}  {'avg MACs':>10}  {'test top-1':>10}  {'val top-1':>9}  exit fractions (test)"
+        lines += ["", f"policy {name}: fitted on val, applied to test", header]
+        for p in points[::4] if len(points) > 12 else points:
+            fractions = " ".join(f"{f:.2f}" for f in p.exit_fractions)
+            lines.append(f"{p.target:>10.4g}  {p.avg_macs / 1e6:>9.2f}M  {p.test_top1:>10.2f}  {p.val_top1:>9.2f}  "
+                         f"{fractions}")  # fmt: skip
+    return "\n".join(lines)
+
+
 # --- formatting ---------------------------------------------------------------------------------------------
 
 
@@ -433,13 +482,20 @@ def main(argv: list[str] | None = None) -> int:
         "--macs", choices=sorted(MACS_CONVENTIONS), default="paper", help="convention of the budgeted average MACs"
     )
     parser.add_argument("--val-indices", type=Path, help="file of training-set indices forming the validation split")
+    parser.add_argument(
+        "--policy", nargs="+", choices=list(POLICIES), help="also every named exit policy's curve (eval_policies.json)"
+    )
     args = parser.parse_args(argv)
     try:
         report = evaluate_run(args.run_dir, args.criteria, args.device, macs=args.macs, val_indices=args.val_indices)
+        if args.policy:
+            curves = policy_curves(args.run_dir, args.policy, args.device, args.macs)
     except USER_ERRORS as e:
         return fail(e)
     print(format_report(report))
     print(f"\nwrote {args.run_dir / EVAL_FILE}")
+    if args.policy:
+        print(format_curves(curves) + f"\n\nwrote {args.run_dir / POLICY_FILE}")
     return 0
 
 
