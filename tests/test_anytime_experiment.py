@@ -26,7 +26,7 @@ def fake_run(method: str, seed: int, test: list[float], clean: float = 99.0) -> 
     return {
         "method": method,
         "seed": seed,
-        "tier": PLAN.arms[method].group,
+        "tier": PLAN.arms[method].group if method in PLAN.arms else 1,
         "train_seconds": 60.0,
         "last_epoch": {"twin_gap_e1": 0.5} if method.startswith("sila") else {},
         "peers": [
