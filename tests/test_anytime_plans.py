@@ -94,9 +94,13 @@ def test_the_decision_family_counts_every_declared_comparison_and_reports_the_ex
     smallest = min(entries, key=lambda e: e["area"]["p_value"])
     assert smallest["p_holm"] == pytest.approx(min(1.0, 3 * smallest["area"]["p_value"]))  # m = 3, not 2
     assert all(e["wilcoxon_p"] == pytest.approx(2 / 32) for e in entries)  # five positive differences: 2 / 2^5
-    text = markdown(report_payload(runs))
-    section = text.split("## Family `sila_imta_decision`")[1].split("\n## ")[0]
-    assert "Wilcoxon exact p" in section and "(m=3)" in section and "| sila_imta | imta | 5 |" in section
+    payload = report_payload(runs)
+    declared = [list(c) for c in REGIME1.families["sila_imta_decision"].comparisons]
+    planned = {f"{a} vs {b}": 10 for a, b in declared}
+    payload["families"]["sila_imta_decision"] |= {"comparisons": declared, "planned_pairs": planned}
+    section = markdown(payload).split("## Family `sila_imta_decision`")[1].split("\n## ")[0]
+    assert "Wilcoxon exact p" in section and "(m=3)" in section and "| sila_imta | imta | 5 of 10 |" in section
+    assert "| sila_imta | imta_x2 | 0 of 10 | no run yet |" in section and "helps (interim)" in section
     assert wilcoxon_exact([1.0, -2.0, 3.0, 4.0, 5.0]) == pytest.approx(6 / 32)  # T- = 2: 2 x #{sums <= 2} / 2^5
     assert math.isnan(wilcoxon_exact([0.0, 0.0]))
 

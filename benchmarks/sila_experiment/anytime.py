@@ -364,6 +364,9 @@ def report(exp: Experiment, planned: list[RunSpec], command: str) -> str:
         return "no finished run yet: nothing to compare"
     reproductions = load_runs(exp.results, "reproductions")
     plan = exp.plan
+    seeds: dict[str, set[int]] = {}
+    for spec in planned:
+        seeds.setdefault(spec.method, set()).add(spec.seed)
     payload = {
         "command": command, "plan": shown_path(Path(plan.path).resolve()), "name": exp.results.name,
         "title": plan.title, "preset": exp.device_name, "config": plan.config, "overrides": list(plan.overrides),
@@ -372,7 +375,9 @@ def report(exp: Experiment, planned: list[RunSpec], command: str) -> str:
         "methods": {n: {"group": a.group, "about": a.about, "overrides": list(a.overrides)}
                     for n, a in plan.arms.items()},
         "families": {n: {"title": f.title, "pairing": f.pairing, "holm_scope": f.holm_scope, "target": f.target,
-                         "comparisons": [list(c) for c in f.comparisons]} for n, f in plan.families.items()},
+                         "comparisons": [list(c) for c in f.comparisons],
+                         "planned_pairs": {f"{a} vs {b}": len(seeds.get(a, set()) & seeds.get(b, set()))
+                                           for a, b in f.comparisons}} for n, f in plan.families.items()},
         "summary": summarise(runs, plan, reproductions),
         "reproductions": reproduction_checks(reproductions, runs),
     }  # fmt: skip

@@ -74,10 +74,21 @@ def family_lines(name: str, entries: list[dict[str, Any]], family: dict[str, Any
     if not entries:
         return ["No run of this family yet."]
     collapse = any("collapsed" in e for e in entries)
+    planned = family.get("planned_pairs", {})
+
+    def pairs(e: dict[str, Any]) -> str:
+        of = planned.get(f"{e['method']} vs {e['reference']}")
+        return f"{len(e['seeds'])} of {of}" if of is not None else str(len(e["seeds"]))
+
+    def verdict(e: dict[str, Any]) -> str:  # a pre-registered family decides at its planned pairs, not before
+        of = planned.get(f"{e['method']} vs {e['reference']}")
+        early = family["holm_scope"] == "declared" and of is not None and len(e["seeds"]) < of
+        return f"{e['verdict']} (interim)" if early else e["verdict"]
+
     header = [
         "arm",
         "vs",
-        "pairs",
+        "pairs (of planned)",
         "Δ anytime area (95 % CI)",
         "MDE",
         "p (Holm, m)",
@@ -88,13 +99,16 @@ def family_lines(name: str, entries: list[dict[str, Any]], family: dict[str, Any
         *(["twin collapsed"] * collapse),
     ]
     body = [
-        [e["method"], e["reference"], str(len(e["seeds"])), diff_cell(e["area"]),
-         p_cell(e["area"]["mde"]) if math.isfinite(e["area"]["mde"]) else NO_VALUE,
+        [e["method"], e["reference"], pairs(e), diff_cell(e["area"]),
+         f"{e['area']['mde']:.2f}" if math.isfinite(e["area"]["mde"]) else NO_VALUE,
          f"{p_cell(e['p_holm'])} (m={e['holm_m']})", p_cell(e["wilcoxon_p"]), diff_cell(e["budgeted"]),
-         e["verdict"], "yes" if e["width_met"] else f"no (about {e['pairs_for_target'] or '?'} pairs)",
+         verdict(e), "yes" if e["width_met"] else f"no (about {e['pairs_for_target'] or '?'} pairs)",
          *([{True: "yes", False: "no", None: NO_VALUE}[e.get("collapsed")]] * collapse)]
         for e in entries
     ]  # fmt: skip
+    shown = {(e["method"], e["reference"]) for e in entries}
+    body += [[a, b, f"0 of {planned.get(f'{a} vs {b}', '?')}", "no run yet", *[NO_VALUE] * (len(header) - 4)]
+             for a, b in family.get("comparisons", []) if (a, b) not in shown]  # fmt: skip
     scope = ("every declared comparison (a missing one counts as p = 1)" if family["holm_scope"] == "declared"
              else "the comparisons with data")  # fmt: skip
     pairing = ("seeds whose two run files are in one pairing group" if family["pairing"] == "matched"
