@@ -122,6 +122,8 @@ def test_admitted_runs_pair_within_one_revision_and_across_a_bit_exact_reproduct
     bridged = {(e["method"], e["reference"]): e["seeds"] for e in summary["families"]["field"]}
     assert bridged[("imta", "baseline_x2_rerun")] == [5, 6, 7, 8, 9]
     assert summary["pairing_groups"] == {"admitted:rev1": 15, 'legacy:{"cpu": "A"}': 5}
+    mixed = [r | {"admission": {"canary": "mixed"}} if r["method"] == "sila_imta" else r for r in runs]
+    assert summarise(mixed, REGIME1)["pairing_groups"]['legacy:{"cpu": "A"}'] == 5  # partly legacy: legacy rule
     again["peers"][0]["test_top1"][0] += 1e-9  # not bit for bit: no bridge
     assert {(e["method"], e["reference"]): e["seeds"] for e in summarise(runs, REGIME1, [again])["families"]["field"]
             }[("imta", "baseline_x2_rerun")] == []  # fmt: skip

@@ -26,10 +26,11 @@ PROVENANCE = ("code", "admission", "fingerprint")  # where and from which revisi
 
 def raw_group(run: dict[str, Any]) -> str | None:
     """The pairing group a run file names by itself: its admission's training-path revision, or for a legacy
-    file its machine fingerprint; None when it has neither (or its admission failed)."""
-    admission = run.get("admission")
-    if admission is not None:
-        return f"admitted:{admission['training_path']}" if admission.get("canary") == "equal" else None
+    file (or one partly trained before admission: ``canary: mixed``) its machine fingerprint; None without
+    either."""
+    admission = run.get("admission") or {}
+    if admission.get("canary") == "equal":
+        return f"admitted:{admission['training_path']}"
     fingerprint = run.get("fingerprint")
     return "legacy:" + json.dumps(fingerprint, sort_keys=True) if fingerprint else None
 
