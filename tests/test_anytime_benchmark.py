@@ -27,11 +27,12 @@ def test_difference_to_the_baseline_is_the_paired_difference_of_anytime_areas():
         load_benchmark("sila_experiment.anytime"),
         load_benchmark("sila_experiment.anytime_report").summarise,
     )
+    plan = load_benchmark("sila_experiment.plan").load_plan(anytime.DEFAULT_PLAN)
     base = {0: [50.0, 60.0, 70.0], 1: [40.0, 52.0, 61.0], 2: [55.0, 57.0, 75.0]}  # seeds differ a lot ...
     sila = {0: [51.0, 62.0, 70.0], 1: [40.0, 53.0, 64.0], 2: [57.0, 57.0, 76.0]}  # ... the pairs much less
     runs = [anytime_run_record("baseline", s, t) for s, t in base.items()]
     runs += [anytime_run_record("sila_features", s, t) for s, t in sila.items()]
-    summary = summarise(runs, anytime.METHODS)
+    summary = summarise(runs, plan)
 
     def area(a):
         return (a[0] + 2 * a[1] + a[2]) / 4

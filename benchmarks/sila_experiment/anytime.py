@@ -1,22 +1,17 @@
-"""Does SiLa help? A seed-paired experiment with controls that can fail, resumable across machines.
+"""Trains and reports any plan of the anytime experiment (``benchmarks/plans/*.yaml``), resumable across machines.
 
-    python benchmarks/anytime.py --preset cpu --max-minutes 120   # trains what is missing, stops cleanly
-    python benchmarks/anytime.py --preset cpu --report-only       # the aggregate from the committed run files
-    python benchmarks/anytime.py --preset cpu --dry-run           # the plan: which runs exist, which are missing
-    python benchmarks/anytime.py --preset gpu                     # the same grid, concurrent processes on one GPU
+    python benchmarks/anytime.py --plan benchmarks/plans/regime1.yaml --max-minutes 120  # trains what is missing
+    python benchmarks/anytime.py --plan benchmarks/plans/regime1.yaml --report-only      # from the run files alone
+    python benchmarks/anytime.py --plan benchmarks/plans/regime1.yaml --dry-run          # which runs are missing
+    python benchmarks/anytime.py --plan benchmarks/plans/regime1.yaml --device cuda      # the plan's CUDA profile
 
-Every (method, seed) run trains ``python -m dynsila.train`` in a subprocess and, when it finishes, leaves one
-small JSON under ``benchmarks/results/anytime_<dataset>/runs/`` (per-exit accuracy on val, test and the clean
-training split, MACs, parameters, the budgeted curve, the last epoch's metrics and monitors, the code version).
-Those files are the experiment: the aggregate (``anytime_<dataset>.{json,md,png}``) is recomputed from them
-alone, and a re-invocation trains only the runs that have no file yet (an interrupted run resumes from its
-``last.pt`` under ``runs/``). Checkpoints are never committed; the run files are.
-
-Methods come in three tiers: tier 1 (five seeds) holds the comparisons the experiment was first sized for —
-each SiLa reading against the baseline and against the loss-scale control, and the positive control
-(self-distillation) against the baseline; tier 2 (three seeds) the other readings, DML and the half-width pair;
-tier 3 (five seeds, a family of its own) the twins that are not forced onto the main head (a whole-classifier
-twin, an MLP twin) and the 50 % claim at half the deploy parameters.
+Every (arm, seed) run trains ``python -m dynsila.train`` in a subprocess and, when it finishes, leaves one small
+JSON under ``benchmarks/results/<plan name>/runs/`` (per-exit accuracy on val, test and the clean training split,
+MACs, parameters, the budgeted curve, the last epoch's metrics and monitors, the code version, the admission).
+Those files are the experiment: the aggregate (``<plan name>.{json,md,png}``) is recomputed from them alone, and a
+re-invocation trains only the runs that have no file yet (an interrupted run resumes from its ``last.pt`` under
+the runs root). Before it trains a plan's run, a machine must reproduce the plan's canary (``admission.py``).
+Checkpoints are never committed; the run files are.
 """
 
 from __future__ import annotations
@@ -28,21 +23,19 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as ``python benchmarks/anytime.py``: make ``benchmarks`` importable
+if __package__ in (None, ""):  # run as ``python benchmarks/sila_experiment/anytime.py``: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.sila_experiment.anytime_report import (
-    WITH_SILA,
-    best_field_technique,
-    markdown,
-    plot,
-    reproduction_checks,
-    summarise,
-)
+from benchmarks.sila_experiment import admission
+from benchmarks.sila_experiment.anytime_figures import plot
+from benchmarks.sila_experiment.anytime_markdown import markdown
+from benchmarks.sila_experiment.anytime_report import reproduction_checks as reproduction_checks
+from benchmarks.sila_experiment.anytime_report import summarise
+from benchmarks.sila_experiment.plan import Device, Plan, RunSpec, load_plan, planned_runs, run_overrides
 from benchmarks.toolkit import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -58,195 +51,43 @@ from dynsila.evaluation.report import EvalReport
 from dynsila.runs.checkpoint import atomic_write_text
 from dynsila.runs.rundir import DEPLOY, LAST, load_deploy_model
 
-SILA = ("sila.enabled=true", "sila.head=linear")
-SILA_MLP = ("sila.enabled=true", "sila.head=mlp", "sila.attach=features", "sila.softmax=separate")
-# the field's techniques trained in one run, by the overrides that switch each on
-TECHNIQUE = {
-    "ge": ("ge.enabled=true",),
-    "imta": ("imta.enabled=true",),
-    "l2w": ("l2w.enabled=true",),
-    "ztw_cascade": ("ztw.enabled=true",),
-}
-# ZTW's second stage: only the ensembles train, from the first stage's weights (a short schedule of ours; the
-# paper's is not verified here)
-ZTW_ENSEMBLE_STAGE = ("ztw.stage=ensemble", "train.epochs=5", "train.lr=0.01")
+PLANS = REPO_ROOT / "benchmarks" / "plans"
+DEFAULT_PLAN = PLANS / "regime1.yaml"
+PRESETS = {"cpu": "cpu", "gpu": "cuda"}  # the former --preset names: the regime-1 plan on that device profile
 
 
 @dataclass(frozen=True)
-class Method:
-    tier: int
-    overrides: tuple[str, ...]
-    about: str
-    width: str = "full"  # a key of Preset.widths: which model overrides shrink the network
-    # a second stage: the method whose run of the same seed initialises this one (train.init_from), on this machine
-    starts_from: str | None = None
+class Experiment:
+    """A plan on one device profile: where its run files, checkpoints and canary go."""
 
-
-METHODS: dict[str, Method] = {
-    "baseline": Method(1, ("sila.enabled=false",), "sum_k CE(z_k, y)"),
-    "baseline_x2": Method(
-        1,
-        ("sila.enabled=false", "loss.ce_weight=2.0"),
-        "loss-scale control: the baseline with its cross-entropy x (1 + lambda), lambda = 1",
-    ),
-    "sila_joint_only": Method(
-        1, (*SILA, "sila.attach=features", "sila.softmax=joint_only"), "SiLa, SilaNet v1 reading: one 2C softmax"
-    ),
-    "sila_features": Method(
-        1, (*SILA, "sila.attach=features", "sila.softmax=separate"), "SiLa, twin head on features (our default)"
-    ),
-    "self_distill": Method(
-        1, ("sila.enabled=false", "loss.self_distill=1.0"), "positive control: last exit distils into the others"
-    ),
-    "sila_logits": Method(2, (*SILA, "sila.attach=logits", "sila.softmax=separate"), "SiLa, twin head on logits"),
-    "sila_joint": Method(2, (*SILA, "sila.attach=features", "sila.softmax=joint"), "SiLa, 2C softmax + main CE"),
-    "dml": Method(2, ("sila.enabled=false", "dml.peers=2"), "Deep Mutual Learning, 2 peers (peer 0 reported)"),
-    "sila_dml": Method(2, (*SILA, "sila.attach=features", "sila.softmax=separate", "dml.peers=2"), "SiLa + DML"),
-    "sila_self_distill": Method(
-        2, (*SILA, "sila.attach=features", "sila.softmax=separate", "loss.self_distill=1.0"), "SiLa + self-distil"
-    ),
-    "half_sila": Method(
-        2, (*SILA, "sila.attach=features", "sila.softmax=joint_only"), "half width, SiLa joint_only", "half_width"
-    ),
-    "half_baseline": Method(2, ("sila.enabled=false",), "half width, baseline", "half_width"),
-    # tier 3: the readings that can carry a signal the main head does not, and the 50 % claim as the abstract
-    # states it (a network with half the deploy parameters; SiLa reading: joint_only, tier 1's largest effect)
-    "sila_classifier": Method(
-        3,
-        ("sila.enabled=true", "sila.head=classifier", "sila.attach=features", "sila.softmax=separate"),
-        "SiLa, twin = a fresh copy of the exit's whole classifier (own initialisation)",
-    ),
-    "sila_mlp": Method(3, SILA_MLP, "SiLa, twin = a one-hidden-layer MLP on the exit's features"),
-    "baseline_rerun": Method(3, ("sila.enabled=false",), "the baseline re-run at tier 3's revision and machine"),
-    "baseline_x2_rerun": Method(
-        3, ("sila.enabled=false", "loss.ce_weight=2.0"), "the loss-scale control re-run at tier 3's revision"
-    ),
-    "half_params_baseline": Method(3, ("sila.enabled=false",), "half the parameters, baseline", "half_params"),
-    "half_params_sila": Method(
-        3,
-        (*SILA, "sila.attach=features", "sila.softmax=joint_only"),
-        "half the parameters, SiLa joint_only",
-        "half_params",
-    ),
-    # tier 4: the field's multi-exit training techniques, on the seeds of the precision extension, so that each is
-    # paired on one machine with the baseline and the loss-scale control re-run there (baseline_rerun, _x2_rerun)
-    "ge": Method(4, ("sila.enabled=false", *TECHNIQUE["ge"]), "gradient equilibrium (IMTA, Li et al. 2019)"),
-    "imta": Method(
-        4, ("sila.enabled=false", *TECHNIQUE["imta"]), "IMTA: inline subnetwork collaboration + one-for-all KD"
-    ),
-    "l2w": Method(4, ("sila.enabled=false", *TECHNIQUE["l2w"]), "L2W-DEN: meta-learned per-sample exit weights"),
-    "ztw_cascade": Method(
-        4, ("sila.enabled=false", *TECHNIQUE["ztw_cascade"]), "Zero Time Waste, its first stage: cascading connections"
-    ),
-    "ztw_ensemble": Method(
-        4,
-        ("sila.enabled=false", "ztw.enabled=true", *ZTW_ENSEMBLE_STAGE),
-        "Zero Time Waste, both stages: the geometric ensembles fitted on a ztw_cascade run (frozen)",
-        starts_from="ztw_cascade",
-    ),
-    # tier 5: SiLa (the MLP twin, tier 3's reading with the largest estimate) with the best of the field's techniques
-    **{f"sila_{name}": Method(5, (*SILA_MLP, *TECHNIQUE[name]), f"SiLa (MLP twin) + {name}") for name in TECHNIQUE},
-    # tier 6: the decision on SiLa + IMTA, fixed before its runs: against the loss-scale control, against IMTA
-    # with its cross-entropy doubled (the loss-matched reference: SiLa adds a second CE on the same labels) and
-    # against IMTA alone, 10 seeds each
-    "imta_x2": Method(
-        6,
-        ("sila.enabled=false", *TECHNIQUE["imta"], "loss.ce_weight=2.0"),
-        "IMTA with its cross-entropy x 2: the loss-scale control of SiLa + IMTA",
-    ),
-    "sila_ztw_ensemble": Method(
-        5,
-        (*SILA_MLP, "ztw.enabled=true", *ZTW_ENSEMBLE_STAGE),
-        "SiLa (MLP twin) + both stages of Zero Time Waste",
-        starts_from="sila_ztw_cascade",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class SeedExtension:
-    """More seeds of a few methods than their tiers give, planned seed-major after the tiers, so each seed's runs
-    train side by side on one machine and a partial extension stays paired."""
-
-    methods: tuple[str, ...]
-    seeds: range
-
-
-# the two SiLa readings that can carry a signal, and their references, until the paired intervals reach +-1 point
-PRECISION = SeedExtension(("sila_mlp", "sila_joint_only", "baseline_rerun", "baseline_x2_rerun"), range(5, 15))
-# the field's techniques, on the first five of those seeds (their references are the precision family's re-runs)
-FIELD = SeedExtension(("ge", "imta", "l2w", "ztw_cascade", "ztw_ensemble"), range(5, 10))
-# the SiLa + IMTA decision: its loss-matched reference on all ten seeds of the precision family, and SiLa + IMTA
-# and IMTA on the five that tiers 4 and 5 did not run
-DECISION = SeedExtension(("sila_imta", "imta", "imta_x2"), range(5, 15))
-
-
-@dataclass(frozen=True)
-class Preset:
-    dataset: str  # names the results: anytime_<dataset>
-    config: str
-    needs: str  # the data file or folder, relative to the repository root
-    overrides: tuple[str, ...]
-    widths: dict[str, tuple[str, ...]]  # width name -> the model overrides that make it ("full": none)
-    seeds: dict[int, int] = field(default_factory=lambda: {1: 5, 2: 3, 3: 5})  # tier -> number of seeds (0, 1, ...)
-    jobs: int = 2  # concurrent training processes
-    threads: int = 1  # CPU threads per process
-    device: str = "cpu"
-    extensions: tuple[SeedExtension, ...] = ()
-
-
-QUIET = ("train.eval_test_every_epoch=false", "train.log_every=100000")
-CPU_HALF = ("model.n_channels=4", "model.growth_rate=2", "model.head_channels=16")  # 25.6 % of the parameters
-CPU_HALF_PARAMS = ("model.n_channels=6", "model.growth_rate=3", "model.head_channels=22")  # 69,009: 51.3 %
-CPU_WIDTHS = {"full": (), "half_width": CPU_HALF, "half_params": CPU_HALF_PARAMS}
-PRESETS: dict[str, Preset] = {
-    "cpu": Preset("cifar10_dev2", "configs/cifar10_dev2/msdnet_anytime.yaml", "../shared/data/cifar10_dev2.npz",
-                  QUIET, CPU_WIDTHS, extensions=(PRECISION, FIELD, DECISION)),
-    "gpu": Preset("cifar10_dev2_gpu", "configs/cifar10_dev2/msdnet_anytime.yaml", ".gpu/cifar10_dev2.npz",
-                  (*QUIET, "data.root=.gpu/cifar10_dev2.npz", "data.on_device=true", "train.device=cuda"),
-                  CPU_WIDTHS, jobs=12, threads=1, device="cuda"),
-    "paper": Preset("cifar100", "configs/cifar100/msdnet_sila.yaml", "data/cifar-100-python", QUIET,
-                    {"full": (), "half_width": ("model.n_channels=8", "model.growth_rate=3")},
-                    seeds={1: 5, 2: 3}, jobs=1, threads=8,
-                    device="cuda"),
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    method: str
-    seed: int
+    plan: Plan
+    device_name: str
+    results: Path  # benchmarks/results/<name>: runs/ and reproductions/ below it
+    runs_root: Path  # checkpoints
 
     @property
-    def name(self) -> str:
-        return f"{self.method}_seed{self.seed}"
+    def device(self) -> Device:
+        return self.plan.devices[self.device_name]
 
+    @property
+    def needs(self) -> str:
+        return self.device.needs or self.plan.needs
 
-def plan(preset: Preset, methods: list[str], best: str | None = None) -> list[RunSpec]:
-    """Every run of the grid, seed-major within a tier, so partial results stay paired and balanced; with
-    ``best`` (the field technique chosen by ``best_field_technique``) also SiLa + it on the field's seeds."""
-    specs = []
-    for tier in sorted(preset.seeds):
-        tier_methods = [m for m in methods if METHODS[m].tier == tier and METHODS[m].width in preset.widths]
-        specs += [RunSpec(m, s) for s in range(preset.seeds[tier]) for m in tier_methods]
-    seeds = sorted({seed for extension in preset.extensions for seed in extension.seeds})
-    for seed in seeds:  # seed-major across the extensions: each seed's runs of every family side by side
-        for extension in preset.extensions:
-            wanted = [m for m in extension.methods if m in methods and seed in extension.seeds]
-            specs += [RunSpec(m, seed) for m in wanted if RunSpec(m, seed) not in specs]
-    if best is not None and FIELD in preset.extensions:
-        combined = [m for m in (METHODS[WITH_SILA[best]].starts_from, WITH_SILA[best]) if m and m in methods]
-        specs += [RunSpec(m, seed) for seed in FIELD.seeds for m in combined]
-    return list(dict.fromkeys(specs))  # a run two extensions plan trains once
+    @property
+    def canary_reference(self) -> Path | None:
+        if self.plan.canary is None:
+            return None
+        reference = REPO_ROOT / self.plan.canary.reference
+        return reference if self.device_name == "cpu" else reference.with_stem(f"{reference.stem}_{self.device_name}")
 
 
 def run_file(results: Path, spec: RunSpec) -> Path:
     return results / "runs" / f"{spec.name}.json"
 
 
-def source_of(spec: RunSpec) -> RunSpec | None:
-    """The run a second stage starts from: its source method's run of the same seed."""
-    source = METHODS[spec.method].starts_from
+def source_of(plan: Plan, spec: RunSpec) -> RunSpec | None:
+    """The run a second stage starts from: its source arm's run of the same seed."""
+    source = plan.arms[spec.method].starts_from
     return None if source is None else RunSpec(source, spec.seed)
 
 
@@ -255,30 +96,16 @@ def shown_path(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
-def run_overrides(preset: Preset, spec: RunSpec, runs_root: Path | None = None) -> list[str]:
-    """The config overrides that make this run: the preset's, the method's, the seed, and for a second stage the
-    run it starts from (under ``runs_root``, default the preset's)."""
-    method = METHODS[spec.method]
-    source = source_of(spec)
-    runs_root = runs_root or default_runs_root(preset)
-    return [
-        *preset.overrides,
-        *method.overrides,
-        *preset.widths[method.width],
-        f"seed={spec.seed}",
-        *([f"train.init_from={shown_path(runs_root / source.name)}"] if source else []),
-    ]
+def overrides_of(exp: Experiment, spec: RunSpec, runs_root: Path, canary: bool = False) -> list[str]:
+    extra = list(exp.plan.canary.overrides) if canary and exp.plan.canary else []
+    return [*run_overrides(exp.plan, exp.device, spec, runs_root, shown_path), *extra]
 
 
-def default_runs_root(preset: Preset) -> Path:
-    return REPO_ROOT / "runs" / f"anytime_{preset.dataset}"
-
-
-def train_command(preset: Preset, spec: RunSpec, runs_root: Path) -> list[str]:
+def train_command(exp: Experiment, spec: RunSpec, runs_root: Path, canary: bool = False) -> list[str]:
     run_dir = runs_root / spec.name
-    overrides = [*run_overrides(preset, spec, runs_root), f"out_dir={runs_root}", f"name={spec.name}"]
-    resume = (run_dir / LAST).exists() and not (run_dir / EVAL_FILE).exists()
-    return [sys.executable, "-m", "dynsila.train", preset.config, *overrides, "resume=true" if resume else "--force"]
+    overrides = [*overrides_of(exp, spec, runs_root, canary), f"out_dir={runs_root}", f"name={spec.name}"]
+    resume = not canary and (run_dir / LAST).exists() and not (run_dir / EVAL_FILE).exists()
+    return [sys.executable, "-m", "dynsila.train", exp.plan.config, *overrides, "resume=true" if resume else "--force"]
 
 
 def clean_train_accuracy(deploy_dir: Path, device: str) -> list[float]:
@@ -321,43 +148,69 @@ def code_version() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "dynsila") else "")
 
 
-def record_run(preset_name: str, spec: RunSpec, run_dir: Path, device: str) -> dict[str, Any]:
+def record_run(exp: Experiment, spec: RunSpec, run_dir: Path, canary: bool = False) -> dict[str, Any]:
     """The small per-run file: everything the aggregate needs, nothing large (no logits, no weights)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = {k: v for k, v in rows[-1].items() if k not in ("peers", "networks")}
-    return {
+    overrides = overrides_of(exp, spec, run_dir.parent, canary)
+    record = {
         "method": spec.method,
         "seed": spec.seed,
-        "tier": METHODS[spec.method].tier,
-        "preset": preset_name,
-        "train": f"python -m dynsila.train {PRESETS[preset_name].config} "
-        + " ".join(run_overrides(PRESETS[preset_name], spec, run_dir.parent)),
+        "tier": exp.plan.arms[spec.method].group,
+        "preset": exp.device_name,
+        "train": " ".join(["python -m dynsila.train", exp.plan.config, *overrides]),
         "code": code_version(),
-        "environment": environment(device),
+        "environment": environment(exp.device.device),
         "fingerprint": run_fingerprint(run_dir),
         "epochs": len(rows),
         "train_seconds": sum(r["seconds"] for r in rows),
         "last_epoch": last,
-        "peers": [peer_record(d, device) for d in deploy_dirs(run_dir)],
+        "peers": [peer_record(d, exp.device.device) for d in deploy_dirs(run_dir)],
     }
+    if not canary:
+        record["admission"] = run_admission(run_dir)
+    return record
 
 
-MACHINES = "machines.jsonl"  # in a run's folder: the fingerprint of every machine that trained part of it
+MACHINES = "machines.jsonl"  # in a run's folder: every machine that trained part of it, with its admission
 
 
-def note_machine(run_dir: Path) -> None:
+def machine_line(runs_root: Path) -> dict[str, Any]:
+    admitted = admission.current_admission(runs_root, admission.training_path_revision()) or {}
+    return {"fingerprint": machine_fingerprint(), "machine": admitted.get("machine"),
+            "training_path": admitted.get("training_path"), "canary": admitted.get("canary")}  # fmt: skip
+
+
+def note_machine(run_dir: Path, runs_root: Path | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / MACHINES).open("a") as log:
-        log.write(json.dumps(machine_fingerprint(), sort_keys=True) + "\n")
+        log.write(json.dumps(machine_line(runs_root or run_dir.parent), sort_keys=True) + "\n")
+
+
+def machine_lines(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / MACHINES
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def run_fingerprint(run_dir: Path) -> dict[str, Any] | None:
-    """The machine a run trained on; None when its epochs were split over machines that differ (a resume
-    elsewhere), so the report never pairs it."""
-    path = run_dir / MACHINES
-    seen = {line for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+    """The machine fingerprint a run trained on; None when its epochs were split over machines that differ (a
+    resume elsewhere, or lines of the former format beside the current one), so the report never pairs it."""
+    seen = {json.dumps(line.get("fingerprint", line), sort_keys=True) for line in machine_lines(run_dir)}
     seen.add(json.dumps(machine_fingerprint(), sort_keys=True))
     return json.loads(seen.pop()) if len(seen) == 1 else None
+
+
+def run_admission(run_dir: Path) -> dict[str, Any]:
+    """The admission a run file records: every machine that trained part of it, and whether each had reproduced
+    the canary at one revision of the training path (``canary: equal``), else ``canary: mixed``."""
+    lines = machine_lines(run_dir)
+    revisions = {line.get("training_path") for line in lines}
+    equal = bool(lines) and all(line.get("canary") == "equal" for line in lines) and len(revisions) == 1
+    return {
+        "canary": "equal" if equal else "mixed",
+        "machines": sorted({str(line.get("machine")) for line in lines}),
+        "training_path": revisions.pop() if len(revisions) == 1 else None,
+    }
 
 
 # --- running the grid ---------------------------------------------------------------------------------------
@@ -370,51 +223,49 @@ class Job:
     started: float
 
 
-def launch(preset: Preset, spec: RunSpec, runs_root: Path, threads: int) -> Job:
+def launch(exp: Experiment, spec: RunSpec, runs_root: Path, threads: int, canary: bool = False) -> Job:
     runs_root.mkdir(parents=True, exist_ok=True)
-    note_machine(runs_root / spec.name)
-    source = source_of(spec)
+    note_machine(runs_root / spec.name, exp.runs_root)
+    source = source_of(exp.plan, spec)
     if source is not None:  # a second stage trained where its source trained, or it records no fingerprint
         inherited = (runs_root / source.name / MACHINES).read_text()
         with (runs_root / spec.name / MACHINES).open("a") as log:
             log.write(inherited)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with (runs_root / f"{spec.name}.log").open("ab") as log:
-        process = subprocess.Popen(
-            train_command(preset, spec, runs_root), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        command = train_command(exp, spec, runs_root, canary)
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     return Job(spec, process, time.monotonic())
 
 
-def finish(job: Job, preset_name: str, runs_root: Path, results: Path, device: str) -> None:
+def finish(job: Job, exp: Experiment) -> None:
     """Write the run's file when its training succeeded; otherwise name the log to read."""
-    log = runs_root / f"{job.spec.name}.log"
+    log = exp.runs_root / f"{job.spec.name}.log"
     if job.process.returncode != 0:
         print(f"{job.spec.name}: training failed (exit {job.process.returncode}); see {log}", flush=True)
         return
-    record = record_run(preset_name, job.spec, runs_root / job.spec.name, device)
-    atomic_write_text(run_file(results, job.spec), json.dumps(record, indent=1))
+    record = record_run(exp, job.spec, exp.runs_root / job.spec.name)
+    atomic_write_text(run_file(exp.results, job.spec), json.dumps(record, indent=1))
     minutes = (time.monotonic() - job.started) / 60
     print(f"{job.spec.name}: done in {minutes:.1f} min ({record['train_seconds'] / 60:.1f} min training)", flush=True)
 
 
-def run_grid(preset_name: str, pending: list[RunSpec], args: argparse.Namespace, results: Path) -> None:
+def run_grid(exp: Experiment, pending: list[RunSpec], args: argparse.Namespace) -> None:
     """Train ``pending`` with up to ``args.jobs`` processes; at ``--max-minutes`` start nothing new and stop the
     running ones (SIGTERM: each keeps its last epoch's ``last.pt`` and resumes from it next time)."""
-    preset = PRESETS[preset_name]
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else float("inf")
     queue, running = list(pending), list[Job]()
     while queue or running:
-        queue = [s for s in queue if startable(s, queue, running, args.runs_root) is not False]
+        queue = [s for s in queue if startable(exp.plan, s, queue, running, exp.runs_root) is not False]
         while len(running) < args.jobs and time.monotonic() < deadline:
-            ready = next((s for s in queue if startable(s, queue, running, args.runs_root)), None)
+            ready = next((s for s in queue if startable(exp.plan, s, queue, running, exp.runs_root)), None)
             if ready is None:
                 break
             queue.remove(ready)
-            running.append(launch(preset, ready, args.runs_root, args.threads))
+            running.append(launch(exp, ready, exp.runs_root, args.threads))
         for job in [j for j in running if j.process.poll() is not None]:
             running.remove(job)
-            finish(job, preset_name, args.runs_root, results, preset.device)
+            finish(job, exp)
         if time.monotonic() >= deadline:
             stop(running)
             print(f"--max-minutes {args.max_minutes} reached: {len(queue) + len(running)} run(s) left for next time")
@@ -422,10 +273,10 @@ def run_grid(preset_name: str, pending: list[RunSpec], args: argparse.Namespace,
         time.sleep(2)
 
 
-def startable(spec: RunSpec, queue: list[RunSpec], running: list[Job], runs_root: Path) -> bool | None:
+def startable(plan: Plan, spec: RunSpec, queue: list[RunSpec], running: list[Job], runs_root: Path) -> bool | None:
     """True: ``spec`` can start now. None: it waits for its source, which is queued or training. False: it never
     can here (its source finished elsewhere: the checkpoint it starts from is not on this machine)."""
-    source = source_of(spec)
+    source = source_of(plan, spec)
     if source is None or (runs_root / source.name / EVAL_FILE).exists():
         return True
     if source in queue or any(job.spec == source for job in running):
@@ -446,6 +297,53 @@ def stop(running: list[Job]) -> None:
             job.process.kill()
 
 
+# --- admission ----------------------------------------------------------------------------------------------
+
+
+def train_canary(exp: Experiment, threads: int) -> dict[str, Any] | None:
+    """Train the plan's canary from scratch under ``<runs root>/canary``; its run record, or None on failure."""
+    assert exp.plan.canary is not None
+    spec, root = RunSpec(exp.plan.canary.arm, exp.plan.canary.seed), exp.runs_root / "canary"
+    print(f"canary: training {spec.name} with {' '.join(exp.plan.canary.overrides)}", flush=True)
+    job = launch(exp, spec, root, threads, canary=True)
+    if job.process.wait() != 0:
+        print(f"canary: training failed; see {root / f'{spec.name}.log'}", flush=True)
+        return None
+    return record_run(exp, spec, root / spec.name, canary=True)
+
+
+def admitted(exp: Experiment, threads: int, make_canary: bool) -> bool:
+    """Whether this machine may train the plan's runs: its stored admission at this training-path revision, or a
+    canary trained now that reproduces the committed reference. ``make_canary`` writes the reference instead
+    (the first machine of a plan) and admits this machine."""
+    reference = exp.canary_reference
+    if reference is None:
+        print("the plan names no canary: every run is trained unadmitted (its report pairs it as legacy)")
+        return True
+    if not make_canary and admission.current_admission(exp.runs_root, admission.training_path_revision()):
+        return True
+    if not make_canary and not reference.exists():
+        print(f"error: no committed canary {shown_path(reference)}; on the machine whose numbers are to be the "
+              "reference, run again with --make-canary and commit that file", file=sys.stderr)  # fmt: skip
+        return False
+    if make_canary and reference.exists():
+        print(f"error: {shown_path(reference)} exists; delete it first to make a new reference", file=sys.stderr)
+        return False
+    record = train_canary(exp, threads)
+    if record is None:
+        return False
+    if make_canary:
+        reference.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(reference, json.dumps(record, indent=1))
+    outcome = admission.admit(exp.runs_root, record, json.loads(reference.read_text()), shown_path(reference))
+    if outcome["canary"] != "equal":
+        print(f"error: this machine did not reproduce the canary ({', '.join(outcome['differences'])} differ): it "
+              "trains none of this plan's runs", file=sys.stderr)  # fmt: skip
+        return False
+    print(f"canary reproduced bit for bit: machine {outcome['machine']} admitted at {outcome['training_path']}")
+    return True
+
+
 # --- the command line ---------------------------------------------------------------------------------------
 
 
@@ -453,63 +351,97 @@ def load_runs(results: Path, folder: str = "runs") -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((results / folder).glob("*.json"))]
 
 
-def report(preset_name: str, planned: list[RunSpec], results: Path, command: str) -> str:
-    """Recompute the aggregate from the run files alone; write JSON, Markdown and the plot."""
-    runs = load_runs(results)
-    if not any(r["method"] == "baseline" for r in runs):
-        return "no finished baseline run yet: nothing to compare"
-    summary = summarise(runs, METHODS)
-    preset = PRESETS[preset_name]
+def augmentation(plan: Plan) -> str:
+    from dynsila.config import load_config
+
+    return str(load_config(REPO_ROOT / plan.config, list(plan.overrides)).data.augment)
+
+
+def report(exp: Experiment, planned: list[RunSpec], command: str) -> str:
+    """Recompute the aggregate from the run files alone; write JSON, Markdown and the figures."""
+    runs = [r for r in load_runs(exp.results) if r["method"] in exp.plan.arms]
+    if not runs:
+        return "no finished run yet: nothing to compare"
+    reproductions = load_runs(exp.results, "reproductions")
+    plan = exp.plan
+    seeds: dict[str, set[int]] = {}
+    for spec in planned:
+        seeds.setdefault(spec.method, set()).add(spec.seed)
     payload = {
-        "command": command,
-        "preset": preset_name,
-        "config": preset.config,
-        "overrides": list(preset.overrides),
-        "planned_runs": len(planned),
-        "finished_runs": len(runs),
-        "methods": {name: {"tier": m.tier, "about": m.about, "overrides": list(m.overrides)} for name, m in
-                    METHODS.items()},
-        "summary": summary,
-        "reproductions": reproduction_checks(load_runs(results, "reproductions"), runs),
+        "command": command, "plan": shown_path(Path(plan.path).resolve()), "name": exp.results.name,
+        "title": plan.title, "preset": exp.device_name, "config": plan.config, "overrides": list(plan.overrides),
+        "augmentation": augmentation(plan), "notes": list(plan.notes),
+        "planned_runs": len(planned), "finished_runs": len(runs),
+        "methods": {n: {"group": a.group, "about": a.about, "overrides": list(a.overrides)}
+                    for n, a in plan.arms.items()},
+        "families": {n: {"title": f.title, "pairing": f.pairing, "holm_scope": f.holm_scope, "target": f.target,
+                         "comparisons": [list(c) for c in f.comparisons],
+                         "planned_pairs": {f"{a} vs {b}": len(seeds.get(a, set()) & seeds.get(b, set()))
+                                           for a, b in f.comparisons}} for n, f in plan.families.items()},
+        "summary": summarise(runs, plan, reproductions),
+        "reproductions": reproduction_checks(reproductions, runs),
     }  # fmt: skip
     text = markdown(payload)
-    stem = results.name
-    out = write_results(stem, payload, text, results.parent)
-    plot(payload, out.with_suffix(".png"))
+    out = write_results(exp.results.name, payload, text, exp.results.parent)
+    plot(payload, out, plan.design.get("regime_arm", "baseline"))
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def experiment(args: argparse.Namespace) -> Experiment:
+    plan = load_plan(args.plan or DEFAULT_PLAN)
+    device = args.device or (PRESETS[args.preset] if args.preset else "cpu")
+    if device not in plan.devices:
+        raise SystemExit(f"error: {plan.path} has no device profile {device!r} (it has {', '.join(plan.devices)})")
+    name = plan.devices[device].results or plan.name
+    return Experiment(plan, device, args.results_dir / name, args.runs_root or REPO_ROOT / "runs" / name)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python benchmarks/anytime.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--plan", type=Path, help=f"the plan file (default {shown_path(DEFAULT_PLAN)})")
+    parser.add_argument("--device", help="the plan's device profile (default cpu)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="former name: cpu / gpu = --device cpu / cuda")
+    parser.add_argument("--arms", "--methods", nargs="+", help="train only these arms (default: all)")
     parser.add_argument("--max-minutes", type=positive, help="start nothing new after this; stop running jobs")
     parser.add_argument("--report-only", action="store_true", help="aggregate the existing run files; no training")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    parser.add_argument("--jobs", type=at_least_one, help="concurrent training processes (default: the preset's)")
-    parser.add_argument("--threads", type=at_least_one, help="CPU threads per process (default: the preset's)")
-    parser.add_argument("--runs-root", type=Path, help="checkpoints go here (default runs/anytime_<dataset>)")
+    parser.add_argument("--make-canary", action="store_true", help="train the canary and commit it as reference")
+    parser.add_argument("--jobs", type=at_least_one, help="concurrent training processes (default: the profile's)")
+    parser.add_argument("--threads", type=at_least_one, help="CPU threads per process (default: the profile's)")
+    parser.add_argument("--runs-root", type=Path, help="checkpoints go here (default runs/<plan name>)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    preset = PRESETS[args.preset]
-    args.jobs, args.threads = args.jobs or preset.jobs, args.threads or preset.threads
-    args.runs_root = args.runs_root or default_runs_root(preset)
-    results = args.results_dir / f"anytime_{preset.dataset}"
-    best, why = best_field_technique(load_runs(results)) if (results / "runs").is_dir() else (None, "no runs yet")
-    planned = plan(preset, ["baseline", *[m for m in args.methods if m != "baseline"]], best)
-    pending = [s for s in planned if not run_file(results, s).exists()]
-    print(f"preset {args.preset}: {len(planned) - len(pending)} of {len(planned)} runs have files in {results}/runs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    exp = experiment(args)
+    args.jobs, args.threads = args.jobs or exp.device.jobs, args.threads or exp.device.threads
+    unknown = sorted(set(args.arms or ()) - set(exp.plan.arms))
+    if unknown:
+        print(f"error: {exp.plan.path} has no arm {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    runs = [r for r in load_runs(exp.results) if r["method"] in exp.plan.arms]
+    selections = summarise(runs, exp.plan, load_runs(exp.results, "reproductions"))["selections"] if runs else {}
+    choices = {name: s["choice"] for name, s in selections.items() if s["choice"]}
+    planned = planned_runs(exp.plan, args.arms, choices)
+    pending = [s for s in planned if not run_file(exp.results, s).exists()]
+    print(f"plan {exp.plan.name} ({exp.device_name}): {len(planned) - len(pending)} of {len(planned)} runs have "
+          f"files in {exp.results}/runs")  # fmt: skip
     if args.dry_run:
         print("missing: " + (" ".join(s.name for s in pending) or "none"))
-        print(f"SiLa + the best field technique: {why}")
+        for name, s in selections.items():
+            print(f"selection {name}: {s['why']}")
         return 0
-    if pending and not args.report_only:
-        if not (REPO_ROOT / preset.needs).exists():
-            print(f"error: --preset {args.preset} needs {preset.needs} (see ../shared/data/README.md); "
-                  "--report-only aggregates the committed run files without it", file=sys.stderr)  # fmt: skip
+    if (pending or args.make_canary) and not args.report_only:
+        if not (REPO_ROOT / exp.needs).exists():
+            print(f"error: the plan needs {exp.needs} (see ../shared/data/README.md); --report-only aggregates the "
+                  "committed run files without it", file=sys.stderr)  # fmt: skip
             return 2
-        run_grid(args.preset, pending, args, results)
-    print(report(args.preset, planned, results, command_line(__file__, argv)))
+        if not admitted(exp, args.threads, args.make_canary):
+            return 3
+        run_grid(exp, pending, args)
+    print(report(exp, planned, command_line(__file__, argv)))
     return 0
 
 

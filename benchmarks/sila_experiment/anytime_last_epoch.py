@@ -28,9 +28,11 @@ if __package__ in (None, ""):  # run as ``python benchmarks/sila_experiment/anyt
 import numpy as np
 import torch
 
-from benchmarks.sila_experiment.anytime import RunSpec, deploy_dirs, load_runs
-from benchmarks.sila_experiment.anytime_report import diff_cell, peer0, references, table
+from benchmarks.sila_experiment.anytime import DEFAULT_PLAN, RunSpec, deploy_dirs, load_runs
+from benchmarks.sila_experiment.anytime_markdown import diff_cell, table
+from benchmarks.sila_experiment.anytime_report import peer0, references
 from benchmarks.sila_experiment.paired_stats import paired
+from benchmarks.sila_experiment.plan import load_plan
 from benchmarks.toolkit import REPO_ROOT, RESULTS_DIR, anytime_area, command_line
 from dynsila.data import build_splits, make_loader
 from dynsila.evaluation.evaluate import collect_logits, topk_accuracy
@@ -88,11 +90,12 @@ def areas(runs: list[dict[str, Any]], last: dict[tuple[str, int], dict[str, Any]
 
 
 def comparisons(by_method: dict[str, dict]) -> list[dict[str, Any]]:
-    """The report's comparisons (``anytime_report.references``), paired over the seeds that have last-epoch
-    files, under both model-selection rules."""
+    """The regime-1 plan's all-pairs comparisons (``anytime_report.references``), paired over the seeds that
+    have last-epoch files, under both model-selection rules."""
+    plan = load_plan(DEFAULT_PLAN)
     rows = []
     for name in by_method:
-        for ref in references(name, by_method):
+        for ref in references(plan, name, by_method):
             if not set(by_method[name]["last"]) & set(by_method[ref]["last"]):
                 continue  # no seed both have here
             rows.append({

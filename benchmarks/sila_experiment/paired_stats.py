@@ -61,16 +61,6 @@ def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, f
     return result
 
 
-def wilcoxon_exact(values: dict[int, float], reference: dict[int, float]) -> float:
-    """Two-sided exact Wilcoxon signed-rank p of the per-seed differences (nan below two pairs or when every
-    difference is zero). Distribution-free: at 5 pairs its smallest p is 0.0625, at 10 pairs 0.002."""
-    seeds = sorted(set(values) & set(reference))
-    diff = np.array([values[s] - reference[s] for s in seeds], dtype=float)
-    if len(diff) < 2 or not np.any(diff):
-        return math.nan
-    return float(stats.wilcoxon(diff, method="exact", alternative="two-sided").pvalue)
-
-
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of p-values (same order; NaN stays NaN and is not counted):
     the i-th smallest of m gets max over j <= i of min(1, (m - j + 1) * p_(j)). A comparison holds at level a
