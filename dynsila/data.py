@@ -37,6 +37,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+CLASS_NAMES = {
+    "digits": [str(d) for d in range(10)],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}  # the rest: the folders' names (imagefolder), or data.class_names
 DEFAULT_IMAGE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "npz": 32, "imagefolder": 224}
 DEFAULT_AUGMENT = {
     "digits": "crop",
@@ -56,6 +60,7 @@ class Splits:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: list[str] | None = None  # per label, where known
 
 
 class ArrayDataset(Dataset):
@@ -112,7 +117,19 @@ def build_splits(cfg: DataConfig) -> Splits:
         image_size=size,
         mean=mean,
         std=std,
+        class_names=class_names(cfg, num_classes, CLASS_NAMES.get(cfg.name)),
     )
+
+
+def class_names(cfg: DataConfig, num_classes: int, known: list[str] | None) -> list[str] | None:
+    """``data.class_names`` where set (one per class, or one line), else the dataset's own names if it has them."""
+    if cfg.class_names is None:
+        return known if known is not None and len(known) == num_classes else None
+    if len(cfg.class_names) != num_classes:
+        raise ConfigError(
+            f"data.class_names lists {len(cfg.class_names)} names for {num_classes} classes; give one name per class"
+        )
+    return list(cfg.class_names)
 
 
 def _refuse_degenerate(name: str, images: dict[str, torch.Tensor]) -> None:
@@ -505,6 +522,7 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
         image_size=size,
         mean=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[0],
         std=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[1],
+        class_names=class_names(cfg, cfg.num_classes or len(train_all.classes), train_all.classes),
     )
 
 
