@@ -23,6 +23,7 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
@@ -505,7 +506,7 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
     size = image_size_of(cfg)
     to_uint8 = [T.PILToTensor()]  # ImageFolder already converts every image to RGB
     kind = _augment_kind(cfg)
-    resize = [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]  # 256 / centre 224
+    resize = _folder_resize(size)
     train_tf = T.Compose([*to_uint8, *([] if kind == "rrc_flip" else resize), *_augmentations(kind, size)])
     eval_tf = T.Compose([*to_uint8, *resize])
     train_all = ImageFolder(str(root / "train"), transform=train_tf)
@@ -524,6 +525,22 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
         std=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[1],
         class_names=class_names(cfg, cfg.num_classes or len(train_all.classes), train_all.classes),
     )
+
+
+def _folder_resize(size: int) -> list[T.Transform]:
+    """A folder of images' evaluation resize: the shorter side to size / 0.875, then the centre (256 / 224)."""
+    return [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]
+
+
+def image_as_evaluated(image: Image.Image, cfg: DataConfig) -> torch.Tensor:
+    """One image as the run's evaluation split reads its images: uint8 3 x S x S, RGB, S the run's image size.
+    Folders of images (``imagefolder``) are resized and centre-cropped as their evaluation transform does; the
+    in-memory datasets (digits, CIFAR, npz) are resized whole to S x S, as they are when loaded."""
+    rgb = np.array(image.convert("RGB"))  # a grey image becomes three equal channels, as grey data does here
+    size = image_size_of(cfg)
+    if cfg.name == "imagefolder":
+        return T.Compose(_folder_resize(size))(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+    return _to_tensor_images(rgb[None], size)[0]
 
 
 def batch_split(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:
