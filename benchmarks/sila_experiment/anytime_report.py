@@ -337,7 +337,7 @@ def best_field_technique(runs: list[dict[str, Any]]) -> tuple[str | None, str]:
     return best, f"{best}: the largest paired difference in anytime area against {control} ({listed})"
 
 
-TIMINGS = ("train_seconds", "seconds", "environment")  # what a faithful re-run may change
+TIMINGS = ("train_seconds", "seconds", "img_per_s", "environment")  # what a faithful re-run may change
 
 
 def reproduction_checks(reproductions: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
