@@ -42,9 +42,11 @@ setup(
     },
     extras_require={
         # pytest-xdist: the suite runs one worker per core (two on CI), each with one thread (tests/conftest.py)
-        "dev": ["pytest", "pytest-xdist", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML"],
+        "dev": ["pytest", "pytest-xdist", "ruff==0.17.6", "mypy==2.4.1", "types-PyYAML", "tensorboard"],
         # python -m dynsila.export and dynsila.export.OnnxEarlyExitRunner (tested with onnx 1.23.2,
         # onnxruntime 1.32.0, onnxscript 0.7.2); onnxscript is what torch's dynamo ONNX exporter needs
         "deploy": ["onnx", "onnxruntime", "onnxscript"],
+        # TensorBoard event files of every training run (torch.utils.tensorboard needs the package; tested with 2.21.0)
+        "tensorboard": ["tensorboard"],
     },
 )

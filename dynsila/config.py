@@ -10,11 +10,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import importlib.metadata
+import importlib.util
 import re
+import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -50,8 +53,11 @@ class DataConfig:
     val_indices: str | None = None
     # per-channel input normalisation; None: the dataset's usual statistics (a published network's own, e.g.
     # SkipNet's CIFAR std 0.2023 0.1994 0.2010, must be matched for its weights to give its outputs)
+    # (a run's config.yaml holds the values it trained with, so a run reads its own normalisation back)
     mean: list[float] | None = bounded(None)
     std: list[float] | None = bounded(None, 0.0, low_open=True)
+    # one name per class, in label order; None: the dataset's own where known (digits, CIFAR-10, folder names)
+    class_names: list[str] | None = None
     batch_size: int = bounded(64, 1)
     eval_batch_size: int = bounded(256, 1)
     num_workers: int = bounded(0, 0)
@@ -87,6 +93,8 @@ class TrainConfig:
     init_from: str | None = None  # a finished run directory whose deploy weights initialise the model (SP -> HRL)
     log_every: int = bounded(20, 1)  # steps between progress lines
     eval_test_every_epoch: bool = True  # test top-1 per epoch in metrics.jsonl (logged only, never used to select)
+    # TensorBoard event files in runs/<name>/tensorboard (from the metrics.jsonl rows; needs the tensorboard package)
+    tensorboard: bool = True
 
 
 @dataclass
@@ -103,6 +111,7 @@ class TechniqueSection:
     owner: str  # the technique's name
     section: str
     schema: type
+    active: Callable[[Config], bool] | None = field(default=None, compare=False)  # whether a run uses it
 
 
 # every technique's keys, in registration order (the order they appear in config.yaml): filled by the techniques
@@ -149,6 +158,38 @@ def discover_techniques() -> None:
         entry_point.load()
 
 
+def import_technique_file(path: str) -> str:
+    """Import, once, a Python file that registers training techniques (``register_technique``: config keys
+    included); returns its absolute path, which a run's config records so that the run can be rebuilt."""
+    file = Path(path).expanduser().resolve()
+    if file.suffix != ".py" or not file.is_file():
+        raise ConfigError(
+            f"technique file {path} not found or not a .py file; pass a Python file that calls register_technique"
+        )
+    name = f"dynsila_technique_{file.stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return str(file)
+    spec = importlib.util.spec_from_file_location(name, file)
+    assert spec is not None and spec.loader is not None  # a .py file always has a source loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: any failure is reported as one line naming the file
+        del sys.modules[name]
+        raise ConfigError(f"technique file {file} failed to import ({type(e).__name__}: {e}); fix the file") from None
+    return str(file)
+
+
+def import_technique_files(paths: Any) -> list[str]:
+    """The ``techniques:`` key: each file imported (``import_technique_file``), as absolute paths."""
+    if paths is None:
+        return []
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ConfigError(f"config key 'techniques' expects a list of .py file paths, got {paths!r}")
+    return list(dict.fromkeys(import_technique_file(p) for p in paths))
+
+
 def default_settings() -> dict[type, Any]:
     discover_techniques()
     return {s.schema: s.schema() for s in TECHNIQUE_SECTIONS}
@@ -160,6 +201,7 @@ class Config:
     seed: int = bounded(0, 0)
     out_dir: str = "runs"
     resume: bool = False
+    techniques: list[str] = field(default_factory=list)  # Python files that register training techniques
     model: dict[str, Any] = field(default_factory=lambda: {"name": "msdnet"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -198,8 +240,11 @@ S = TypeVar("S")
 # --- loading ------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults), apply ``key.sub=value`` overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), techniques: Sequence[str] = ()
+) -> Config:
+    """Read a YAML config (or start from defaults), apply ``key.sub=value`` overrides, add the ``techniques``
+    files (``--technique``) to the config's own, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -211,6 +256,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
+    if techniques:
+        listed = raw.get("techniques") or []
+        raw["techniques"] = [*listed, *techniques] if isinstance(listed, list) else listed  # a bad value: told below
     return config_from_dict(raw)
 
 
@@ -235,6 +283,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     discover_techniques()
+    raw = {**raw, "techniques": import_technique_files(raw.get("techniques"))}  # before their keys are read
     core, settings = split_technique_keys(raw)
     cfg = _build_dataclass(Config, core, prefix="")
     cfg.settings = settings
@@ -273,7 +322,8 @@ def trained_model_sections(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as YAML reads it: the core sections, each technique's keys in its section."""
+    """The config as YAML reads it: the core sections, and the keys of each technique the run uses (active, or set
+    away from its defaults; a technique left out reads back at its defaults, which is what the run had)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("yaml", True):
@@ -282,7 +332,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             out[f.name] = dataclasses.asdict(value) if is_section else copy.deepcopy(value)
     for entry in sorted(TECHNIQUE_SECTIONS, key=lambda e: e.owner):  # the same text whatever the import order
         value = cfg.settings.get(entry.schema) or entry.schema()
-        out.setdefault(entry.section, {}).update(dataclasses.asdict(value))
+        used = entry.active is not None and entry.schema in cfg.settings and entry.active(cfg)
+        if used or value != entry.schema():
+            out.setdefault(entry.section, {}).update(dataclasses.asdict(value))
     return out
 
 

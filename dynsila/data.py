@@ -23,6 +23,7 @@ from typing import cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2 as T
 
@@ -37,6 +38,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 log = logging.getLogger(__name__)
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100}
+CLASS_NAMES = {
+    "digits": [str(d) for d in range(10)],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}  # the rest: the folders' names (imagefolder), or data.class_names
 DEFAULT_IMAGE_SIZE = {"digits": 32, "cifar10": 32, "cifar100": 32, "npz": 32, "imagefolder": 224}
 DEFAULT_AUGMENT = {
     "digits": "crop",
@@ -56,6 +61,7 @@ class Splits:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: list[str] | None = None  # per label, where known
 
 
 class ArrayDataset(Dataset):
@@ -112,7 +118,19 @@ def build_splits(cfg: DataConfig) -> Splits:
         image_size=size,
         mean=mean,
         std=std,
+        class_names=class_names(cfg, num_classes, CLASS_NAMES.get(cfg.name)),
     )
+
+
+def class_names(cfg: DataConfig, num_classes: int, known: list[str] | None) -> list[str] | None:
+    """``data.class_names`` where set (one per class, or one line), else the dataset's own names if it has them."""
+    if cfg.class_names is None:
+        return known if known is not None and len(known) == num_classes else None
+    if len(cfg.class_names) != num_classes:
+        raise ConfigError(
+            f"data.class_names lists {len(cfg.class_names)} names for {num_classes} classes; give one name per class"
+        )
+    return list(cfg.class_names)
 
 
 def _refuse_degenerate(name: str, images: dict[str, torch.Tensor]) -> None:
@@ -488,7 +506,7 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
     size = image_size_of(cfg)
     to_uint8 = [T.PILToTensor()]  # ImageFolder already converts every image to RGB
     kind = _augment_kind(cfg)
-    resize = [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]  # 256 / centre 224
+    resize = _folder_resize(size)
     train_tf = T.Compose([*to_uint8, *([] if kind == "rrc_flip" else resize), *_augmentations(kind, size)])
     eval_tf = T.Compose([*to_uint8, *resize])
     train_all = ImageFolder(str(root / "train"), transform=train_tf)
@@ -505,7 +523,24 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
         image_size=size,
         mean=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[0],
         std=_configured_stats(cfg, IMAGENET_MEAN, IMAGENET_STD)[1],
+        class_names=class_names(cfg, cfg.num_classes or len(train_all.classes), train_all.classes),
     )
+
+
+def _folder_resize(size: int) -> list[T.Transform]:
+    """A folder of images' evaluation resize: the shorter side to size / 0.875, then the centre (256 / 224)."""
+    return [T.Resize(int(round(size / 0.875)), antialias=True), T.CenterCrop(size)]
+
+
+def image_as_evaluated(image: Image.Image, cfg: DataConfig) -> torch.Tensor:
+    """One image as the run's evaluation split reads its images: uint8 3 x S x S, RGB, S the run's image size.
+    Folders of images (``imagefolder``) are resized and centre-cropped as their evaluation transform does; the
+    in-memory datasets (digits, CIFAR, npz) are resized whole to S x S, as they are when loaded."""
+    rgb = np.array(image.convert("RGB"))  # a grey image becomes three equal channels, as grey data does here
+    size = image_size_of(cfg)
+    if cfg.name == "imagefolder":
+        return T.Compose(_folder_resize(size))(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+    return _to_tensor_images(rgb[None], size)[0]
 
 
 def batch_split(global_batch: int, micro: int, world_size: int) -> tuple[int, int]:

@@ -56,4 +56,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_config):
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
     # only rank 0 wrote and printed
     assert two.stdout.count("deploy weights") == 1
+    assert len(list((runs / "ddp2" / "tensorboard").glob("events.out.tfevents.*"))) == 1  # rank 0's events only
     assert len(load_checkpoint(runs / "ddp2" / "last.pt")["rng"]) == 2  # each rank's RNG state is kept

@@ -123,7 +123,7 @@ class Outcome:
         evaluation = json.loads((run_dir / "eval.json").read_text())
         evaluation.pop("run_dir")
         return cls(
-            [{k: v for k, v in r.items() if k != "seconds"} for r in rows],
+            [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows],
             evaluation,
             load_checkpoint(run_dir / "last.pt")["model"],
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dynsila import models
 from dynsila.budget.flops import gated_costs
@@ -12,6 +14,7 @@ from dynsila.data import ArrayDataset, make_loader
 from dynsila.deploy.gated_runner import GatedRunner, threshold_for_budget
 from dynsila.evaluation.evaluate import gated_pass
 from dynsila.infer import main as infer_main
+from dynsila.predict import main as predict_main
 from dynsila.training.train import train
 from tests.conftest import randomise_batchnorm
 
@@ -62,7 +65,7 @@ def test_the_fitted_threshold_keeps_the_budget_and_runs_the_most_it_allows():
         GatedRunner(models.build("msdnet", num_classes=10, n_blocks=2, n_channels=4, growth_rate=4), 0.5, costs)
 
 
-def test_infer_accepts_a_skipnet_run(tiny_config, capsys):
+def test_infer_and_predict_accept_a_skipnet_run(tiny_config, capsys, tmp_path):
     section = {"name": "skipnet", "depth": 20, "gate": "ffgate2", "stem": "cifar"}
     run = train(load_config(tiny_config("skip_infer", model=section, sila={"enabled": False}), ["data.image_size=16"]))
     capsys.readouterr()
@@ -73,6 +76,18 @@ def test_infer_accepts_a_skipnet_run(tiny_config, capsys):
     assert "fitted on val" in capsys.readouterr().out
     assert infer_main([str(run.run_dir), "--q", "1.0"]) == 2
     assert "--gate-threshold" in capsys.readouterr().err
+
+    # python -m dynsila.predict on image files: one exit, the gated runner's prediction and MACs
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "p.csv"
+    assert predict_main([str(run.run_dir), str(folder), "--gate-threshold", "0.5", "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(r.split(",")[4] == "1" and 0 < float(r.split(",")[3]) <= 1 for r in rows)
+    assert predict_main([str(run.run_dir), str(folder), "--q", "1.0", "--out", str(tmp_path / "q.csv")]) == 2
+    assert "--gate-threshold" in capsys.readouterr().err and not (tmp_path / "q.csv").exists()
 
 
 @pytest.mark.parametrize("depth", [38, 50])  # basic blocks (CIFAR), bottlenecks (ImageNet)

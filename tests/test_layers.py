@@ -37,6 +37,8 @@ LAYERS: list[list[str]] = [
         "dynsila.export",
         "dynsila.flops",
         "dynsila.convert",
+        "dynsila.predict",
+        "dynsila.plot",
     ],
 ]
 

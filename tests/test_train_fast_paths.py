@@ -23,7 +23,7 @@ RUN_SLOW = os.environ.get("DYNSILA_SLOW") == "1"
 
 def rows_of(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "img_per_s")} for row in rows]
 
 
 # --- statistics and the non-finite check on the device --------------------------------------------------------

@@ -20,7 +20,7 @@ from benchmarks.sila_experiment.paired_stats import holm, paired, pairs_for_widt
 from benchmarks.sila_experiment.plan import Family, Selection
 
 Runs = dict[str, dict[int, dict[str, Any]]]  # arm -> seed -> run file
-TIMINGS = ("train_seconds", "seconds", "environment")  # what a faithful re-run may change
+TIMINGS = ("train_seconds", "seconds", "img_per_s", "environment")  # what a faithful re-run may change
 PROVENANCE = ("code", "admission", "fingerprint")  # where and from which revision: a bridge compares without them
 
 

@@ -34,6 +34,7 @@ from dynsila.deploy.runner import EarlyExitRunner, raise_primitive_cache
 from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits
 from dynsila.models import MultiExitNetwork
+from dynsila.policies.table import DEFAULT
 from dynsila.runs.rundir import input_shape, load_deploy_model
 
 
@@ -124,6 +125,38 @@ def _print_summary(
         print(f"{k + 1:>4}  {t:>9}  {count:>7}  {count / seen:>5.2f}  {costs[k] / 1e6:>18.2f}M  {lazy[k] / 1e6:>8.2f}M")
 
 
+def fitted_runner(
+    model: MultiExitNetwork, cfg: Config, splits: Splits, args: argparse.Namespace
+) -> tuple[EarlyExitRunner, torch.Tensor, list[int], list[int]]:
+    """The early-exit runner on ``args.device`` fitted on the run's validation split for ``args.q``, ``args.budget``
+    or ``args.epsilon``: the quota thresholds (``args.criterion``), or ``args.policy`` with its parameters; with the
+    thresholds, the costs as evaluated and the lazy costs."""
+    counted = exit_costs(model, input_shape(cfg))
+    costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
+    model.to(args.device)
+    val = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
+    if getattr(args, "policy", DEFAULT) == DEFAULT and getattr(args, "epsilon", None) is None:
+        thresholds = _fit(args, val[0], costs)
+        return EarlyExitRunner(model, thresholds, args.criterion, costs=costs), thresholds, costs, lazy
+    spec = fit_policy(args, *val, costs)
+    print(describe(spec))
+    runner = EarlyExitRunner(model, None, costs=costs, policy=spec)
+    return runner, runner.thresholds, costs, lazy
+
+
+def gated_runner(model: MultiExitNetwork, cfg: Config, splits: Splits, args: argparse.Namespace) -> GatedRunner:
+    """A gated network's runner on ``args.device`` at ``args.gate_threshold``, or at the threshold fitted on the
+    validation split for ``args.budget``."""
+    runner = GatedRunner(model.to(args.device), 0.5, gated_costs(model, input_shape(cfg)))
+    threshold = args.gate_threshold
+    if threshold is None:
+        val = [normalize(x.to(args.device), splits.mean, splits.std) for x, _ in make_loader(splits.val, 256, False)]
+        threshold = threshold_for_budget(runner, val, args.budget)
+        print(f"gate threshold {threshold:.4f} fitted on val for at most {args.budget / 1e6:.2f}M MACs on average")
+    runner.set_threshold(threshold)
+    return runner
+
+
 def _load(run_dir: Path) -> tuple[MultiExitNetwork, Config, Splits]:
     model, cfg = load_deploy_model(run_dir)
     return model, cfg, build_splits(cfg.data)
@@ -142,14 +175,8 @@ def _run_gated(model: MultiExitNetwork, cfg: Config, splits: Splits, args: argpa
             f"{args.run_dir} holds a gated network (one exit, gates): --q sets exit thresholds; pass --budget MACS "
             "or --gate-threshold T"
         )
-    costs = gated_costs(model, input_shape(cfg))
-    runner = GatedRunner(model.to(args.device), 0.5, costs)
-    threshold = args.gate_threshold
-    if threshold is None:
-        val = [normalize(x.to(args.device), splits.mean, splits.std) for x, _ in make_loader(splits.val, 256, False)]
-        threshold = threshold_for_budget(runner, val, args.budget)
-        print(f"gate threshold {threshold:.4f} fitted on val for at most {args.budget / 1e6:.2f}M MACs on average")
-    runner.set_threshold(threshold)
+    runner = gated_runner(model, cfg, splits, args)
+    threshold, costs = runner.body.threshold, runner.costs
     dataset = splits.test if args.split == "test" else splits.val
     hits = seen = 0
     spent, seconds, executed = 0.0, 0.0, 0.0
@@ -177,18 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.gate_threshold is not None:
             raise DynsilaError(f"{args.run_dir} holds a multi-exit network without gates: pass --q or --budget")
-        counted = exit_costs(model, input_shape(cfg))
-        costs, lazy = [c.macs_cumulative for c in counted], [c.macs_lazy for c in counted]
-        model.to(args.device)
-        val = collect_logits(model, make_loader(splits.val, 256, False), splits.mean, splits.std, args.device)
-        if args.policy == "quotas" and args.epsilon is None:
-            thresholds = _fit(args, val[0], costs)
-            runner = EarlyExitRunner(model, thresholds, args.criterion, costs=costs)
-        else:
-            spec = fit_policy(args, *val, costs)
-            print(describe(spec))
-            runner = EarlyExitRunner(model, None, costs=costs, policy=spec)
-            thresholds = runner.thresholds
+        runner, thresholds, costs, lazy = fitted_runner(model, cfg, splits, args)
         _print_summary(cfg.name, args, _run(runner, splits, args, lazy), thresholds, costs, lazy)
     except USER_ERRORS as e:
         return fail(e)

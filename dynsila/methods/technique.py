@@ -131,7 +131,8 @@ def register_technique(technique: Technique) -> Technique:
     if any(t.name == technique.name for t in _TABLE) or not technique.name:
         raise ValueError(f"a training technique named {technique.name!r} is registered already (or has no name)")
     if technique.settings is not None:
-        register_section(TechniqueSection(technique.name, technique.section or technique.name, technique.settings))
+        section = technique.section or technique.name
+        register_section(TechniqueSection(technique.name, section, technique.settings, technique.active))
     _TABLE.append(technique)
     TECHNIQUES[:] = sorted(_TABLE, key=lambda t: t.order)  # stable: equal orders keep registration order
     return technique

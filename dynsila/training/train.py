@@ -44,6 +44,7 @@ from dynsila.runs import rundir
 from dynsila.runs.rundir import BEST, CONFIG, DEPLOY, LAST
 from dynsila.runs.runlock import refuse_existing_run, run_lock
 from dynsila.runtime import autocast_dtype, rng_state, seed_everything
+from dynsila.training.events import EventLog, open_event_log
 
 log = logging.getLogger("dynsila.train")  # not __name__: that is "__main__" under python -m dynsila.train
 StepStatistics = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]
@@ -98,6 +99,7 @@ class Run:
     test_loader: DataLoader
     device_batches: DeviceBatches | None  # data.on_device: the training set on the device
     compute: Callable[..., StepStatistics]  # forward_and_statistics, compiled when train.compile is on
+    events: EventLog | None = None  # TensorBoard (rank 0, train.tensorboard, the package installed)
 
     @property
     def device(self) -> torch.device:
@@ -134,9 +136,15 @@ def train_locked(run: Run) -> TrainResult:
     if ctx.is_main:
         ckpt.atomic_write_text(cfg.run_dir / CONFIG, config_to_yaml(run.cfg))
     run.say(describe(run))
+    if ctx.is_main and cfg.train.tensorboard:
+        run.events = open_event_log(cfg.run_dir, state.metrics)
     clock = Clock(run.steps_per_epoch * (cfg.train.epochs - state.epoch))
-    for epoch in range(state.epoch, cfg.train.epochs):
-        end_of_epoch(run, state, epoch, train_one_epoch(run, epoch, clock))
+    try:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            end_of_epoch(run, state, epoch, train_one_epoch(run, epoch, clock))
+    finally:
+        if run.events is not None:
+            run.events.close()
     if not ctx.is_main:
         distributed.barrier(ctx)
         return TrainResult(cfg.run_dir, state.best_epoch, [], [], [], [c.run_dir for _, c in run.configs])
@@ -172,6 +180,8 @@ def build_run(cfg: Config, ctx: distributed.Context, resuming: bool) -> Run:
     seed_everything(cfg.seed)  # identical initial weights on every rank
     splits = build_splits(cfg.data)
     cfg.data.num_classes, cfg.data.image_size = splits.num_classes, splits.image_size  # config rebuilds the model
+    cfg.data.mean, cfg.data.std = list(splits.mean), list(splits.std)  # and reads inputs as the run did
+    cfg.data.class_names = splits.class_names
     configs, nets = rundir.build_networks(cfg, splits.num_classes, resuming)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     networks, forward = place(nets, cfg.train.sync_bn, memory_format, ctx)
@@ -338,6 +348,7 @@ def end_of_epoch(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
     assert sums.totals is not None  # an epoch has at least one step
     totals = distributed.sum_across_ranks(torch.cat([sums.totals.new_full((1,), sums.seen), sums.totals]), ctx)
     seen, *values = totals.tolist()
+    images_per_second = seen / (time.perf_counter() - sums.start)  # training only: before the evaluation
     means = dict(zip(sums.names, (v / seen for v in values), strict=True))
     hits = [distributed.sum_across_ranks(h, ctx) for h in sums.hits]
     rng_states = distributed.gather_objects(rng_state(), ctx)
@@ -346,7 +357,7 @@ def end_of_epoch(run: Run, state: TrainState, epoch: int, sums: EpochSums) -> No
         try:
             accuracy = evaluate(run, [h / seen * 100 for h in hits])
             row = {"epoch": epoch + 1, **means, "lr": sums.lr, **dataclasses.asdict(accuracy[0])}
-            row["seconds"] = time.perf_counter() - sums.start
+            row["seconds"], row["img_per_s"] = time.perf_counter() - sums.start, images_per_second
             if len(accuracy) > 1:
                 row["networks"] = [dataclasses.asdict(a) for a in accuracy]
             improved = record_epoch(run, state, row, accuracy, rng_states)
@@ -388,6 +399,8 @@ def record_epoch(
     # best.pt before last.pt: a kill between the two then leaves last.pt one epoch behind (that epoch reruns and
     # rewrites best.pt identically), never a last.pt whose best_epoch names weights best.pt does not hold
     rundir.write_metrics(run.cfg.run_dir, state.metrics)
+    if run.events is not None:
+        run.events.write(row)
     if improved:
         ckpt.save_checkpoint(run.cfg.run_dir / BEST, checkpoint)
     ckpt.save_checkpoint(run.cfg.run_dir / LAST, checkpoint)
@@ -426,10 +439,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML config, e.g. configs/msdnet_sila.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.batch_size=32")
     parser.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    args = parser.parse_args(argv)
+    parser.add_argument("--technique", action="append", default=[], metavar="FILE.py",
+                        help="a Python file that registers a training technique (repeatable); its keys can then be "
+                        "set like any other; the run's config.yaml records the file")  # fmt: skip
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --technique FILE
     with log_lines_to(sys.stdout):  # the library's log records, printed as plain lines
         try:
-            train(load_config(args.config, args.overrides), force=args.force)
+            train(load_config(args.config, args.overrides, args.technique), force=args.force)
         except USER_ERRORS as e:
             return fail(e)
     return 0
