@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dynsila.config import load_config
-from dynsila.training.events import EVENTS_DIR, open_event_log, scalars
+from dynsila.runs.events import EVENTS_DIR, open_event_log, scalars
 from dynsila.training.train import train
 
 

@@ -41,10 +41,10 @@ from dynsila.methods.technique import TECHNIQUES, Networks, Step, deploy_network
 from dynsila.optim import build_optimizer, learning_rate
 from dynsila.runs import checkpoint as ckpt
 from dynsila.runs import rundir
+from dynsila.runs.events import EventLog, open_event_log
 from dynsila.runs.rundir import BEST, CONFIG, DEPLOY, LAST
 from dynsila.runs.runlock import refuse_existing_run, run_lock
 from dynsila.runtime import autocast_dtype, rng_state, seed_everything
-from dynsila.training.events import EventLog, open_event_log
 
 log = logging.getLogger("dynsila.train")  # not __name__: that is "__main__" under python -m dynsila.train
 StepStatistics = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], list[torch.Tensor]]
