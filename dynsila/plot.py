@@ -64,7 +64,9 @@ def draw(runs: list[RunCurves]) -> Any:
             draw_costs(macs_ax, run.report, run.name, colour)
     loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss (sum of the terms)")
     val_ax.set(title="validation top-1 per exit", xlabel="epoch", ylabel="top-1 (%)")
-    macs_ax.set(title="test top-1 against MACs (eval.json)", xlabel="MACs per image", ylabel="top-1 (%)")
+    conventions = sorted({r.report.macs_convention for r in runs if r.report is not None})
+    counted = f" (budgeted: {' / '.join(conventions)} convention)" if conventions else ""
+    macs_ax.set(title="test top-1 against MACs (eval.json)", xlabel=f"MACs per image{counted}", ylabel="top-1 (%)")
     if not any(r.report for r in runs):
         macs_ax.text(0.5, 0.5, "no eval.json: run python -m dynsila.evaluate", ha="center", transform=macs_ax.transAxes)
     for ax in (loss_ax, val_ax):

@@ -8,7 +8,7 @@ import shutil
 from PIL import Image
 
 from dynsila.config import load_config
-from dynsila.plot import main, run_curves
+from dynsila.plot import draw, main, run_curves
 from dynsila.runs.rundir import read_metrics
 from dynsila.training.train import train
 
@@ -24,6 +24,8 @@ def test_plot_draws_runs_with_and_without_eval_json(tiny_config, tmp_path, capsy
     assert curves.epochs == [1, 2] and curves.loss == [r["loss"] for r in rows] and len(curves.val_top1[0]) == 3
     assert curves.report is not None and len(curves.report.exits) == 3 and run_curves(unevaluated).report is None
 
+    figure = draw([curves])  # the axis says which MACs convention eval.json's budgeted curve was counted in
+    assert figure.axes[2].get_xlabel() == "MACs per image (budgeted: paper convention)"
     out = tmp_path / "curves.png"
     assert main([str(run), str(unevaluated), "--out", str(out)]) == 0
     with Image.open(out) as image:
