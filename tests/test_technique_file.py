@@ -19,9 +19,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_technique() -> str:
-    """The README's python block after 'Your own technique is one file.'"""
+    """The README's python block after "Your own technique is one file"."""
     text = README.read_text()
-    after = text[text.index("**Your own technique is one file.**") :]
+    after = text[text.index("**Your own technique is one file") :]
     found = re.search(r"```python\n(.*?)```", after, re.S)
     assert found is not None, "the README's technique snippet is gone"
     return found.group(1)
