@@ -179,7 +179,7 @@ def test_every_numeric_key_has_a_range():
     cfg = load_config(None)
     for key, f in keys.items():
         section, _, name = key.rpartition(".")
-        value = config_to_dict(cfg)[section][name] if section else getattr(cfg, name)
+        value = config_to_dict(cfg, every_section=True)[section][name] if section else getattr(cfg, name)
         check_range(value, f.metadata["range"], key)
 
 

@@ -115,6 +115,7 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     ctx = distributed.setup(cfg.train.device)
     try:
         refuse_existing_run(cfg.run_dir, cfg.resume, force)  # before the data loads: the common mistake, told at once
+        rundir.refuse_changed_resume(cfg)
         distributed.barrier(ctx)  # every rank has looked before rank 0 writes anything
         run = build_run(cfg, ctx, cfg.resume and (cfg.run_dir / LAST).exists())
         with contextlib.ExitStack() as held:
@@ -419,12 +420,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.batch_size=32")
     parser.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     args = parser.parse_args(argv)
+    cfg = None
     with log_lines_to(sys.stdout):  # the library's log records, printed as plain lines
         try:
-            train(load_config(args.config, args.overrides), force=args.force)
+            cfg = load_config(args.config, args.overrides)
+            train(cfg, force=args.force)
         except USER_ERRORS as e:
             return fail(e)
+        except KeyboardInterrupt:
+            print(rundir.interrupted_line(cfg, args.config, args.overrides), file=sys.stderr)
+            return EXIT_INTERRUPTED
     return 0
+
+
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
 if __name__ == "__main__":
