@@ -95,4 +95,6 @@ def one_line(error: BaseException) -> str:
         text = f"{error.strerror or error}{where}; check the path, its permissions and the free disk space"
     else:
         text = str(error)
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: the worker's own last line is the error
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
     return " ".join(text.split())

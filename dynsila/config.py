@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import importlib.metadata
 import importlib.util
+import logging
 import re
 import sys
 import types
@@ -27,6 +28,8 @@ import yaml
 
 from dynsila import models
 from dynsila.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def bounded(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False) -> Any:
@@ -252,7 +255,12 @@ def load_config(
             raise ConfigError(
                 f"config file {path} not found; pass the path of a YAML file such as configs/msdnet_sila.yaml"
             )
-        raw = parse_yaml(path.read_text(), str(path))
+        text = path.read_text()
+        if not text.strip():
+            raise ConfigError(
+                f"config file {path} is empty; copy a preset such as configs/msdnet_sila.yaml and edit it"
+            )
+        raw = parse_yaml(text, str(path))
         raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
@@ -281,9 +289,13 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[leaf] = value
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
+def config_from_dict(raw: dict[str, Any], recorded: bool = False) -> Config:
+    """A validated config from a raw mapping. ``recorded``: the mapping is a run's own record (its config.yaml, a
+    deploy file's metadata), where a section of a technique no longer installed is tolerated when disabled."""
     discover_techniques()
     raw = {**raw, "techniques": import_technique_files(raw.get("techniques"))}  # before their keys are read
+    if recorded:
+        raw = drop_uninstalled_sections(raw)
     core, settings = split_technique_keys(raw)
     cfg = _build_dataclass(Config, core, prefix="")
     cfg.settings = settings
@@ -295,6 +307,25 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             check(cfg)
     _check_exit_weights(cfg)
     return cfg
+
+
+def drop_uninstalled_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` without the sections of techniques that are not installed, when the run did not use them (their
+    ``enabled`` is false or absent), each with a logged warning; one line when the run used one."""
+    known = {f.name for f in dataclasses.fields(Config)} | set(technique_sections())
+    kept = {}
+    for key, value in raw.items():
+        if key in known or not isinstance(value, dict):
+            kept[key] = value
+        elif value.get("enabled", False) is not False:
+            raise ConfigError(
+                f"the run used technique section '{key}' (enabled: true), but no installed package registers it "
+                f"(entry points '{ENTRY_POINTS}'); install the package that provides technique '{key}'"
+            )
+        else:
+            log.warning("config section '%s' belongs to a technique that is not installed; the run did not use it, "
+                        "so it is ignored", key)  # fmt: skip
+    return kept
 
 
 def split_technique_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[type, Any]]:
@@ -321,9 +352,11 @@ def trained_model_sections(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     return [("model", cfg.model)]
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
+def config_to_dict(cfg: Config, every_section: bool = False) -> dict[str, Any]:
     """The config as YAML reads it: the core sections, and the keys of each technique the run uses (active, or set
-    away from its defaults; a technique left out reads back at its defaults, which is what the run had)."""
+    away from its defaults). A technique the run does not use is left out unless ``every_section``: a run's
+    config.yaml then names only what it used (read back, it is at its defaults, which is what the run had), and
+    stays loadable when an unused technique's package is gone."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("yaml", True):
@@ -333,7 +366,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     for entry in sorted(TECHNIQUE_SECTIONS, key=lambda e: e.owner):  # the same text whatever the import order
         value = cfg.settings.get(entry.schema) or entry.schema()
         used = entry.active is not None and entry.schema in cfg.settings and entry.active(cfg)
-        if used or value != entry.schema():
+        if every_section or used or value != entry.schema():
             out.setdefault(entry.section, {}).update(dataclasses.asdict(value))
     return out
 
@@ -344,14 +377,37 @@ def config_to_yaml(cfg: Config) -> str:
 
 def config_from_yaml(text: str, source: str = "the config") -> Config:
     """A config from YAML text we may not have written (a run's config.yaml, a deploy file's metadata): parsed
-    and validated exactly as a config file is, so a tampered name, key or value stops with one line."""
-    return config_from_dict(parse_yaml(text, source))
+    and validated exactly as a config file is, so a tampered name, key or value stops with one line. A section of
+    a technique that is not installed is ignored (with a warning) when the run did not use it."""
+    return config_from_dict(parse_yaml(text, source), recorded=True)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # ``<<: *anchor`` merges are YAML's own way of repeating keys; keys are scalars here
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKeyError(f"key '{key}' appears twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
     """``yaml.safe_load`` of a config's text (empty: {}); one line when it is not YAML or not a mapping."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader that refuses repeated keys)
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{source}: {e}; keep one of them (a second one would silently win)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):

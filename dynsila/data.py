@@ -18,7 +18,7 @@ import pickle
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -96,17 +96,14 @@ def build_splits(cfg: DataConfig) -> Splits:
     if cfg.name == "imagefolder":
         return _imagefolder_splits(cfg)
     loaders = {"digits": _load_digits, "cifar10": _load_cifar10, "cifar100": _load_cifar100, "npz": _load_npz}
-    arrays = _with_validation(loaders[cfg.name](cfg), cfg)
+    loaded = loaders[cfg.name](cfg)
+    num_classes = num_classes_of(cfg) or int(max(int(y.max()) for _, y in loaded.values() if len(y)) + 1)
+    for check in SPLIT_CHECKS:  # every loader's arrays pass the same checks, before anything is resized
+        check(cfg.name, loaded, num_classes)
+    arrays = _with_validation(loaded, cfg)
     size = image_size_of(cfg)
     images = {k: _to_tensor_images(x, size) for k, (x, _) in arrays.items()}
     labels = {k: torch.as_tensor(y, dtype=torch.int64) for k, (_, y) in arrays.items()}
-    num_classes = num_classes_of(cfg) or int(max(int(v.max()) for v in labels.values() if len(v)) + 1)
-    for split, lab in labels.items():
-        if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
-            raise DataError(
-                f"{cfg.name}: {split} labels span {int(lab.min())}..{int(lab.max())} but the data "
-                f"has {num_classes} classes; fix the labels or set data.num_classes"
-            )
     _refuse_degenerate(cfg.name, images)
     mean, std = _configured_stats(cfg, *_stats(cfg.name, images["train"]))
     augment = _train_transform(cfg, size)
@@ -131,6 +128,55 @@ def class_names(cfg: DataConfig, num_classes: int, known: list[str] | None) -> l
             f"data.class_names lists {len(cfg.class_names)} names for {num_classes} classes; give one name per class"
         )
     return list(cfg.class_names)
+
+
+def _labels_in_range(name: str, arrays: Arrays, num_classes: int) -> None:
+    """Labels are class indices 0..num_classes-1."""
+    for split, (_, y) in arrays.items():
+        if len(y) and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(
+                f"{name}: {split} labels span {int(y.min())}..{int(y.max())} but the data has {num_classes} "
+                "classes; fix the labels or set data.num_classes"
+            )
+
+
+def _same_image_shape(name: str, arrays: Arrays, num_classes: int) -> None:
+    """Every split's images have the train split's height, width and channels (a mismatch would be resized to
+    data.image_size silently, training and testing on different images)."""
+    shape = arrays["train"][0].shape[1:]
+    for split, (x, _) in arrays.items():
+        if x.shape[1:] != shape:
+            raise DataError(
+                f"{name}: x_{split} images are {'x'.join(map(str, x.shape[1:]))} but x_train's are "
+                f"{'x'.join(map(str, shape))}; store every split at one image size and channel count"
+            )
+
+
+def _two_classes(name: str, arrays: Arrays, num_classes: int) -> None:
+    """A classifier needs at least two classes to learn (one class is 100 % correct by construction)."""
+    classes = np.unique(arrays["train"][1])
+    if len(classes) < 2:
+        raise DataError(
+            f"{name}: the training labels hold {len(classes)} class ({classes.tolist()}); a classifier needs at "
+            "least 2, so check the labels or the file"
+        )
+
+
+def _evaluated_classes_are_trained(name: str, arrays: Arrays, num_classes: int) -> None:
+    """Validation and test labels name classes the training split has (an unseen class is scored as wrong for
+    every image, without a word)."""
+    trained = set(np.unique(arrays["train"][1]).tolist())
+    for split, (_, y) in arrays.items():
+        unseen = sorted(set(np.unique(y).tolist()) - trained)
+        if unseen:
+            shown = ", ".join(map(str, unseen[:5])) + (", ..." if len(unseen) > 5 else "")
+            raise DataError(
+                f"{name}: y_{split} has {len(unseen)} class(es) the training labels never hold ({shown}); "
+                "evaluate on the training classes only, or add training images of them"
+            )
+
+
+SPLIT_CHECKS = (_labels_in_range, _same_image_shape, _two_classes, _evaluated_classes_are_trained)
 
 
 def _refuse_degenerate(name: str, images: dict[str, torch.Tensor]) -> None:
@@ -493,6 +539,17 @@ def _log_npz_roles(path: Path, splits: Arrays, val_size: float, unused: list[str
         log.info("%s: arrays not used: %s", path, ", ".join(unused))
 
 
+def read_image_file(path: str) -> Any:
+    """An image folder's file as an RGB PIL image; one line naming the file when it cannot be decoded (a corrupt or
+    truncated JPEG), rather than PIL's message without a file name, deep inside the training loop."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path} is not a readable image ({str(e)[:120]}); replace or remove the file") from None
+
+
 def _imagefolder_splits(cfg: DataConfig) -> Splits:
     from torchvision.datasets import ImageFolder
 
@@ -509,9 +566,9 @@ def _imagefolder_splits(cfg: DataConfig) -> Splits:
     resize = _folder_resize(size)
     train_tf = T.Compose([*to_uint8, *([] if kind == "rrc_flip" else resize), *_augmentations(kind, size)])
     eval_tf = T.Compose([*to_uint8, *resize])
-    train_all = ImageFolder(str(root / "train"), transform=train_tf)
-    val_all = ImageFolder(str(root / "train"), transform=eval_tf)
-    test = ImageFolder(str(root / "val"), transform=eval_tf)
+    train_all = ImageFolder(str(root / "train"), transform=train_tf, loader=read_image_file)
+    val_all = ImageFolder(str(root / "train"), transform=eval_tf, loader=read_image_file)
+    test = ImageFolder(str(root / "val"), transform=eval_tf, loader=read_image_file)
     if test.classes != train_all.classes:
         raise DataError(f"{root}/val has classes {test.classes[:5]}... unlike train's; use the same class folders")
     train_idx, val_idx = validation_holdout(len(train_all), cfg)

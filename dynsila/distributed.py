@@ -7,6 +7,7 @@ run is a single process and none of this does anything.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,15 +37,52 @@ def setup(device_name: str) -> Context:
     use_cuda = device_name != "cpu" and torch.cuda.is_available()
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    launcher = launcher_environment(os.environ)
+    if launcher is None or launcher["WORLD_SIZE"] == 1:  # no torchrun, or torchrun with one process: no group
         return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launcher["LOCAL_RANK"]
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Context(dist.get_rank(), dist.get_world_size(), device)
+
+
+LAUNCHER_HINT = "launch with torchrun --nproc_per_node N -m dynsila.train CONFIG, or unset the variables"
+
+
+def launcher_environment(env: Mapping[str, str]) -> dict[str, int] | None:
+    """torchrun's variables, checked before any process group is made (a wrong one hangs or fails deep inside
+    torch.distributed): None without RANK and WORLD_SIZE; else their values, or one line naming the variable."""
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    values = {name: _whole_number(env, name, low) for name, low in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0))}
+    world, rank = values["WORLD_SIZE"], values["RANK"]
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is outside 0..{world - 1} for WORLD_SIZE={world}; {LAUNCHER_HINT}")
+    if world > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not env.get(name, "").strip():
+                raise ConfigError(f"WORLD_SIZE={world} but {name} is not set; {LAUNCHER_HINT}")
+        port = _whole_number(env, "MASTER_PORT", 1)
+        if port > 65535:
+            raise ConfigError(f"MASTER_PORT={port} is not a port (1..65535); {LAUNCHER_HINT}")
+    return values
+
+
+def _whole_number(env: Mapping[str, str], name: str, low: int) -> int:
+    text = env.get(name, "0" if name == "LOCAL_RANK" else None)
+    if text is None:
+        other = "WORLD_SIZE" if name == "RANK" else "RANK"
+        raise ConfigError(f"{other} is set but {name} is not; {LAUNCHER_HINT}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not a whole number; {LAUNCHER_HINT}") from None
+    if value < low:
+        raise ConfigError(f"{name}={value} must be at least {low}; {LAUNCHER_HINT}")
+    return value
 
 
 def cleanup(ctx: Context) -> None:

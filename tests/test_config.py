@@ -182,7 +182,7 @@ def test_every_numeric_key_has_a_range():
         full.setdefault(entry.section, {}).update(dataclasses.asdict(cfg.section(entry.schema)))
     for key, f in keys.items():
         section, _, name = key.rpartition(".")
-        value = full[section][name] if section else getattr(cfg, name)
+        value = config_to_dict(cfg, every_section=True)[section][name] if section else getattr(cfg, name)
         check_range(value, f.metadata["range"], key)
 
 

@@ -58,10 +58,11 @@ def test_cifar100_pickle_folder(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)
+    labels = list(rng.integers(0, 100, 30))
     for name, n in (("train", 30), ("test", 12)):
         batch = {
             "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            "fine_labels": list(rng.integers(0, 100, n)),
+            "fine_labels": labels[:n],  # test labels among the training classes (an unseen one is refused)
             "coarse_labels": [0] * n,
         }
         (folder / name).write_bytes(pickle.dumps(batch))

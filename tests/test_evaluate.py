@@ -14,7 +14,7 @@ from dynsila.budget.thresholds import (
     thresholds_for_budget,
 )
 from dynsila.evaluation.evaluate import main, read_report, topk_accuracy
-from dynsila.training.train import main as train_main
+from dynsila.train import main as train_main
 
 
 def logits_with_confidence(confidence: np.ndarray, predictions: np.ndarray, num_classes: int = 4) -> torch.Tensor:

@@ -28,7 +28,7 @@ from dynsila.errors import DynsilaError
 from dynsila.evaluation.evaluate import collect_logits
 from dynsila.models import MultiExitNetwork
 from dynsila.runs.rundir import load_deploy_model
-from dynsila.training.train import main as train_main
+from dynsila.train import main as train_main
 from tests.conftest import deploy_installed
 
 REPO = Path(__file__).resolve().parents[1]

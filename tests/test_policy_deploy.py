@@ -21,7 +21,7 @@ from dynsila.evaluation.report import json_safe
 from dynsila.policies.base import apply_one
 from dynsila.policies.sweep import quota_budgets
 from dynsila.policies.table import POLICIES, make_policy
-from dynsila.training.train import main as train_main
+from dynsila.train import main as train_main
 from tests.conftest import deploy_installed, load_benchmark, randomise_batchnorm
 
 needs_deploy = pytest.mark.skipif(not deploy_installed(), reason='needs pip install -e ".[deploy]"')

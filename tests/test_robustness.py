@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from dynsila import models
@@ -18,7 +19,8 @@ from dynsila.errors import CheckpointError, ConfigError
 from dynsila.runs import checkpoint as ckpt
 from dynsila.runs import rundir as rundir_module
 from dynsila.runs.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from dynsila.training.train import main, train
+from dynsila.train import main
+from dynsila.training.train import train
 
 
 def run_cli(*args: str) -> subprocess.Popen:
@@ -123,9 +125,21 @@ def test_checkpoint_of_another_architecture_names_keys(tiny_config, capsys):
     path = tiny_config()
     assert main([str(path)]) == 0
     capsys.readouterr()
-    assert main([str(path), "resume=true", "train.epochs=2", "model.growth_rate=6"]) == 2
+    change = ["resume=true", "train.epochs=2", "model.growth_rate=6"]
+    assert main([str(path), *change]) == 2  # refused before any weight is read: the record of the run differs
+    err = capsys.readouterr().err
+    assert "would change model.growth_rate from 4" in err and err.count("\n") == 1
+    record_as_begun(path.parent / "runs" / "tiny", "model", growth_rate=6)  # a config.yaml edited by hand
+    assert main([str(path), *change]) == 2
     err = capsys.readouterr().err
     assert "another architecture" in err and "shape differs" in err and "stages." in err and err.count("\n") == 1
+
+
+def record_as_begun(run_dir, section: str, **values) -> None:
+    """Edit a run's config.yaml as if the run had begun with ``values`` in ``section``."""
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recorded[section].update(values)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
 
 
 class NotATensor:
@@ -148,6 +162,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, capsys):
     last = path.parent / "runs" / "tiny" / "last.pt"
     before = last.read_bytes()
     capsys.readouterr()
+    record_as_begun(last.parent, "train", lr=1e30, schedule="constant")  # the resume check lets it continue
     assert main([str(path), "resume=true", "train.epochs=2", "train.lr=1e30", "train.schedule=constant"]) == 2
     err = capsys.readouterr().err
     assert "loss term" in err and "at epoch 2 step" in err and "last good checkpoint kept" in err

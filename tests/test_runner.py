@@ -14,7 +14,7 @@ from dynsila.deploy.fuse import fold_batchnorm
 from dynsila.deploy.infer import main as infer_main
 from dynsila.deploy.runner import EarlyExitRunner
 from dynsila.models import MultiExitNetwork
-from dynsila.training.train import main as train_main
+from dynsila.train import main as train_main
 from tests.conftest import randomise_batchnorm
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from dynsila.methods.technique import TECHNIQUES, unregister_technique
 from dynsila.runs.rundir import read_run_config
-from dynsila.training.train import main
+from dynsila.train import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

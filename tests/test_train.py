@@ -13,7 +13,8 @@ from dynsila.evaluation.evaluate import collect_logits, topk_accuracy
 from dynsila.optim import learning_rate
 from dynsila.runs.checkpoint import load_checkpoint
 from dynsila.runs.rundir import build_model, load_deploy_model
-from dynsila.training.train import main, train
+from dynsila.train import main
+from dynsila.training.train import train
 
 
 def test_one_epoch_run_writes_every_file(tiny_config, capsys):

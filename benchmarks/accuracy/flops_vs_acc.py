@@ -1,10 +1,13 @@
 """Accuracy versus MACs for trained runs: anytime exits (markers) and budgeted curves (lines).
 
     python benchmarks/flops_vs_acc.py                      # every run under runs/; trains the digits pair if none
-    python benchmarks/flops_vs_acc.py --runs runs/a runs/b --out flops_vs_acc_cifar10_dev
+    python benchmarks/flops_vs_acc.py --runs runs/a runs/b --out flops_vs_acc_cifar10_dev --save
 
-Writes benchmarks/results/<out>.{json,md,png}. Each run is evaluated from its deploy weights (training-only
-heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run directory is reused.
+Prints the comparison; writes <out>.{json,md,png} only when asked: to benchmarks/results/ with ``--save``, or to
+the folder ``--results-dir`` names. A gated run (SkipNet: one exit, no exit thresholds) is left out with a
+line saying so (``benchmarks/accuracy/skipnet_hrl.py`` compares those). Each run is evaluated from its deploy
+weights (training-only heads pruned) with ``dynsila.evaluate``; an up-to-date ``eval.json`` in the run directory is
+reused.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def report_for(run_dir: Path) -> EvalReport:
         except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or not a report: recomputed once removed
             raise DynsilaError(f"{eval_path} is not JSON; delete it (it is recomputed) and run again") from None
     return evaluate_run(run_dir)
+
+
+def comparable(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries with a budgeted curve to compare (a gated network has none); the rest named in a printed line."""
+    kept = []
+    for e in entries:
+        if e["report"].budgeted(PLOTTED_CRITERION) is None:
+            print(f"left out {e['report'].run}: a gated network (one exit, no exit thresholds) has no budgeted "
+                  "curve; compare SkipNet runs with python benchmarks/accuracy/skipnet_hrl.py")  # fmt: skip
+        else:
+            kept.append(e)
+    if not kept:
+        raise DynsilaError("none of the runs has exit thresholds to compare (gated networks only); pass --runs "
+                           "with multi-exit runs")  # fmt: skip
+    return kept
 
 
 def run_setup(run_dir: Path) -> dict[str, Any]:
@@ -175,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", nargs="+", type=Path, help="run directories (default: every run under runs/)")
     parser.add_argument("--out", type=plain_name, default="flops_vs_acc", help="result name under benchmarks/results/")
     parser.add_argument("--title", default="Accuracy vs MACs (deploy models)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--save", action="store_true", help="write <out>.{json,md,png} to benchmarks/results/")
+    parser.add_argument("--results-dir", type=Path, help="write <out>.{json,md,png} to this folder instead")
     args = parser.parse_args(argv)
     command = command_line(__file__, argv)
     try:
@@ -183,16 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             print("no runs under runs/: training the embedded-data pair first (about 2 minutes)", flush=True)
             runs = [train(load_config(REPO_ROOT / c)).run_dir for c in DEFAULT_CONFIGS]
-        entries: list[dict[str, Any]] = [{"report": report_for(r), "setup": run_setup(r)} for r in runs]
+        entries = comparable([{"report": report_for(r), "setup": run_setup(r)} for r in runs])
     except USER_ERRORS as e:
         return fail(e)
     env = environment()
     runs_json = [{"report": e["report"].to_dict(), "setup": e["setup"]} for e in entries]
     payload = {"command": command, "environment": env, "units": MACS_UNITS, "runs": runs_json}
     md = markdown(command, entries, env)
-    out = write_results(args.out, payload, md, args.results_dir)
-    plot(entries, out.with_suffix(".png"), args.title)
     print(md)
+    if not (args.save or args.results_dir):
+        print(f"not saved; pass --save to write benchmarks/results/{args.out}.{{json,md,png}}, or --results-dir DIR")
+        return 0
+    out = write_results(args.out, payload, md, args.results_dir or RESULTS_DIR)
+    plot(entries, out.with_suffix(".png"), args.title)
     print(f"wrote {out}.json, .md and .png")
     return 0
 

@@ -118,11 +118,46 @@ def publish(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+EXPORT_FORMATS = ("dynsila-onnx-1", "dynsila-onnx-gated-1")
+EXPORT_SUFFIXES = (".onnx", ".data", ".onnx_data")  # graphs and their external weights
+
+
+def refuse_output_folder(out_dir: Path, force: bool) -> None:
+    """One line unless ``out_dir`` is free, or ``force`` is given and it holds an export of ours and nothing else
+    (its manifest says so, and every file is a graph, the manifest or in its onnxruntime cache): ``--force``
+    replaces what this project wrote, never a user's folder or file."""
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not force:
+        raise DynsilaError(f"{out_dir} exists; pass --force to replace it or choose another --out")
+    problem = foreign_content(out_dir)
+    if problem is not None:
+        raise DynsilaError(f"--force replaces only an earlier export, but {out_dir} {problem}; choose another --out")
+
+
+def foreign_content(folder: Path) -> str | None:
+    """Why ``folder`` is not an export this project wrote (so replacing it could lose a user's files), or None."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "is a file or a link, not an export folder"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"holds no readable {MANIFEST} of an export"
+    if not isinstance(manifest, dict) or manifest.get("format") not in EXPORT_FORMATS:
+        return f"has a {MANIFEST} that is not an export's"
+    cache = (manifest.get("onnxruntime") or {}).get("cache_dir")
+    for path in folder.rglob("*"):  # stops at the first foreign file
+        inside_cache = isinstance(cache, str) and (folder / cache) in path.parents
+        ours = path.name == MANIFEST or path.suffix in EXPORT_SUFFIXES or path.is_dir() or inside_cache
+        if not ours or path.is_symlink():
+            return f"holds {path.relative_to(folder)}, which no export writes"
+    return None
+
+
 def staging_folder(out_dir: Path, force: bool) -> Path:
     """A fresh folder beside ``out_dir`` to write an export into before ``publish`` renames it into place; refuses
-    an existing ``out_dir`` unless ``force``."""
-    if out_dir.exists() and not force:
-        raise DynsilaError(f"{out_dir} exists; pass --force to replace it or choose another --out")
+    an existing ``out_dir`` unless ``force`` and it is an export of ours (``refuse_output_folder``)."""
+    refuse_output_folder(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)

@@ -125,7 +125,7 @@ class OnnxGatedRunner:
 
     def __call__(self, x: Array) -> OnnxGatedResult:
         """One batch ``N x C x H x W``, normalised as the manifest's ``input`` says."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = base.checked_images(x, self.manifest["input"])
         n = x.shape[0]
         (features,) = self.stem({self.input_name: x}).values()
         features = self._block(0, features)

@@ -270,6 +270,52 @@ def _graph_file_problem(entry: Any, directory: Path) -> str | None:
     return None
 
 
+def checked_images(x: Any, image: dict[str, Any]) -> Array:
+    """``x`` as the graphs' float32 ``N x C x H x W`` input, or one line naming what is wrong with it: integer
+    pixels (not yet normalised), channels last, another image size, an empty batch. ``image``: the manifest's
+    ``input`` entry (its ``shape`` is C x H x W)."""
+    x = np.asarray(x)
+    want = tuple(int(d) for d in image.get("shape", ()))
+    for check in INPUT_CHECKS:
+        problem = check(x, want)
+        if problem is not None:
+            raise _DeployError(problem)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _dtype_problem(x: Array, want: tuple[int, ...]) -> str | None:
+    if x.dtype.kind in "biu":
+        return (f"the images are {x.dtype} pixels, but the graphs take normalised float32: convert with "
+                "x = (pixels / 255 - mean) / std per channel (the manifest's input.mean and input.std)")  # fmt: skip
+    if x.dtype.kind != "f":
+        return f"the images are {x.dtype}, not numbers; pass float32 N x C x H x W arrays"
+    return None
+
+
+def _rank_problem(x: Array, want: tuple[int, ...]) -> str | None:
+    if x.ndim != 4:
+        return f"the images have shape {x.shape}; pass a batch N x C x H x W (one image: x[None])"
+    if x.shape[0] == 0:
+        return "the batch is empty (0 images); pass at least one image"
+    return None
+
+
+def _layout_problem(x: Array, want: tuple[int, ...]) -> str | None:
+    if len(want) == 3 and x.shape[1:] != want and x.shape[3] == want[0] and x.shape[1:3] == want[1:]:
+        return f"the images are channels last {x.shape} (N x H x W x C); pass N x C x H x W: x.transpose(0, 3, 1, 2)"
+    return None
+
+
+def _size_problem(x: Array, want: tuple[int, ...]) -> str | None:
+    if len(want) == 3 and x.shape[1:] != want:
+        shown = " x ".join(map(str, want))
+        return f"the images have shape {x.shape}, but the export takes N x {shown}; resize them to that size"
+    return None
+
+
+INPUT_CHECKS = (_dtype_problem, _rank_problem, _layout_problem, _size_problem)
+
+
 def _thresholds(values: list[Any]) -> list[float]:
     """Thresholds as floats: numbers or infinities (the manifest writes them as "inf" / "-inf"), never NaN."""
     try:
@@ -409,7 +455,7 @@ class OnnxEarlyExitRunner:
     def __call__(self, x: Array) -> OnnxEarlyExitResult:
         """One batch ``N x C x H x W`` (normalised as the manifest's ``input`` says): after each exit the samples
         that leave are dropped and the rest go on. Lowest latency; later stages run on ever smaller batches."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = checked_images(x, self.manifest["input"])
         finished = _Finished()
         group: _Group | None = _Group({self.input_name: x}, np.arange(x.shape[0]), self._start(x.shape[0]))
         for stage in self.stages:
@@ -427,7 +473,8 @@ class OnnxEarlyExitRunner:
         seen = 0
         for x in batches:
             group_size = group_size or x.shape[0]
-            state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+            x = checked_images(x, self.manifest["input"])
+            state = {self.input_name: x}
             pending[0].append(_Group(state, np.arange(seen, seen + x.shape[0]), self._start(x.shape[0])))
             seen += x.shape[0]
             self._drain(pending, finished, group_size)
@@ -436,7 +483,7 @@ class OnnxEarlyExitRunner:
 
     def all_exit_logits(self, x: Array) -> Array:
         """Every exit's logits for every sample, ``N x K x C`` (no early exit: the anytime outputs)."""
-        state = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        state = {self.input_name: checked_images(x, self.manifest["input"])}
         logits: list[Array] = []
         for stage in self.stages:
             exit_state, state = stage.run(state)

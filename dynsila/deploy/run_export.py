@@ -9,6 +9,7 @@ an early-exit network staged (``deploy.export``, optionally int8 through ``deplo
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from dynsila.console import log_lines_to
 from dynsila.data import Splits, build_splits, make_loader, normalize
 from dynsila.deploy.export import ThresholdFit, export_onnx
 from dynsila.deploy.gated_export import export_gated_run, format_gated_summary
-from dynsila.deploy.graphs import EXPORTERS
+from dynsila.deploy.graphs import EXPORTERS, refuse_output_folder
 from dynsila.deploy.onnx_gated_runner import GATED_MANIFEST_FORMAT
 from dynsila.deploy.onnx_runner import OPTIMIZATION_LEVELS, THREAD_POOLS, OnnxEarlyExitRunner, cache_dir_problem
 from dynsila.deploy.policy_args import add_epsilon_target, add_policy_arguments, fit_policy
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         message = f"--ort-cache: {problem}; name a folder relative to the export, e.g. --ort-cache ort_cache"
         return fail(DynsilaError(message))
-    out_dir = args.out or args.run_dir / "onnx"
+    out_dir = Path(os.path.abspath(args.out or args.run_dir / "onnx"))  # --out . or .. named as the folder it is
     policy_fit = None
     if args.policy != "quotas" or args.epsilon is not None:
         if args.q is None and args.budget is None and args.epsilon is None:
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         policy_fit = functools.partial(fit_policy, args)
     start = time.perf_counter()
     try:
+        refuse_output_folder(out_dir, args.force)  # before the run is loaded: nothing is written on a refusal
         with log_lines_to(sys.stdout):
             manifest = export_run(
                 args.run_dir,

@@ -9,14 +9,15 @@ runs/<name>/deploy.safetensors   pruned deploy weights, config in the metadata
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from dynsila import models
-from dynsila.runs.checkpoint import atomic_write_text, load_weights, read_deploy
-from dynsila.config import Config, config_from_yaml
+from dynsila.runs.checkpoint import atomic_write_text, load_checkpoint, load_weights, read_deploy
+from dynsila.config import Config, config_from_yaml, config_to_dict
 from dynsila.data import image_size_of, num_classes_of
 from dynsila.errors import ConfigError, DynsilaError
 from dynsila.budget.flops import gated_block_macs
@@ -72,6 +73,42 @@ def input_shape(cfg: Config) -> tuple[int, int, int]:
     return (cfg.model.get("in_chans", 3), size, size)
 
 
+# keys a resumed run may change: where it is and how it reports, not what it trains (train.epochs extends it)
+RESUME_MAY_CHANGE = frozenset({"name", "out_dir", "resume", "train.epochs", "train.log_every", "train.device",
+                               "train.eval_test_every_epoch", "train.tensorboard", "data.root", "data.num_workers",
+                               "data.eval_batch_size"})
+# null in a config: read from the data, and recorded in the run's config.yaml
+RESOLVED_FROM_DATA = frozenset({"data.num_classes", "data.image_size", "data.mean", "data.std", "data.class_names"})
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}`` (the model section's keys included)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def refuse_changed_resume(cfg: Config) -> None:
+    """One line when ``resume=true`` would continue a run with a key that shapes training changed from the value
+    its config.yaml records (the record of how the run began would be lost, and the run would be neither)."""
+    path = cfg.run_dir / CONFIG
+    if not (cfg.resume and (cfg.run_dir / LAST).is_file() and path.is_file()):
+        return
+    before, now = flat(config_to_dict(read_run_config(cfg.run_dir))), flat(config_to_dict(cfg))
+    for key in sorted(before.keys() | now.keys()):
+        old, new = before.get(key), now.get(key)
+        if old == new or key in RESUME_MAY_CHANGE or (key in RESOLVED_FROM_DATA and new is None):
+            continue
+        raise ConfigError(
+            f"resume=true would change {key} from {old!r} (how {cfg.run_dir} began) to {new!r}; drop the change "
+            f"to resume, or train a new run with name=... (or --force without resume=true to start this one over)"
+        )
+
+
 def read_run_config(run_dir: Path) -> Config:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -82,6 +119,7 @@ def read_run_config(run_dir: Path) -> Config:
 def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
     """The pruned model of a finished run, in eval mode, with the config that built it."""
     run_dir = Path(run_dir)
+    refuse_unfinished(run_dir)
     inside = network_dirs(run_dir)
     if not (run_dir / DEPLOY).exists() and inside:
         names = ", ".join(str(p) for p in inside)
@@ -91,6 +129,20 @@ def load_deploy_model(run_dir: Path) -> tuple[MultiExitNetwork, Config]:
     model = build_model(cfg)  # the saved config has data.num_classes resolved
     load_weights(model, state, Path(run_dir) / DEPLOY)
     return model.eval(), cfg
+
+
+def refuse_unfinished(run_dir: Path) -> None:
+    """One line when ``run_dir`` is a file, or a run that has not finished (no deploy weights yet), rather than
+    the generic "not found" that tells a user with a run to train one."""
+    if run_dir.is_file():
+        raise DynsilaError(f"{run_dir} is a file; pass a run's folder, e.g. {run_dir.parent}, or runs/<name>")
+    started = run_dir.is_dir() and any((run_dir / f).is_file() for f in (CONFIG, LAST, METRICS))
+    if started and not (run_dir / DEPLOY).exists() and not network_dirs(run_dir):
+        epochs = len(read_metrics(run_dir))
+        raise DynsilaError(
+            f"{run_dir} has not finished training ({epochs} epoch(s) done, no {DEPLOY} yet); let it finish, or "
+            "resume it with python -m dynsila.train CONFIG resume=true (its name and out_dir)"
+        )
 
 
 def network_dirs(run_dir: Path) -> list[Path]:
@@ -130,3 +182,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def interrupted_line(cfg: Config | None, config: str, overrides: list[str]) -> str:
+    """What Ctrl-C prints: where the run stands (its last finished epoch, where last.pt is) and the command that
+    resumes it. Nothing is lost: every file was written atomically, and a resumed run ends as an uninterrupted
+    one would."""
+    kept = [shlex.quote(a) for a in [config, *overrides] if not a.startswith("resume=")]
+    again = " ".join(["python -m dynsila.train", *kept])
+    if cfg is None:
+        return f"interrupted before training began; nothing was written; rerun: {again}"
+    last = cfg.run_dir / LAST
+    if not last.is_file():
+        return f"interrupted before the first epoch finished; nothing to resume; rerun: {again}"
+    try:
+        epoch = int(load_checkpoint(last)["epoch"])
+    except (DynsilaError, KeyError, TypeError, ValueError):
+        epoch = len(read_metrics(cfg.run_dir))
+    return (f"interrupted: {cfg.name} has {epoch} of {cfg.train.epochs} epochs in {last}; resume with: "
+            f"{again} resume=true")  # fmt: skip

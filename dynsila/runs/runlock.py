@@ -58,10 +58,14 @@ def remove_interrupted_writes(run_dir: Path) -> None:
             log.info(f"removed {leftover.name}, left by an interrupted write")
 
 
+STUB_FILES = {"config.yaml"}  # what a run writes before its first epoch: alone, a run that stopped at once
+
+
 def holds_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything a run wrote (not just its lock file)."""
+    """Whether ``run_dir`` holds anything a run wrote beyond a stub: not just its lock file, nor the config.yaml of
+    a run that stopped before its first epoch (a corrupt image, a Ctrl-C), which the rerun writes again."""
     run_dir = Path(run_dir)
-    return run_dir.is_dir() and any(not _bookkeeping(p.name) for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(not _bookkeeping(p.name) and p.name not in STUB_FILES for p in run_dir.iterdir())
 
 
 def _bookkeeping(name: str) -> bool:

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,9 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dynsila import distributed
-from dynsila.cli import USER_ERRORS, OneLineParser, fail
-from dynsila.config import Config, config_to_yaml, load_config
-from dynsila.console import Clock, log_lines_to
+from dynsila.config import Config, config_to_yaml
+from dynsila.console import Clock
 from dynsila.data import DeviceBatches, Splits, batch_split, build_splits, dataset_size, make_loader, normalize
 from dynsila.data import train_loader as shuffled_loader
 from dynsila.errors import ConfigError, DynsilaError, TrainingError
@@ -117,6 +115,7 @@ def train(cfg: Config, force: bool = False) -> TrainResult:
     ctx = distributed.setup(cfg.train.device)
     try:
         refuse_existing_run(cfg.run_dir, cfg.resume, force)  # before the data loads: the common mistake, told at once
+        rundir.refuse_changed_resume(cfg)
         distributed.barrier(ctx)  # every rank has looked before rank 0 writes anything
         run = build_run(cfg, ctx, cfg.resume and (cfg.run_dir / LAST).exists())
         with contextlib.ExitStack() as held:
@@ -432,24 +431,3 @@ def export(run: Run, best_epoch: int) -> TrainResult:
 
 def row_text(values: list[float]) -> str:
     return " ".join(f"{v:.1f}" for v in values)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m dynsila.train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML config, e.g. configs/msdnet_sila.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2 data.batch_size=32")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    parser.add_argument("--technique", action="append", default=[], metavar="FILE.py",
-                        help="a Python file that registers a training technique (repeatable); its keys can then be "
-                        "set like any other; the run's config.yaml records the file")  # fmt: skip
-    args = parser.parse_intermixed_args(argv)  # overrides may follow --technique FILE
-    with log_lines_to(sys.stdout):  # the library's log records, printed as plain lines
-        try:
-            train(load_config(args.config, args.overrides, args.technique), force=args.force)
-        except USER_ERRORS as e:
-            return fail(e)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
