@@ -38,7 +38,9 @@ def setup(device_name: str) -> Context:
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     launcher = launcher_environment(os.environ)
-    if launcher is None or launcher["WORLD_SIZE"] == 1:  # no torchrun, or torchrun with one process: no group
+    # no launcher, or WORLD_SIZE=1 set by hand without torchrun's rendezvous address: one process, no group (under
+    # torchrun one process still makes a group, so its data order is the one N processes share out)
+    if launcher is None or (launcher["WORLD_SIZE"] == 1 and not os.environ.get("MASTER_ADDR", "").strip()):
         return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     local_rank = launcher["LOCAL_RANK"]
     if use_cuda:
