@@ -210,12 +210,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(
                 f"config file {path} not found; pass the path of a YAML file such as configs/msdnet_sila.yaml"
             )
-        text = path.read_text()
-        if not text.strip():
+        raw = parse_yaml(path.read_text(), str(path))
+        if not raw:  # empty, comments only, or {}: it would train a default network for hours
             raise ConfigError(
                 f"config file {path} is empty; copy a preset such as configs/msdnet_sila.yaml and edit it"
             )
-        raw = parse_yaml(text, str(path))
         raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
@@ -305,8 +304,9 @@ def trained_model_sections(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
 
 def config_to_dict(cfg: Config, every_section: bool = False) -> dict[str, Any]:
     """The config as YAML reads it: the core sections, each technique's keys in its section. A technique's own
-    section at its defaults (a technique the run does not use) is left out unless ``every_section``: a run's
-    config.yaml then names only what it used, and stays loadable when an unused technique's package is gone."""
+    section at its defaults and not enabled (a technique the run does not use) is left out unless
+    ``every_section``: a run's config.yaml then names only what it used, and stays loadable when an unused
+    technique's package is gone."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if f.metadata.get("yaml", True):
@@ -315,7 +315,8 @@ def config_to_dict(cfg: Config, every_section: bool = False) -> dict[str, Any]:
             out[f.name] = dataclasses.asdict(value) if is_section else copy.deepcopy(value)
     for entry in sorted(TECHNIQUE_SECTIONS, key=lambda e: e.owner):  # the same text whatever the import order
         value = dataclasses.asdict(cfg.settings.get(entry.schema) or entry.schema())
-        if every_section or entry.section in CORE_SECTIONS or value != dataclasses.asdict(entry.schema()):
+        used = value != dataclasses.asdict(entry.schema()) or value.get("enabled") is True
+        if every_section or entry.section in CORE_SECTIONS or used:
             out.setdefault(entry.section, {}).update(value)
     return out
 
