@@ -11,6 +11,7 @@ existed before byte-identical after. The tests after the table check the right b
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -53,6 +54,7 @@ from tests.test_bad_inputs import (
     write_config,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 IMAGES = np.random.default_rng(2).integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)
 EXPORTED: dict[str, Path] = {}  # the module's ONNX export of the tiny run, made once (needs the deploy extra)
 
@@ -528,3 +530,14 @@ def test_flops_vs_acc_leaves_out_a_gated_run(trained, tmp_path, capsys):  # noqa
     os.utime(path, (path.stat().st_mtime + 10, path.stat().st_mtime + 10))
     assert load_benchmark("flops_vs_acc").main(["--runs", str(w.run), str(gated)]) == 0
     assert "left out gated: a gated network" in capsys.readouterr().out
+
+
+def test_the_reliability_page_lists_every_case():
+    """docs/reliability.md's table is generated from both tables; regenerate it after changing a case."""
+    spec = importlib.util.spec_from_file_location("make_bad_inputs_table", REPO / "docs" / "make_bad_inputs_table.py")
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    text = generator.PAGE.read_text()
+    assert generator.page(text) == text, "docs/reliability.md is out of date: python docs/make_bad_inputs_table.py"
+    assert all(f"| {c.id} |" in text for c in CASES)
