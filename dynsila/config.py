@@ -255,12 +255,11 @@ def load_config(
             raise ConfigError(
                 f"config file {path} not found; pass the path of a YAML file such as configs/msdnet_sila.yaml"
             )
-        text = path.read_text()
-        if not text.strip():
+        raw = parse_yaml(path.read_text(), str(path))
+        if not raw:  # empty, comments only, or {}: it would train a default network for hours
             raise ConfigError(
                 f"config file {path} is empty; copy a preset such as configs/msdnet_sila.yaml and edit it"
             )
-        raw = parse_yaml(text, str(path))
         raw.setdefault("name", path.stem)
     for item in overrides:
         apply_override(raw, item)
@@ -365,8 +364,9 @@ def config_to_dict(cfg: Config, every_section: bool = False) -> dict[str, Any]:
             out[f.name] = dataclasses.asdict(value) if is_section else copy.deepcopy(value)
     for entry in sorted(TECHNIQUE_SECTIONS, key=lambda e: e.owner):  # the same text whatever the import order
         value = cfg.settings.get(entry.schema) or entry.schema()
-        used = entry.active is not None and entry.schema in cfg.settings and entry.active(cfg)
-        if every_section or used or value != entry.schema():
+        active = entry.active is not None and entry.schema in cfg.settings and entry.active(cfg)
+        used = active or value != entry.schema() or getattr(value, "enabled", False) is True
+        if every_section or used:
             out.setdefault(entry.section, {}).update(dataclasses.asdict(value))
     return out
 
