@@ -88,3 +88,7 @@ def test_the_readme_export_block_names_a_folder_the_python_example_reads():
     (module, *args) = dynsila_commands(block_after(text, "## Export to ONNX", "bash"))[0]
     example = block_after(text, "## Export to ONNX", "python")
     assert f'"{args[args.index("--out") + 1]}"' in example
+
+
+def test_the_readme_is_a_manual_not_a_report():
+    assert len(README.read_text().splitlines()) <= 250  # the rest lives in docs/ and benchmarks/results/
