@@ -78,17 +78,24 @@ class Epochs:
 
 
 def write_synthetic_cifar(path: Path, n_train: int, seed: int = 0) -> Path:
-    """uint8 NHWC 32 x 32 random images with labels in ``0..NUM_CLASSES-1``, in dynsila's npz layout
-    (``x_train``/``y_train`` plus ``x_test``/``y_test``); ``HELD_OUT`` more training images become validation."""
+    """uint8 NHWC 32 x 32 random images in dynsila's npz layout: ``n_train`` training images whose labels cycle
+    through ``0..NUM_CLASSES-1`` (every class a few-image run can hold), and ``HELD_OUT`` validation and test
+    images each, labelled only with classes the training split has (the data loader refuses any other)."""
     rng = np.random.default_rng(seed)
-    n = n_train + HELD_OUT
+    classes = min(NUM_CLASSES, n_train)
     path.parent.mkdir(parents=True, exist_ok=True)
+
+    def images(n: int) -> np.ndarray:
+        return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
     np.savez(
         path,
-        x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-        y_train=rng.integers(0, NUM_CLASSES, n),
-        x_test=rng.integers(0, 256, (HELD_OUT, 32, 32, 3), dtype=np.uint8),
-        y_test=rng.integers(0, NUM_CLASSES, HELD_OUT),
+        x_train=images(n_train),
+        y_train=rng.permutation(np.arange(n_train) % classes),
+        x_val=images(HELD_OUT),
+        y_val=rng.integers(0, classes, HELD_OUT),
+        x_test=images(HELD_OUT),
+        y_test=rng.integers(0, classes, HELD_OUT),
     )
     return path
 
