@@ -38,9 +38,7 @@ def setup(device_name: str) -> Context:
     if device_name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
     launcher = launcher_environment(os.environ)
-    # no launcher, or WORLD_SIZE=1 set by hand without torchrun's rendezvous address: one process, no group (under
-    # torchrun one process still makes a group, so its data order is the one N processes share out)
-    if launcher is None or (launcher["WORLD_SIZE"] == 1 and not os.environ.get("MASTER_ADDR", "").strip()):
+    if launcher is None:
         return Context(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     local_rank = launcher["LOCAL_RANK"]
     if use_cuda:
@@ -63,13 +61,12 @@ def launcher_environment(env: Mapping[str, str]) -> dict[str, int] | None:
     world, rank = values["WORLD_SIZE"], values["RANK"]
     if not 0 <= rank < world:
         raise ConfigError(f"RANK={rank} is outside 0..{world - 1} for WORLD_SIZE={world}; {LAUNCHER_HINT}")
-    if world > 1:
-        for name in ("MASTER_ADDR", "MASTER_PORT"):
-            if not env.get(name, "").strip():
-                raise ConfigError(f"WORLD_SIZE={world} but {name} is not set; {LAUNCHER_HINT}")
-        port = _whole_number(env, "MASTER_PORT", 1)
-        if port > 65535:
-            raise ConfigError(f"MASTER_PORT={port} is not a port (1..65535); {LAUNCHER_HINT}")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # torchrun sets both, for one process too
+        if not env.get(name, "").strip():
+            raise ConfigError(f"WORLD_SIZE={world} but {name} is not set; {LAUNCHER_HINT}")
+    port = _whole_number(env, "MASTER_PORT", 1)
+    if port > 65535:
+        raise ConfigError(f"MASTER_PORT={port} is not a port (1..65535); {LAUNCHER_HINT}")
     return values
 
 

@@ -26,7 +26,6 @@ import yaml
 from PIL import Image
 
 from dynsila import config as config_module
-from dynsila import distributed
 from dynsila.config import load_config
 from dynsila.deploy.onnx_runner import MANIFEST, OnnxEarlyExitRunner
 from dynsila.deploy.run_export import main as export_main
@@ -204,6 +203,11 @@ CASES = [
         "launcher-no-master-addr",
         launched(WORLD_SIZE="2", RANK="0", MASTER_PORT="29500"),
         rf"WORLD_SIZE=2 but MASTER_ADDR is not set; {LAUNCH}",
+    ),
+    Case(
+        "launcher-one-process-no-master-addr",
+        launched(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_PORT="29500"),
+        rf"WORLD_SIZE=1 but MASTER_ADDR is not set; {LAUNCH}",
     ),
     Case("launcher-world-size-a-word", launched(WORLD_SIZE="two", RANK="0"), r"WORLD_SIZE='two' is not a whole number"),
     Case("launcher-rank-without-world-size", launched(RANK="0"), r"RANK is set but WORLD_SIZE is not"),
@@ -423,13 +427,6 @@ def test_careless_input_is_one_line_and_changes_nothing(case: Case, trained, exp
 
 
 # --- where there is a right behaviour ---------------------------------------------------------------------------
-
-
-def test_one_process_under_torchrun_makes_no_process_group():
-    """WORLD_SIZE=1 (torchrun --nproc_per_node 1) used to wait for a process group; it is a single process."""
-    with environment(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0"):
-        ctx = distributed.setup("cpu")
-    assert (ctx.rank, ctx.world_size, ctx.enabled) == (0, 1, False)
 
 
 def test_resume_may_extend_the_run_and_change_what_it_prints(trained):  # noqa: F811
