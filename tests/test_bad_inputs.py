@@ -629,8 +629,14 @@ def test_the_table_covers_every_command_and_the_api():
 def test_bad_input_is_one_line_and_changes_nothing(case: Case, trained, tmp_path):
     if case.needs and not have(case.needs):
         pytest.skip(f"needs {case.needs} (the deploy extra)")
+    check_case(case, trained[0], tmp_path)
+
+
+def check_case(case: Case, run_copy: Path, tmp_path: Path) -> None:
+    """Damage a copy of the trained run as ``case`` says, call it, and check: non-zero exit, one ``error:`` line
+    matching ``case.expect``, no traceback, every file that existed before unchanged."""
     w = Work(tmp_path / "w")
-    shutil.copytree(trained[0], w.root)
+    shutil.copytree(run_copy, w.root)
     write_config(w.config, w.root / "runs")
     if case.damage is not None:
         case.damage(w)

@@ -14,7 +14,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +39,7 @@ from tests.test_bad_inputs import (
     Case,
     Work,
     api,
+    check_case,
     cli,
     deploy_config,
     deploy_meta,
@@ -410,20 +410,7 @@ def test_the_table_holds_every_door():
 def test_careless_input_is_one_line_and_changes_nothing(case: Case, trained, exported, tmp_path):  # noqa: F811
     if case.needs and (not have(case.needs) or exported is None):
         pytest.skip(f"needs {case.needs} (the deploy extra)")
-    w = Work(tmp_path / "w")
-    shutil.copytree(trained[0], w.root)
-    write_config(w.config, w.root / "runs")
-    if case.damage is not None:
-        case.damage(w)
-    before = snapshot(w.root)
-    code, err = case.call(w)
-    assert code != 0, f"exit status 0; stderr: {err!r}"
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert re.search(case.expect, lines[0]), lines[0]
-    after = snapshot(w.root)
-    assert {k: after.get(k) for k in before} == before, "a file that existed before was changed or removed"
+    check_case(case, trained[0], tmp_path)
 
 
 # --- where there is a right behaviour ---------------------------------------------------------------------------
