@@ -50,15 +50,21 @@ class Tally:
     histogram: torch.Tensor  # K, images per exit
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="python -m dynsila.infer", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What decides the exits, as ``fitted_runner`` and ``gated_runner`` read it: one target (``--q``,
+    ``--budget``, ``--gate-threshold`` or ``--epsilon``) and the exit policy with its parameters."""
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k (MSDNet's budget parameter)")
     target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
     target.add_argument("--gate-threshold", type=float, help="gated networks: a gate opens at this probability")
     add_epsilon_target(target)
     add_policy_arguments(parser)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog="python -m dynsila.infer", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    add_exit_arguments(parser)
     parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")

@@ -25,12 +25,11 @@ import torch
 from PIL import Image
 
 from dynsila.budget.thresholds import CONFIDENCE, confidence_of
-from dynsila.cli import USER_ERRORS, OneLineParser, at_least_one, device_name, fail, positive
+from dynsila.cli import USER_ERRORS, OneLineParser, at_least_one, device_name, fail
 from dynsila.config import Config
 from dynsila.data import build_splits, image_as_evaluated, normalize
 from dynsila.deploy.gated_runner import GatedResult
-from dynsila.deploy.infer import fitted_runner, gated_runner
-from dynsila.deploy.policy_args import add_epsilon_target, add_policy_arguments
+from dynsila.deploy.infer import add_exit_arguments, fitted_runner, gated_runner
 from dynsila.deploy.runner import raise_primitive_cache
 from dynsila.errors import DynsilaError
 from dynsila.models import MultiExitNetwork
@@ -130,12 +129,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m dynsila.predict", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("images", type=Path, nargs="+", help="image files or folders of them")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--q", type=positive, help="exit distribution share_k ~ q^k, fitted on validation")
-    target.add_argument("--budget", type=positive, help="average MACs per image to stay within (on validation)")
-    target.add_argument("--gate-threshold", type=float, help="gated networks: a gate opens at this probability")
-    add_epsilon_target(target)
-    add_policy_arguments(parser)
+    add_exit_arguments(parser)
     parser.add_argument("--criterion", choices=sorted(CONFIDENCE), default="max_prob")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"), help="the CSV to write")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
